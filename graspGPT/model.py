@@ -1,0 +1,363 @@
+"""GraspGPT decoder: a Qwen2-architecture transformer with a chunked, sum-reduced loss.
+
+State-dict keys are exactly those of Hugging Face ``Qwen2ForCausalLM``, so a
+checkpoint loads there (with ``to_hf_config()``) without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100  # target id of positions that are not trained on (padding)
+
+# model_type -> (n_layer, n_head, n_embd)
+MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
+    "gpt-nano": (3, 3, 48),
+    "gpt-micro": (4, 4, 128),
+    "gpt-mini": (6, 8, 256),
+    "gpt-my_mini": (6, 8, 512),
+    "gopher-44m": (8, 16, 512),
+    "gpt2": (12, 12, 768),
+    "openai-gpt": (12, 12, 768),
+    "gpt2-small": (16, 16, 1024),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+}
+
+
+class ModelConfigError(ValueError):
+    """An impossible model shape or setting."""
+
+
+class ModelInputError(ValueError):
+    """Input ids, targets or a KV cache that do not fit the model."""
+
+
+def default_kv_heads(n_head: int) -> int:
+    """The divisor of n_head closest to 4 (ties go to the larger), so every preset builds."""
+    divisors = [d for d in range(1, n_head + 1) if n_head % d == 0]
+    return min(divisors, key=lambda d: (abs(d - 4), -d))
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    block_size: int  # max positions
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_kv_head: int | None = None  # None -> default_kv_heads(n_head)
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+    loss_chunk_size: int = 4096  # rows of logits alive at once in the loss
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "loss_chunk_size"):
+            value = getattr(self, name)
+            if name == "n_kv_head" and value is None:
+                value = self.n_kv_head = default_kv_heads(self.n_head)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ModelConfigError(f"model.{name} must be a positive integer, got {value!r}; set it to one")
+        if self.n_embd % self.n_head:
+            raise ModelConfigError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                f"pick n_embd a multiple of n_head")
+        if self.n_head % self.n_kv_head:
+            raise ModelConfigError(
+                f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                f"use a divisor of n_head such as {default_kv_heads(self.n_head)}")
+        if self.head_dim % 2:
+            raise ModelConfigError(
+                f"head_dim = n_embd/n_head = {self.head_dim} is odd but RoPE needs it even; "
+                f"change n_embd or n_head")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"dropout={self.dropout} must be in [0, 1); use e.g. 0.0 or 0.1")
+        for name in ("rope_theta", "rms_norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ModelConfigError(f"model.{name}={getattr(self, name)!r} must be > 0; set a positive value")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_shape(cls, model_type: str | None = None, n_layer: int | None = None, n_head: int | None = None,
+                   n_embd: int | None = None, n_kv_head: int | None = None, **rest) -> ModelConfig:
+        """Config from a preset name or an explicit (n_layer, n_head, n_embd), never both."""
+        shape = (n_layer, n_head, n_embd)
+        if not (all(v is None for v in shape) if model_type is not None else all(v is not None for v in shape)):
+            raise ModelConfigError(
+                f"got model_type={model_type!r}, n_layer={n_layer}, n_head={n_head}, n_embd={n_embd}; "
+                f"give either model_type or all of n_layer, n_head, n_embd")
+        if model_type is not None:
+            if model_type not in MODEL_PRESETS:
+                raise ModelConfigError(
+                    f"unknown model_type {model_type!r}; use one of {', '.join(MODEL_PRESETS)}")
+            n_layer, n_head, n_embd = MODEL_PRESETS[model_type]
+        return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_kv_head=n_kv_head, **rest)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalize in fp32, scale in the compute dtype (as Qwen2 does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, head_dim) cos and sin tables in fp32, computed on the fly so casting the model never degrades them."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved (rotate_half) rotary embedding of x (B, H, T, hd)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to max_len positions, for incremental decoding."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        if not 0 < max_len <= cfg.block_size:
+            raise ModelInputError(f"KV cache max_len={max_len} must be in 1..block_size={cfg.block_size}; lower it")
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.batch_size, self.max_len = batch_size, max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v (B, Hkv, T, hd) at start_pos and return all keys/values up to its end."""
+        end = start_pos + k.size(2)
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.layer, self.dropout = layer, cfg.dropout
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start_pos)
+        # Expand k/v explicitly instead of enable_gqa=True: SDPA's GQA path runs only on the flash and
+        # math kernels, so fp32 or flash-unsupported shapes would drop to the O(T^2)-memory math kernel
+        # instead of the memory-efficient one; the expanded copy costs only T*n_embd per tensor.
+        rep = self.n_head // self.n_kv_head
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask, causal = None, True
+        if start_pos > 0:  # queries sit at the end of a longer key range: SDPA's is_causal aligns top-left
+            causal = False
+            if T > 1:
+                q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
+                mask = torch.arange(k.size(2), device=x.device)[None, :] <= q_pos[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = 4 * cfg.n_embd
+        self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+
+def _chunk_ce_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of CE over non-ignored targets and their count, never holding more than chunk_rows rows of logits.
+
+    Only rows with a real target are projected (padding costs nothing); each chunk is checkpointed so
+    backward recomputes its logits instead of storing them.
+    """
+    h = h.reshape(-1, h.size(-1))
+    targets = targets.reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    h, targets = h.index_select(0, keep), targets.index_select(0, keep)
+    n = keep.numel()
+    if n and bool(((targets < 0) | (targets >= weight.size(0))).any()):
+        bad = targets[(targets < 0) | (targets >= weight.size(0))][0].item()
+        raise ModelInputError(f"target id {bad} is outside 0..{weight.size(0) - 1}; "
+                              f"mark non-target positions with IGNORE_INDEX={IGNORE_INDEX}")
+    total = None
+    # at least one (possibly empty) chunk, so a batch without targets still backpropagates (zeros)
+    # into every parameter and distributed gradient hooks fire on every rank
+    for i in range(0, max(n, 1), chunk_rows):
+        part = checkpoint(_chunk_ce_sum, h[i:i + chunk_rows], weight, targets[i:i + chunk_rows],
+                          use_reentrant=False)
+        total = part if total is None else total + part
+    return total, torch.tensor(n, dtype=torch.long, device=h.device)
+
+
+class GraspGPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+            norm=RMSNorm(cfg.n_embd, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight  # tied: one Parameter
+        self.drop = nn.Dropout(cfg.dropout)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def _hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        if input_ids.dim() != 2:
+            raise ModelInputError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}; "
+                                  f"add a batch dimension")
+        T = input_ids.size(1)
+        if start_pos + T > self.cfg.block_size:
+            raise ModelInputError(f"positions {start_pos}..{start_pos + T - 1} exceed block_size="
+                                  f"{self.cfg.block_size}; shorten the sequence or raise block_size")
+        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        x = self.drop(self.model.embed_tokens(input_ids))
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.model.layers:
+            if recompute:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, start_pos)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, V) in the compute dtype, or with targets (loss_sum fp32, num_targets long).
+
+        The loss is a sum, not a mean: the trainer divides by the target count of the whole global batch.
+        """
+        h = self._hidden(input_ids)
+        if targets is None:
+            return self.lm_head(h)
+        if targets.shape != input_ids.shape:
+            raise ModelInputError(f"targets shape {tuple(targets.shape)} != input_ids shape "
+                                  f"{tuple(input_ids.shape)}; pass one target per input position")
+        return chunked_cross_entropy(h, self.lm_head.weight, targets, self.cfg.loss_chunk_size)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty cache on the model's device and dtype (max_len defaults to block_size)."""
+        w = self.lm_head.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.block_size, device=w.device, dtype=w.dtype)
+
+    @torch.no_grad()
+    def forward_cached(self, input_ids: torch.Tensor, cache: KVCache, start_pos: int,
+                       last_only: bool = False) -> torch.Tensor:
+        """Logits for positions start_pos.. of input_ids (B, T), reusing and extending the cache.
+
+        Feed the prompt with start_pos=0, then each new token with start_pos = tokens seen so far.
+        last_only returns (B, 1, V) so a long prompt never materializes its full logits.
+        """
+        B, T = input_ids.shape
+        if B != cache.batch_size or start_pos + T > cache.max_len:
+            raise ModelInputError(f"batch {B}, positions up to {start_pos + T} do not fit a cache of batch "
+                                  f"{cache.batch_size}, max_len {cache.max_len}; make a larger cache")
+        h = self._hidden(input_ids, cache, start_pos)
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+    def num_params(self) -> int:
+        """Parameter count, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the matmuls plus 12*L*C*T for attention."""
+        return 6 * self.num_params() + 12 * self.cfg.n_layer * self.cfg.n_embd * seq_len
+
+    def configure_param_groups(self, weight_decay: float) -> list[dict]:
+        """Decay only the 2-D projection weights of attention/MLP; never norms, biases or the embedding."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():  # yields the tied embedding once
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() == 2 and name.startswith("model.layers.") else no_decay).append(p)
+        return [dict(name="decay", params=decay, weight_decay=weight_decay),
+                dict(name="no_decay", params=no_decay, weight_decay=0.0)]
+
+    def to_hf_config(self, dtype: str = "bfloat16") -> dict:
+        """config.json contents for transformers' Qwen2ForCausalLM (loads in 4.x and 5.x)."""
+        c = self.cfg
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.n_embd,
+            "intermediate_size": 4 * c.n_embd,
+            "num_hidden_layers": c.n_layer,
+            "num_attention_heads": c.n_head,
+            "num_key_value_heads": c.n_kv_head,
+            "max_position_embeddings": c.block_size,
+            "rope_theta": c.rope_theta,  # read by transformers 4.x
+            "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},  # read by 5.x
+            "rms_norm_eps": c.rms_norm_eps,
+            "tie_word_embeddings": True,
+            "hidden_act": "silu",
+            "attention_dropout": c.dropout,
+            "use_sliding_window": False,
+            "initializer_range": c.init_std,
+            "torch_dtype": dtype,  # 4.x name
+            "dtype": dtype,  # 5.x name
+        }

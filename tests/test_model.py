@@ -1,0 +1,261 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from graspGPT.model import (IGNORE_INDEX, MODEL_PRESETS, GraspGPT, ModelConfig, ModelConfigError, ModelInputError,
+                            default_kv_heads)
+
+V = 500
+
+
+def tiny(**kw) -> GraspGPT:
+    torch.manual_seed(0)
+    args = dict(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32)
+    args.update(kw)
+    return GraspGPT(ModelConfig(**args))
+
+
+def batch(B=2, T=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    return ids, targets
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_grads_close(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=atol, rtol=0, msg=n)
+
+
+def reference_loss(model, ids, targets):
+    logits = model(ids).float()
+    return F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=IGNORE_INDEX)
+
+
+# ---- presets and config ----------------------------------------------------------------------------
+
+def test_default_kv_heads():
+    assert [default_kv_heads(h) for h in (12, 3, 25, 20, 8, 16, 1, 6, 15)] == [4, 3, 5, 4, 4, 4, 1, 3, 5]
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_PRESETS))
+def test_every_preset_builds(model_type):
+    cfg = ModelConfig.from_shape(model_type, vocab_size=147219, block_size=16384)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == MODEL_PRESETS[model_type]
+    with torch.device("meta"):
+        model = GraspGPT(cfg)
+    assert model.num_params() > 0
+
+
+def test_gpt2_param_count_and_flops():
+    with torch.device("meta"):
+        model = GraspGPT(ModelConfig.from_shape("gpt2", vocab_size=147219, block_size=16384))
+    n = model.num_params()
+    assert round(n / 1e6, 1) == 216.9
+    assert model.model.embed_tokens.weight.numel() == 147219 * 768
+    assert model.flops_per_token(1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_from_shape_errors():
+    with pytest.raises(ModelConfigError, match="give either model_type or all of n_layer, n_head, n_embd"):
+        ModelConfig.from_shape("gpt2", n_layer=3, vocab_size=V, block_size=8)
+    with pytest.raises(ModelConfigError, match="give either model_type or all"):
+        ModelConfig.from_shape(n_layer=3, n_head=2, vocab_size=V, block_size=8)
+    with pytest.raises(ModelConfigError, match="gpt-nano"):
+        ModelConfig.from_shape("gpt5", vocab_size=V, block_size=8)
+    cfg = ModelConfig.from_shape(n_layer=2, n_head=6, n_embd=48, vocab_size=V, block_size=8)
+    assert cfg.n_kv_head == 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n_embd=30, n_head=4), "not divisible by n_head"),
+    (dict(n_head=4, n_kv_head=3), "not divisible by n_kv_head"),
+    (dict(n_embd=12, n_head=4), "odd"),
+    (dict(n_layer=0), "n_layer must be a positive integer"),
+    (dict(vocab_size=-1), "vocab_size"),
+    (dict(loss_chunk_size=0), "loss_chunk_size"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_shape_errors(kw, match):
+    args = dict(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32)
+    args.update(kw)
+    with pytest.raises(ModelConfigError, match=match):
+        ModelConfig(**args)
+
+
+def test_input_errors():
+    model = tiny()
+    ids, targets = batch()
+    with pytest.raises(ModelInputError, match="block_size"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ModelInputError, match="targets shape"):
+        model(ids, targets[:, :-1])
+    bad = targets.clone()
+    bad[0, 3] = V
+    with pytest.raises(ModelInputError, match="IGNORE_INDEX"):
+        model(ids, bad)
+
+
+# ---- Hugging Face parity ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_matches_hf_qwen2(n_kv_head):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    model = tiny(n_kv_head=n_kv_head).eval()
+    with torch.no_grad():  # non-trivial norms and biases so every parameter matters
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf_cfg = Qwen2Config.from_dict(model.to_hf_config(dtype="float32"))
+    assert hf_cfg.rope_parameters["rope_theta"] == 10000.0
+    assert hf_cfg.num_key_value_heads == n_kv_head and hf_cfg.tie_word_embeddings
+    hf = Qwen2ForCausalLM(hf_cfg).float().eval()
+    assert set(hf.state_dict()) == set(model.state_dict())
+    hf.load_state_dict(model.state_dict(), strict=True)
+    ids, _ = batch()
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(input_ids=ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_state_dict_keys_and_tying():
+    model = tiny(n_layer=1)
+    keys = set(model.state_dict())
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+                "model.layers.0.self_attn.o_proj.weight"}
+    expected |= {f"model.layers.0.self_attn.{x}_proj.{w}" for x in "qkv" for w in ("weight", "bias")}
+    expected |= {f"model.layers.0.mlp.{x}_proj.weight" for x in ("gate", "up", "down")}
+    assert keys == expected
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() == 0
+    assert torch.all(model.model.norm.weight == 1)
+    assert abs(model.model.embed_tokens.weight.std().item() - 0.02) < 0.002
+
+
+# ---- chunked loss ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk", [4096, 7, 1])
+def test_chunked_loss_equals_full_ce(chunk):
+    model = tiny(loss_chunk_size=chunk)
+    ids, targets = batch()
+    targets[0, :5] = IGNORE_INDEX
+    targets[1, -9:] = IGNORE_INDEX
+
+    loss_sum, n = model(ids, targets)
+    assert loss_sum.dtype == torch.float32 and loss_sum.dim() == 0
+    assert n.dtype == torch.long and n.item() == 2 * 24 - 14
+    (loss_sum / n).backward()
+    g_chunked = grads(model)
+    model.zero_grad()
+    ref = reference_loss(model, ids, targets)
+    ref.backward()
+    assert abs((loss_sum / n).item() - ref.item()) < 1e-5
+    assert_grads_close(g_chunked, grads(model))
+
+
+def test_padding_does_not_affect_loss_or_grads():
+    model = tiny(loss_chunk_size=5)
+    ids, targets = batch(B=1, T=16)
+    loss_a, n_a = model(ids, targets)
+    loss_a.backward()
+    g_a = grads(model)
+    model.zero_grad()
+    # right-pad with arbitrary ids whose targets are ignored: causal attention keeps earlier positions exact
+    pad_ids = torch.cat([ids, torch.randint(0, V, (1, 10))], 1)
+    pad_targets = torch.cat([targets, torch.full((1, 10), IGNORE_INDEX)], 1)
+    loss_b, n_b = model(pad_ids, pad_targets)
+    loss_b.backward()
+    assert n_a.item() == n_b.item() == 16
+    assert abs(loss_a.item() - loss_b.item()) < 1e-5
+    assert_grads_close(g_a, grads(model))
+
+
+def test_loss_never_keeps_full_logits_for_backward():
+    model = tiny(loss_chunk_size=8)
+    ids, targets = batch()
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum, _ = model(ids, targets)
+    assert saved and not any(shape[-1] == V for shape in saved)  # no (rows, V) logits stored
+    loss_sum.backward()
+
+
+def test_no_targets_gives_zero_loss_with_zero_grads():
+    model = tiny()
+    ids, targets = batch()
+    loss_sum, n = model(ids, torch.full_like(targets, IGNORE_INDEX))
+    assert n.item() == 0 and loss_sum.item() == 0.0
+    loss_sum.backward()  # still connected to the graph, so every rank runs backward
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in model.parameters())
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    ids, targets = batch()
+    results = []
+    for ckpt in (False, True):
+        model = tiny(activation_checkpointing=ckpt, dropout=0.1, loss_chunk_size=16).train()
+        torch.manual_seed(123)
+        loss_sum, n = model(ids, targets)
+        loss_sum.backward()
+        results.append((loss_sum.item(), grads(model)))
+    assert abs(results[0][0] - results[1][0]) < 1e-5
+    assert_grads_close(results[0][1], results[1][1])
+
+
+def test_dropout_only_in_training():
+    model = tiny(dropout=0.5)
+    ids, _ = batch()
+    model.eval()
+    assert torch.equal(model(ids), model(ids))
+    model.train()
+    assert not torch.equal(model(ids), model(ids))
+
+
+# ---- KV cache --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_kv_head", [4, 1])
+def test_kv_cache_decoding_matches_full_forward(n_kv_head):
+    model = tiny(n_kv_head=n_kv_head).eval()
+    ids, _ = batch(B=2, T=20)
+    with torch.no_grad():
+        full = model(ids)
+    cache = model.new_kv_cache(batch_size=2, max_len=32)
+    prompt = 7
+    steps = [model.forward_cached(ids[:, :prompt], cache, 0)]
+    steps.append(model.forward_cached(ids[:, prompt:prompt + 5], cache, prompt))  # multi-token chunk
+    for t in range(prompt + 5, 20):
+        steps.append(model.forward_cached(ids[:, t:t + 1], cache, t))
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    cache = model.new_kv_cache(batch_size=2, max_len=32)
+    last = model.forward_cached(ids, cache, 0, last_only=True)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=0)
+    with pytest.raises(ModelInputError, match="larger cache"):
+        model.forward_cached(ids[:, :13], cache, 20)
+
+
+# ---- optimizer groups ------------------------------------------------------------------------------
+
+def test_param_groups():
+    model = tiny()
+    groups = model.configure_param_groups(0.1)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert all(n.endswith("_proj.weight") for n in decay_names)
+    assert not any("norm" in n or "bias" in n or "embed" in n for n in decay_names)
+    assert len(decay_names) == 2 * 7
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert len(all_ids) == len(set(all_ids)) == len(list(model.parameters()))
+    assert sum(p.numel() for g in groups for p in g["params"]) == model.num_params()
