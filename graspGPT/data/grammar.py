@@ -9,16 +9,20 @@
     grasps    ::= "detectgrasp" ("grasp" tag cell+)*
 
 Parsing walks only the structural tokens (tags and commands); runs of cells
-between them are sliced out with numpy, so a 13k-token sample parses in about
-a millisecond.
+between them are sliced out with numpy, so a 13k-token sample parses in a few
+milliseconds. `GrammarState` is the same grammar as a token-by-token state
+machine, for masking logits during generation.
 """
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from .vocab import Vocab
+from .vocab import COMMANDS, NUM_OBJECT_TAGS, Vocab
 
 GRASP_CELLS = 3  # left finger, right finger, gripper base
 
@@ -127,28 +131,33 @@ def parse(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> Sample:
     # Each structural token is followed by a (possibly empty) run of cell tokens up to the next one.
     run_end = np.append(structural[1:], n)
 
-    def cells_after(k: int, rule: str, need: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def cells_after(k: int, rule: str, sort: bool, most: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The cells (and serials) of the block whose tag is structural token k; strict checks order and count."""
         lo, hi = structural[k] + 1, run_end[k]
         run = ids[lo:hi]
-        if need and run.size == 0:
+        if run.size == 0:
             raise GrammarError(int(lo), rule, f"'{vocab.token_of(ids[structural[k]])}' must be followed by at least one voxel cell")
         serial = run < vocab.voxel_base
-        if not serial.any():
-            return run, None
-        # A serial may only follow a voxel: never first, never two in a row.
-        if serial[0] or (serial[1:] & serial[:-1]).any():
-            pos = lo + int(np.flatnonzero(serial & ~np.append(False, ~serial[:-1]))[0])
-            raise GrammarError(int(pos), "cell", "a serial token must follow a voxel cell")
-        cells = run[~serial]
-        serials = np.full(len(cells), -1, dtype=np.int64)
-        serials[np.cumsum(~serial)[serial] - 1] = run[serial]
-        return cells, serials
+        cells, serials = run, None
+        if serial.any():
+            # A serial may only follow a voxel: never first, never two in a row.
+            if serial[0] or (serial[1:] & serial[:-1]).any():
+                pos = lo + int(np.flatnonzero(serial & ~np.append(False, ~serial[:-1]))[0])
+                raise GrammarError(int(pos), "cell", "a serial token must follow a voxel cell")
+            cells = run[~serial]
+            serials = np.full(len(cells), -1, dtype=np.int64)
+            serials[np.cumsum(~serial)[serial] - 1] = run[serial]
+        if strict:
+            def at(i: int) -> int:  # position of the i-th cell, counting serials in between
+                return int(lo + np.flatnonzero(~serial)[i])
 
-    def check_sorted(cells: np.ndarray, start: int, rule: str):
-        if strict and cells.size > 1:
-            dec = np.flatnonzero(np.diff(cells) <= 0)
-            if dec.size:
-                raise GrammarError(int(start + dec[0] + 1), rule, "cells of a block must be strictly increasing (sorted by x, y, z)")
+            if sort and cells.size > 1:
+                dec = np.flatnonzero(np.diff(cells) <= 0)
+                if dec.size:
+                    raise GrammarError(at(dec[0] + 1), rule, "cells of a block must be strictly increasing (sorted by x, y, z)")
+            if most is not None and len(cells) > most:
+                raise GrammarError(at(most), rule, f"a grasp has at most {most} cells")
+        return cells, serials
 
     if ids[0] != vocab.scene:
         raise GrammarError(0, "sequence", f"a sequence starts with 'scene', not '{vocab.token_of(ids[0])}'")
@@ -157,6 +166,7 @@ def parse(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> Sample:
     sample = Sample()
     k, m = 1, len(structural)
     section = "scene"  # the last section opened
+    order = {"scene": 0, "amodal": 1, "segment": 2, "endunseg": 2, "detectgrasp": 3}
 
     def tok(k):
         return int(ids[structural[k]])
@@ -171,32 +181,40 @@ def parse(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> Sample:
         t, pos = tok(k), int(structural[k])
         if vocab.is_tag(t):
             if section == "scene":
-                cells, serials = cells_after(k, "block", True)
-                check_sorted(cells, pos + 1, "block")
+                cells, serials = cells_after(k, "block", sort=True)
                 sample.scene.append(Block(t, cells, serials))
             elif section == "segment":
                 if not vocab.is_object_tag(t):
                     raise GrammarError(pos, "unseg", f"segment blocks take an objectNN tag, not '{vocab.token_of(t)}'")
-                cells, serials = cells_after(k, "unseg", True)
-                check_sorted(cells, pos + 1, "unseg")
+                cells, serials = cells_after(k, "unseg", sort=True)
                 sample.unseg.append(Block(t, cells, serials))
             else:
-                where = "after 'endunseg'" if section == "endunseg" else f"inside '{section}'"
+                where = {"amodal": "after 'endamodal'", "endunseg": "after 'endunseg'"}.get(section, f"inside '{section}'")
                 raise GrammarError(pos, "sequence", f"unexpected tag '{vocab.token_of(t)}' {where}")
             k += 1
             continue
+        if t == vocab.end:
+            if section == "segment":
+                raise GrammarError(pos, "unseg", "'segment' must be closed with 'endunseg' before 'end'")
+            if pos != n - 1:
+                raise GrammarError(pos + 1, "sequence", "tokens after 'end'")
+            return sample
         if run_end[k] != pos + 1:  # only tags take cells
+            if t == vocab.grasp:
+                raise GrammarError(pos + 1, "grasps", "'grasp' must be followed by a tag, not a cell")
             raise GrammarError(pos + 1, "sequence", f"'{vocab.token_of(t)}' cannot be followed by a voxel cell")
-        order = {"scene": 0, "amodal": 1, "segment": 2, "endunseg": 2, "detectgrasp": 3}
         if t == vocab.amodal:
             if order[section] >= 1:
                 raise GrammarError(pos, "sequence", "'amodal' must come right after the scene, before segment and detectgrasp")
             expect(k + 1, vocab.unlabel, "amodal", "'unlabel' after 'amodal'")
-            cells, serials = cells_after(k + 1, "amodal", True)
+            cells, serials = cells_after(k + 1, "amodal", sort=True)
             if serials is not None:
-                raise GrammarError(int(structural[k + 1]) + 1, "amodal", "amodal cells take no serial tokens")
-            check_sorted(cells, int(structural[k + 1]) + 1, "amodal")
+                lo = int(structural[k + 1]) + 1
+                pos = lo + int(np.flatnonzero(ids[lo: run_end[k + 1]] < vocab.voxel_base)[0])
+                raise GrammarError(pos, "amodal", "amodal cells take no serial tokens")
             expect(k + 2, vocab.endamodal, "amodal", "'endamodal' after the amodal cells")
+            if run_end[k + 2] != structural[k + 2] + 1:
+                raise GrammarError(int(structural[k + 2]) + 1, "sequence", "'endamodal' cannot be followed by a voxel cell")
             sample.amodal = cells
             section = "amodal"
             k += 3
@@ -225,17 +243,9 @@ def parse(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> Sample:
             if k + 1 >= m or not vocab.is_tag(tok(k + 1)):
                 where = int(structural[k + 1]) if k + 1 < m else n
                 raise GrammarError(where, "grasps", "'grasp' must be followed by a tag")
-            cells, serials = cells_after(k + 1, "grasps", True)
-            if strict and len(cells) > GRASP_CELLS:
-                raise GrammarError(int(structural[k + 1]) + 1 + GRASP_CELLS, "grasps", f"a grasp has at most {GRASP_CELLS} cells")
+            cells, serials = cells_after(k + 1, "grasps", sort=False, most=GRASP_CELLS)
             sample.grasps.append(Block(tok(k + 1), cells, serials))
             k += 2
-        elif t == vocab.end:
-            if section == "segment":
-                raise GrammarError(pos, "unseg", "'segment' must be closed with 'endunseg' before 'end'")
-            if pos != n - 1:
-                raise GrammarError(pos + 1, "sequence", "tokens after 'end'")
-            return sample
         elif t == vocab.endamodal:
             raise GrammarError(pos, "amodal", "'endamodal' without 'amodal'")
         elif t == vocab.scene:
@@ -252,3 +262,229 @@ def validate(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> GrammarError
     except GrammarError as err:
         return err
     return None
+
+
+# -- grammar-constrained decoding ---------------------------------------------
+#
+# The decoder is in one of these modes. Between blocks: START, SCENE, AFTER_AMODAL,
+# SEGMENT, AFTER_SEGMENT, GRASPS, DONE. Collecting cells: the four *_BLOCK modes.
+# Waiting for a tag: AMODAL_OPEN (only 'unlabel'), GRASP_TAG.
+(START, SCENE, SCENE_BLOCK, AMODAL_OPEN, AMODAL_BLOCK, AFTER_AMODAL, SEGMENT, SEGMENT_BLOCK,
+ AFTER_SEGMENT, GRASPS, GRASP_TAG, GRASP_BLOCK, DONE) = range(13)
+_WHERE = (
+    "at the start (a sequence starts with 'scene')", "between scene blocks", "in a scene block",
+    "after 'amodal' (expected 'unlabel')", "in the amodal block", "after 'endamodal'",
+    "between segment blocks", "in a segment block", "after 'endunseg'", "between grasps",
+    "after 'grasp' (expected a tag)", "in a grasp", "after 'end'",
+)
+_SORTED_BLOCKS = frozenset((SCENE_BLOCK, AMODAL_BLOCK, SEGMENT_BLOCK))
+_TAG_NEXT = {SCENE: SCENE_BLOCK, SCENE_BLOCK: SCENE_BLOCK, AMODAL_OPEN: AMODAL_BLOCK,
+             SEGMENT: SEGMENT_BLOCK, SEGMENT_BLOCK: SEGMENT_BLOCK, GRASP_TAG: GRASP_BLOCK}
+_COMMAND_NEXT = dict(zip(COMMANDS, (SCENE, SEGMENT, AFTER_SEGMENT, AMODAL_OPEN, AFTER_AMODAL, GRASPS, GRASP_TAG, DONE)))
+
+
+class _Tables:
+    """The non-voxel part of every allowed set, built once per (vocab, options) and shared by all states.
+
+    Indexed by key = mode * 4 + closable * 2 + serial, where closable means the current block has
+    enough cells to end and serial means a serial token may come next.
+    """
+
+    def __init__(self, vocab: Vocab, allow_segment: bool, allow_serials: bool):
+        nv = vocab.voxel_base
+        self.vocab = vocab
+
+        def mask(*ids: int) -> np.ndarray:
+            m = np.zeros(nv, dtype=bool)
+            m[list(ids)] = True
+            return m
+
+        def cmd(*names: str) -> np.ndarray:
+            return mask(*(getattr(vocab, c) for c in names if c != "segment" or allow_segment))
+
+        tags = np.zeros(nv, dtype=bool)
+        tags[: vocab.num_tags] = True
+        objects = np.zeros(nv, dtype=bool)
+        objects[vocab.object_base: vocab.object_base + NUM_OBJECT_TAGS] = True
+        serials = np.zeros(nv, dtype=bool)
+        serials[vocab.serial_base:] = allow_serials
+        follow_scene = tags | cmd("amodal", "segment", "detectgrasp", "end")
+        follow_segment = objects | cmd("endunseg")
+        follow_grasp = cmd("grasp", "end")
+        base = {
+            START: cmd("scene"), SCENE: follow_scene, AMODAL_OPEN: mask(vocab.unlabel),
+            AFTER_AMODAL: cmd("segment", "detectgrasp", "end"), SEGMENT: follow_segment,
+            AFTER_SEGMENT: cmd("detectgrasp", "end"), GRASPS: follow_grasp, GRASP_TAG: tags, DONE: cmd("end"),
+        }
+        closing = {SCENE_BLOCK: follow_scene, AMODAL_BLOCK: cmd("endamodal"),
+                   SEGMENT_BLOCK: follow_segment, GRASP_BLOCK: follow_grasp}
+        self.masks = []
+        for mode in range(DONE + 1):
+            for closable in (False, True):
+                for serial in (False, True):
+                    m = base.get(mode, np.zeros(nv, dtype=bool)).copy()
+                    if closable and mode in closing:
+                        m |= closing[mode]
+                    if serial:
+                        m |= serials
+                    m.flags.writeable = False
+                    self.masks.append(m)
+        self._torch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def torch_masks(self, key: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(allowed, forbidden) non-voxel masks as bool tensors on `device`, cached."""
+        device = torch.device(device if device is not None else "cpu")
+        hit = self._torch.get((key, device))
+        if hit is None:
+            allowed = torch.from_numpy(self.masks[key].copy()).to(device)
+            hit = self._torch[(key, device)] = (allowed, ~allowed)
+        return hit
+
+
+@functools.lru_cache(maxsize=32)
+def _tables(vocab: Vocab, allow_segment: bool, allow_serials: bool) -> _Tables:
+    return _Tables(vocab, allow_segment, allow_serials)
+
+
+@dataclass(frozen=True)
+class AllowedSet:
+    """The tokens the grammar allows next: a mask over the non-voxel ids plus one voxel id range [lo, hi)."""
+
+    nonvoxel: np.ndarray  # (voxel_base,) bool, read-only and shared
+    lo: int
+    hi: int
+    tables: _Tables = field(repr=False, compare=False)
+    key: int = field(repr=False, compare=False)
+
+    def __contains__(self, token_id: int) -> bool:
+        t = int(token_id)
+        return self.lo <= t < self.hi if t >= len(self.nonvoxel) else t >= 0 and bool(self.nonvoxel[t])
+
+    def __len__(self) -> int:
+        return int(self.nonvoxel.sum()) + self.hi - self.lo
+
+    def nonvoxel_ids(self) -> np.ndarray:
+        return np.flatnonzero(self.nonvoxel)
+
+    def mask(self, device=None) -> torch.Tensor:
+        """(V,) bool tensor, True where allowed."""
+        nv = len(self.nonvoxel)
+        m = torch.zeros(self.tables.vocab.size, dtype=torch.bool, device=device)
+        m[:nv] = self.tables.torch_masks(self.key, m.device)[0]
+        m[self.lo: self.hi] = True
+        return m
+
+    def apply_mask(self, logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Set the forbidden entries of `logits` (..., V) to -inf; returns the masked logits."""
+        if logits.shape[-1] != self.tables.vocab.size:
+            raise ValueError(f"logits have {logits.shape[-1]} entries in the last dim, the vocabulary has {self.tables.vocab.size}; "
+                             "pass logits over the whole vocabulary")
+        out = logits if inplace else logits.clone()
+        nv = len(self.nonvoxel)
+        out[..., :nv].masked_fill_(self.tables.torch_masks(self.key, out.device)[1], float("-inf"))
+        out[..., nv: self.lo] = float("-inf")
+        out[..., self.hi:] = float("-inf")
+        return out
+
+
+class GrammarState:
+    """Where a partial sequence stands in the grammar, for grammar-constrained decoding.
+
+    Stricter than `parse` in one way: a grasp takes exactly 3 cells. Options: `sorted_cells`
+    makes cells strictly increasing inside scene, amodal and segment blocks (what `parse`
+    checks with strict=True); `allow_segment` permits the segment section; `allow_serials`
+    permits a serial token after a voxel (never in the amodal block, which `parse` rejects).
+
+    `advance` is O(1); the allowed set is a cached non-voxel mask plus one voxel id range,
+    so `mask()` is a vectorized O(V) fill and no per-voxel Python set is ever built.
+    """
+
+    def __init__(self, vocab: Vocab, sorted_cells: bool = True, allow_segment: bool = True, allow_serials: bool = False):
+        self.vocab = vocab
+        self.sorted_cells = sorted_cells
+        self.allow_serials = allow_serials
+        self._tables = _tables(vocab, allow_segment, allow_serials)
+        self.mode = START
+        self.cells = 0  # voxel cells in the current block
+        self.last = -1  # last voxel id of the current block
+        self.after_voxel = False  # the previous token was a voxel, so a serial may follow
+        self.pos = 0  # tokens consumed so far
+
+    @property
+    def done(self) -> bool:
+        return self.mode == DONE
+
+    def copy(self) -> "GrammarState":
+        return copy.copy(self)  # every field is a scalar; the tables are shared on purpose
+
+    def _key(self) -> int:
+        mode = self.mode
+        closable = self.cells == GRASP_CELLS if mode == GRASP_BLOCK else self.cells > 0
+        serial = self.after_voxel and self.allow_serials and mode != AMODAL_BLOCK
+        return mode * 4 + closable * 2 + serial
+
+    def _voxels(self) -> tuple[int, int]:
+        V = self.vocab.size
+        if self.mode in _SORTED_BLOCKS:
+            return (self.last + 1 if self.sorted_cells else self.vocab.voxel_base), V
+        if self.mode == GRASP_BLOCK and self.cells < GRASP_CELLS:
+            return self.vocab.voxel_base, V
+        return V, V
+
+    def allowed(self) -> AllowedSet:
+        key = self._key()
+        lo, hi = self._voxels()
+        return AllowedSet(self._tables.masks[key], lo, hi, self._tables, key)
+
+    def allowed_ids_nonvoxel(self) -> np.ndarray:
+        return np.flatnonzero(self._tables.masks[self._key()])
+
+    def mask(self, device=None) -> torch.Tensor:
+        """(V,) bool tensor of the tokens allowed next."""
+        return self.allowed().mask(device)
+
+    def apply_mask(self, logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Set logits (..., V) of forbidden tokens to -inf."""
+        return self.allowed().apply_mask(logits, inplace)
+
+    def advance(self, token_id: int) -> None:
+        """Consume one token; GrammarError if the grammar does not allow it here."""
+        t, vocab = int(token_id), self.vocab
+        if t >= vocab.voxel_base:
+            lo, hi = self._voxels()
+            if not lo <= t < hi:
+                self._reject(t, lo, hi)
+            self.cells += 1
+            self.last = t
+            self.after_voxel = True
+        else:
+            if t < 0 or not self._tables.masks[self._key()][t]:
+                self._reject(t, vocab.size, vocab.size)
+            self.after_voxel = False
+            if t < vocab.num_tags:
+                self.mode = _TAG_NEXT[self.mode]
+                self.cells, self.last = 0, vocab.voxel_base - 1
+            elif t < vocab.serial_base:
+                self.mode = _COMMAND_NEXT[COMMANDS[t - vocab.command_base]]
+        self.pos += 1
+
+    def feed(self, ids) -> "GrammarState":
+        """Advance over every id of `ids` (a prompt); returns self."""
+        for t in ids.tolist() if hasattr(ids, "tolist") else ids:
+            self.advance(t)
+        return self
+
+    def _reject(self, t: int, lo: int, hi: int):
+        vocab = self.vocab
+        if not 0 <= t < vocab.size:
+            raise GrammarError(self.pos, "vocabulary", f"id {t} is outside the vocabulary (V = {vocab.size})")
+        name, why = vocab.token_of(t), ""
+        if vocab.is_voxel(t) and self.mode in _SORTED_BLOCKS and t < lo:
+            why = "; cells of a block must be strictly increasing"
+        elif vocab.is_voxel(t) and self.mode == GRASP_BLOCK:
+            why = f"; a grasp takes exactly {GRASP_CELLS} cells"
+        elif vocab.is_serial(t):
+            why = ("; serials are disabled (allow_serials=False)" if not self.allow_serials
+                   else "; amodal cells take no serials" if self.mode == AMODAL_BLOCK
+                   else "; a serial may only follow a voxel cell")
+        raise GrammarError(self.pos, "decode", f"'{name}' is not allowed {_WHERE[self.mode]}{why}")

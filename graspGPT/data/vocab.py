@@ -153,7 +153,7 @@ class Vocab:
         X, Y, Z = self.dims
         bad = ~np.all((cells >= 0) & (cells < np.array(self.dims)), axis=1)
         if bad.any():
-            raise VocabError(f"cell {tuple(cells[bad][0])} is outside the grid {self.dims}")
+            raise VocabError(f"cell {tuple(cells[bad][0].tolist())} is outside the grid {self.dims}")
         return self.voxel_base + (cells[:, 0] * Y + cells[:, 1]) * Z + cells[:, 2]
 
     def cells_of(self, ids: np.ndarray) -> np.ndarray:
@@ -184,7 +184,7 @@ class Vocab:
         i = int(i)
         if 0 <= i < self.voxel_base:
             return self._names[i]
-        if i < self.size:
+        if 0 <= i < self.size:
             return tuple(int(v) for v in self.cells_of(np.array([i]))[0])
         raise VocabError(f"id {i} is outside the vocabulary (V = {self.size})")
 
