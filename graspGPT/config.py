@@ -1,0 +1,339 @@
+"""The training configuration: every default lives here, once.
+
+Precedence: dataclass defaults < ``--config FILE`` (JSON, merged per section) < command-line flags.
+Types and choices are checked as values arrive; cross-field rules once, on the final result.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration (file, flags or values); the message says how to fix it."""
+
+
+def choice(default: str, *options: str):
+    """A string field restricted to `options`."""
+    return field(default=default, metadata={"choices": (default, *options)})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str | None = "gpt2"  # a preset of model.py, or None for the custom shape below
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    n_kv_head: int | None = None  # None: the model's default for the shape
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    activation_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    batch_size: int = 24  # global batch, samples per optimizer step over all ranks
+    micro_batch_size: int = 6  # per rank and forward pass
+    learning_rate: float = 2e-4
+    min_lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.01
+    grad_clip: float = 2.0
+    warmup_iters: int = 500
+    lr_schedule: str = choice("cosine", "linear", "constant")
+    max_iters: int = 20000  # optimizer steps, like every other count here
+    log_every: int = 100
+    save_every: int = 3000
+    eval_every: int = 1000
+    eval_iters: int = 20
+    keep_last: int = 3
+    max_nonfinite_steps: int = 10
+    resume: str | None = None
+    init_from: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    data_path: str | None = None  # None: the built-in synthetic data set
+    max_sequence_length: int = 13000
+    overlong: str = choice("cut", "drop")
+    val_fraction: float = 0.02
+    real_filter_mode: str = choice("allow_all", "no_amodal_unseg", "amodal_only", "unseg_only", "skip")
+    shuffle_blocks: bool = True
+    drop_cell_prob: float = 0.05
+    max_grasps_per_object: int = 100
+    amodal_prob: float = 0.0
+    unseg_prob: float = 0.0
+    synthetic_scenes: int = 2000
+    synthetic_voxel_size: float = 0.0075
+    synthetic_task_mix: str = "grasp"
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    output_dir: str = "output"
+    seed: int = 42
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    enabled: bool = True
+    mode: str = choice("online", "offline", "disabled")
+    project: str = "graspGPT"
+    entity: str | None = None
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    config: str = "deepspeed_config.json"
+    zero_stage: int | None = None  # None: what the DeepSpeed JSON says
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serializable dict (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+# --------------------------------------------------------------------------- values
+
+def _type_name(hint) -> str:
+    if get_origin(hint) in (Union, types.UnionType):
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if get_origin(hint) is tuple:
+        return f"a list of {len(get_args(hint))} numbers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+_BAD = object()  # _convert's "does not fit the type"
+
+
+def _convert(value: Any, hint) -> Any:
+    """`value` as type `hint`, or _BAD. Ints are accepted for floats, lists for tuples."""
+    if get_origin(hint) in (Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(hint) if a is not type(None)]
+        return _convert(value, inner)
+    if get_origin(hint) is tuple:
+        args = get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return _BAD
+        items = tuple(_convert(v, a) for v, a in zip(value, args))
+        return _BAD if any(i is _BAD for i in items) else items
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:
+        return float(value) if number and math.isfinite(value) else _BAD
+    if hint is int:
+        return value if number and isinstance(value, int) else _BAD
+    return value if isinstance(value, hint) else _BAD  # bool, str
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f"did you mean {close[0]}?" if close else f"valid: {', '.join(valid)}"
+
+
+def _apply(cfg: Config, updates: dict, source: str) -> Config:
+    """`cfg` with `updates` ({section: {key: value}}) merged in, keys and types checked."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{source}: expected a JSON object of sections ({', '.join(SECTIONS)})")
+    sections = {}
+    for section, values in updates.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section in {source}; {_suggest(section, list(SECTIONS))}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected an object of settings in {source}, "
+                              f"got {json.dumps(values, default=repr)}")
+        current = getattr(cfg, section)
+        hints = get_type_hints(type(current))
+        fields = {f.name: f for f in dataclasses.fields(current)}
+        changes = {}
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if key not in fields:
+                valid = [f"{section}.{k}" for k in fields]
+                raise ConfigError(f"{name}: unknown key in {source}; {_suggest(name, valid)}")
+            value = _convert(value, hints[key])
+            if value is _BAD:
+                raise ConfigError(f"{name}: expected {_type_name(hints[key])}, "
+                                  f"got {json.dumps(values[key], default=repr)} in {source}")
+            choices = fields[key].metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)} (in {source})")
+            changes[key] = value
+        sections[section] = dataclasses.replace(current, **changes)
+    return dataclasses.replace(cfg, **sections)
+
+
+def _validate(cfg: Config) -> Config:
+    """Cross-field rules on the final configuration."""
+    m, t, d = cfg.model, cfg.trainer, cfg.dataset
+    shape = {"n_layer": m.n_layer, "n_head": m.n_head, "n_embd": m.n_embd}
+    given = [k for k, v in shape.items() if v is not None]
+    if m.model_type is not None and given:
+        raise ConfigError(
+            f"model: model_type={m.model_type!r} and {', '.join(given)} are both set; give either a preset "
+            f'or a custom shape: set "model_type": null in the config file to use n_layer/n_head/n_embd')
+    if m.model_type is None and len(given) < 3:
+        missing = ", ".join(k for k in shape if k not in given)
+        raise ConfigError(f"model: model_type is null, so n_layer, n_head and n_embd are all needed; missing {missing}")
+    rules = [
+        (all(v is None or v >= 1 for v in (*shape.values(), m.n_kv_head)),
+         "model: n_layer, n_head, n_embd and n_kv_head must be >= 1"),
+        (0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}"),
+        (m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}"),
+        (t.batch_size >= 1, f"trainer.batch_size must be >= 1, got {t.batch_size}"),
+        (t.micro_batch_size >= 1, f"trainer.micro_batch_size must be >= 1, got {t.micro_batch_size}"),
+        (t.learning_rate > 0, f"trainer.learning_rate must be > 0, got {t.learning_rate}"),
+        (0 <= t.min_lr <= t.learning_rate,
+         f"trainer.min_lr must be in [0, learning_rate={t.learning_rate}], got {t.min_lr}; "
+         f"lower min_lr or raise learning_rate"),
+        (all(0.0 <= b < 1.0 for b in t.betas), f"trainer.betas must be in [0, 1), got {list(t.betas)}"),
+        (t.weight_decay >= 0, f"trainer.weight_decay must be >= 0, got {t.weight_decay}"),
+        (t.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 disables clipping), got {t.grad_clip}"),
+        (t.warmup_iters >= 0, f"trainer.warmup_iters must be >= 0, got {t.warmup_iters}"),
+        (t.max_iters >= 1, f"trainer.max_iters must be >= 1, got {t.max_iters}"),
+        (d.max_sequence_length >= 16, f"dataset.max_sequence_length must be >= 16, got {d.max_sequence_length}"),
+        (0.0 <= d.val_fraction < 1.0, f"dataset.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (d.max_grasps_per_object >= 1, f"dataset.max_grasps_per_object must be >= 1, got {d.max_grasps_per_object}"),
+        (d.synthetic_scenes >= 1, f"dataset.synthetic_scenes must be >= 1, got {d.synthetic_scenes}"),
+        (d.synthetic_voxel_size > 0, f"dataset.synthetic_voxel_size must be > 0, got {d.synthetic_voxel_size}"),
+        (cfg.deepspeed.zero_stage in (None, 0, 1, 2, 3),
+         f"deepspeed.zero_stage must be 0, 1, 2 or 3 (or null for the JSON's stage), got {cfg.deepspeed.zero_stage}"),
+    ]
+    for key in ("log_every", "save_every", "eval_every", "eval_iters", "keep_last", "max_nonfinite_steps"):
+        rules.append((getattr(t, key) >= 1, f"trainer.{key} must be >= 1, got {getattr(t, key)}"))
+    for key in ("drop_cell_prob", "amodal_prob", "unseg_prob"):
+        rules.append((0.0 <= getattr(d, key) <= 1.0, f"dataset.{key} must be in [0, 1], got {getattr(d, key)}"))
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+    return cfg
+
+
+def config_from_dict(d: dict, source: str = "config dict") -> Config:
+    """A validated Config from a (possibly partial) nested dict, e.g. the config saved with a run."""
+    return _validate(_apply(Config(), d, source))
+
+
+def read_json(path: str | Path, what: str = "config file") -> Any:
+    """Parsed JSON of `path`, with errors that name the file (and line/column)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} not found; check the path") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read: {e.strerror}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+# --------------------------------------------------------------------------- flags
+
+# flag -> (config field, help). --config, --no_wandb and --local_rank are handled apart.
+FLAGS = {
+    "data_path": ("dataset.data_path", "data set directory (none: the built-in synthetic data set)"),
+    "output_dir": ("system.output_dir", "where runs, logs and checkpoints go"),
+    "resume": ("trainer.resume", "checkpoint directory to resume from"),
+    "batch_size": ("trainer.batch_size", "global batch (samples per optimizer step, all ranks)"),
+    "micro_batch_size": ("trainer.micro_batch_size", "samples per rank and forward pass"),
+    "learning_rate": ("trainer.learning_rate", "peak learning rate"),
+    "max_iters": ("trainer.max_iters", "optimizer steps to train"),
+    "wandb_project": ("wandb.project", "wandb project name"),
+    "deepspeed_config": ("deepspeed.config", "DeepSpeed JSON config"),
+    "model_type": ("model.model_type", "model preset (replaces a custom shape from --config)"),
+    "max_sequence_length": ("dataset.max_sequence_length", "longest sequence in tokens"),
+    "zero_stage": ("deepspeed.zero_stage", "ZeRO stage 0-3 (none: the DeepSpeed JSON's stage)"),
+    "save_every": ("trainer.save_every", "checkpoint every N optimizer steps"),
+    "log_every": ("trainer.log_every", "log every N optimizer steps"),
+    "eval_every": ("trainer.eval_every", "evaluate every N optimizer steps"),
+    "seed": ("system.seed", "random seed"),
+    "init_from": ("trainer.init_from", "start from these model weights (fresh optimizer and step)"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage and exit; we raise
+        raise ConfigError(f"command line: {message}; see --help")
+
+
+def _lookup(cfg: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key), get_type_hints(type(getattr(cfg, section)))[key]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser; every default shown comes from the dataclasses."""
+    defaults = Config()
+    p = _Parser(description="Train GraspGPT with DeepSpeed.", allow_abbrev=False,
+                argument_default=argparse.SUPPRESS)  # only flags actually given override the file
+    p.add_argument("--config", metavar="FILE", help="JSON config file, merged over the defaults per section")
+    for flag, (dotted, text) in FLAGS.items():
+        value, hint = _lookup(defaults, dotted)
+        if get_origin(hint) in (Union, types.UnionType):
+            (hint,) = [a for a in get_args(hint) if a is not type(None)]
+        p.add_argument(f"--{flag}", type=hint, help=f"{text} [{dotted}, default: {json.dumps(value)}]")
+    p.add_argument("--no_wandb", action="store_true",
+                   help=f"disable wandb logging [wandb.enabled, default: {json.dumps(defaults.wandb.enabled)}]")
+    p.add_argument("--local_rank", type=int, help="set by the deepspeed launcher; ignored")
+    return p
+
+
+def _flag_suggestion(arg: str, parser: argparse.ArgumentParser) -> str:
+    flag = arg.split("=", 1)[0]
+    valid = [s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
+    if not flag.startswith("-"):
+        return f"command line: unexpected argument {arg!r}; flags look like --name VALUE, see --help"
+    return f"command line: unknown flag {flag}; {_suggest(flag, valid)}"
+
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """defaults < --config FILE < flags; `argv` defaults to sys.argv[1:]."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        raise ConfigError(_flag_suggestion(extra[0], parser))
+    given = vars(args)
+    cfg = Config()
+    if "config" in given:
+        cfg = _apply(cfg, read_json(given["config"]), given["config"])
+    updates: dict[str, dict] = {}
+    for flag, (dotted, _) in FLAGS.items():
+        if flag in given:
+            section, key = dotted.split(".")
+            updates.setdefault(section, {})[key] = given[flag]
+    if "model_type" in given:  # a preset on the command line replaces a custom shape from the file
+        updates["model"].update(n_layer=None, n_head=None, n_embd=None)
+    if given.get("no_wandb"):
+        updates.setdefault("wandb", {})["enabled"] = False
+    return _validate(_apply(cfg, updates, "command line"))
