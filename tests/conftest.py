@@ -1,0 +1,79 @@
+"""Shared helpers: launch real DeepSpeed training on CPU ranks (gloo) with a tiny model and data set."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # import graspGPT from the checkout, whatever the working directory
+TRAIN = REPO / "graspGPT" / "train_deepspeed.py"
+
+# A model and data set small enough that a 2-rank step takes milliseconds on 2 cores.
+TINY = {
+    "model": {"model_type": None, "n_layer": 2, "n_head": 2, "n_embd": 32},
+    "trainer": {"batch_size": 8, "micro_batch_size": 2, "learning_rate": 3e-3, "min_lr": 1e-4, "warmup_iters": 2,
+                "max_iters": 20, "log_every": 1, "eval_every": 10, "save_every": 10, "eval_iters": 2},
+    "dataset": {"synthetic_scenes": 64, "synthetic_voxel_size": 0.03, "max_grasps_per_object": 4,
+                "max_sequence_length": 512},
+    "system": {"deterministic": True},
+    "wandb": {"enabled": False},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = json.loads(json.dumps(base))
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One data cache for the whole session, so the tiny synthetic set is generated once."""
+    return tmp_path_factory.mktemp("graspgpt_cache")
+
+
+def train_env(cache_dir: Path) -> dict:
+    env = dict(os.environ, GRASPGPT_CACHE=str(cache_dir), GRASPGPT_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def write_config(path: Path, overrides: dict | None = None) -> Path:
+    path.write_text(json.dumps(merge(TINY, overrides or {})))
+    return path
+
+
+def launch(ranks: int, args: list[str], cache_dir: Path, cwd: Path = REPO, script: Path = TRAIN,
+           timeout: int = 300) -> subprocess.CompletedProcess:
+    """`deepspeed --num_gpus=ranks script args` on CPU ranks; returns the finished process."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+           "--master_port", str(free_port()), str(script), *args]
+    return subprocess.run(cmd, cwd=cwd, env=train_env(cache_dir), capture_output=True, text=True, timeout=timeout)
+
+
+def run_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+STEP_LINE = re.compile(r"step (\d+)/\d+ loss ([0-9.naninf]+) lr ([0-9.e+-]+)")
+
+
+def logged_steps(output_dir: Path, rank: int = 0) -> dict[int, tuple[float, float]]:
+    """{step: (loss, lr)} from a rank's training log."""
+    text = (output_dir / f"training_rank_{rank}.log").read_text()
+    return {int(m.group(1)): (float(m.group(2)), float(m.group(3))) for m in STEP_LINE.finditer(text)}

@@ -1,0 +1,172 @@
+"""Real DeepSpeed training on CPU ranks: ZeRO stages, the gradient contract, errors, the launchers."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TRAIN, launch, logged_steps, run_ok, train_env, write_config
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_loss_falls(tmp_path, cache_dir, stage):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 24, "save_every": 12}})
+    run_ok(launch(2, ["--config", str(cfg), "--output_dir", str(out), "--zero_stage", str(stage)], cache_dir))
+    steps = logged_steps(out)
+    assert sorted(steps) == list(range(1, 25))
+    first = np.mean([steps[s][0] for s in (1, 2, 3)])
+    last = np.mean([steps[s][0] for s in (22, 23, 24)])
+    assert last < first - 0.5, (first, last)
+    for rank in (0, 1):
+        assert (out / f"training_rank_{rank}.log").stat().st_size > 0
+    assert (out / "latest").read_text().strip() == "checkpoint_iter_24"
+    assert (out / "checkpoint_iter_12" / "COMPLETE").is_file()
+    resolved = json.loads((out / "deepspeed_config.resolved.json").read_text())
+    assert resolved["zero_optimization"]["stage"] == stage
+    assert resolved["train_batch_size"] == 8 and resolved["gradient_accumulation_steps"] == 2
+    effective = json.loads((out / "config.json").read_text())
+    assert effective["deepspeed"]["zero_stage"] == stage and effective["trainer"]["max_iters"] == 24
+    log = (out / "training_rank_0.log").read_text()
+    assert "val_loss" in log
+
+
+def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
+    """Initial weights and the gradient of the mean loss over all real targets of global batch 0,
+    computed in this one process on the whole batch at once."""
+    os.environ["GRASPGPT_CACHE"] = str(cache_dir)
+    from graspGPT.config import load_config
+    from graspGPT.data.dataset import AugmentConfig, BatchSchedule, TrainingSamples, collate
+    from graspGPT.data.source import open_dataset, resolve_data_dir
+    from graspGPT.train_deepspeed import build_model, seed_everything
+
+    cfg = load_config(["--config", str(cfg_path)])
+    store = open_dataset(resolve_data_dir(cfg.dataset, cfg.system.seed))
+    train_idx, _ = store.split(cfg.dataset.val_fraction, cfg.system.seed)
+    L = cfg.dataset.max_sequence_length
+    samples = TrainingSamples(store, train_idx, L, AugmentConfig.of(cfg.dataset), cfg.system.seed, cfg.dataset.overlong)
+    # Any split of the global batch gives the same set; world 1 x accumulation 4 is one of them.
+    schedule = BatchSchedule(samples.lengths, cfg.trainer.micro_batch_size, 4, 1, cfg.system.seed)
+    seqs = [samples.get(int(k), epoch=0) for k in schedule.global_batch(0)]
+    assert len({len(s) for s in seqs}) > 1, "the test needs padding: samples of different lengths"
+    seed_everything(cfg.system.seed)
+    model = build_model(cfg, store.vocab.size, {}, zero_stage=1)
+    w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    batch = collate(seqs, pad_id=store.vocab.end, max_len=L)
+    loss_sum, n = model(batch.input_ids, batch.targets)
+    (loss_sum / n).backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return w0, grads
+
+
+@pytest.mark.parametrize("ranks,stage", [(2, 2), (1, 1)])
+def test_gradient_is_mean_over_global_batch_tokens(tmp_path, cache_dir, ranks, stage):
+    """One SGD step with lr 1 and no clipping moves each weight by exactly minus the gradient of the
+    mean loss over every real target token of the global batch, whatever the split into ranks and
+    accumulation steps and however much padding each micro-batch carries."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ds = json.loads((REPO / "deepspeed_config.json").read_text())
+    ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto"}}
+    ds["zero_allow_untested_optimizer"] = True
+    ds.pop("scheduler")
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = write_config(tmp_path / "cfg.json", {
+        "trainer": {"max_iters": 1, "save_every": 1, "eval_every": 100, "learning_rate": 1.0, "min_lr": 1.0,
+                    "warmup_iters": 0, "lr_schedule": "constant", "weight_decay": 0.0, "grad_clip": 0.0},
+        "system": {"output_dir": str(tmp_path / "out")}})
+    run_ok(launch(ranks, ["--config", str(cfg), "--deepspeed_config", str(tmp_path / "ds.json"),
+                          "--zero_stage", str(stage)], cache_dir))
+    resolved = json.loads((tmp_path / "out" / "deepspeed_config.resolved.json").read_text())
+    assert resolved["gradient_accumulation_steps"] == 4 // ranks
+
+    w0, grads = _reference_gradient(cfg, cache_dir)
+    w1 = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "out"), tag="checkpoint_iter_1")
+    for name, g in grads.items():
+        step = w0[name] - w1[name]
+        torch.testing.assert_close(step, g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _cli(args, cache_dir, cwd=REPO):
+    return subprocess.run([sys.executable, str(TRAIN), *args], cwd=cwd, env=train_env(cache_dir),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_flag_and_key_are_errors_with_suggestions(tmp_path, cache_dir):
+    p = _cli(["--learning_rat", "1e-3"], cache_dir)
+    assert p.returncode == 2 and "--learning_rate" in p.stderr and "Traceback" not in p.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"trainer": {"micro_batch": 2}}))
+    p = _cli(["--config", str(bad)], cache_dir)
+    assert p.returncode == 2 and "trainer.micro_batch_size" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_conflicting_deepspeed_json_lists_every_conflict(tmp_path, cache_dir):
+    ds = json.loads((REPO / "deepspeed_config.json").read_text())
+    ds.update({"train_micro_batch_size_per_gpu": 3, "gradient_clipping": 9.0})
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = write_config(tmp_path / "cfg.json", {"system": {"output_dir": str(tmp_path / "out")}})
+    p = launch(1, ["--config", str(cfg), "--deepspeed_config", str(tmp_path / "ds.json")], cache_dir)
+    assert p.returncode != 0
+    err = p.stdout + p.stderr
+    assert "train_micro_batch_size_per_gpu" in err and "gradient_clipping" in err and "Traceback" not in err
+
+
+def test_batch_adjustment_is_reported(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 2, "batch_size": 7}})
+    run_ok(launch(2, ["--config", str(cfg), "--output_dir", str(out)], cache_dir))
+    log = (out / "training_rank_0.log").read_text()
+    resolved = json.loads((out / "deepspeed_config.resolved.json").read_text())
+    assert resolved["train_batch_size"] == 8  # nearest to 7 with micro 2 x 2 ranks
+    assert "7" in log and "8" in log and "WARNING" in log
+
+
+def test_script_runs_from_inside_graspGPT(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 2}})
+    run_ok(launch(2, ["--config", str(cfg), "--output_dir", str(out), "--deepspeed_config", "../deepspeed_config.json"],
+                  cache_dir, cwd=REPO / "graspGPT", script=Path("train_deepspeed.py")))
+    assert sorted(logged_steps(out)) == [1, 2]
+
+
+def test_launcher_script_from_another_directory(tmp_path, cache_dir):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 2}})
+    p = subprocess.run([str(REPO / "run_deepspeed_training.sh"), "--config", str(cfg), "--output_dir", str(out)],
+                       cwd=tmp_path, env=train_env(cache_dir), capture_output=True, text=True, timeout=300)
+    run_ok(p)
+    assert "launching 2 rank(s) on CPU" in p.stdout  # default without a GPU
+    assert (out / "training_rank_1.log").is_file() and not (out / "training_rank_2.log").exists()
+
+
+def test_launcher_rejects_bad_rank_count(tmp_path, cache_dir):
+    p = subprocess.run([str(REPO / "run_deepspeed_training.sh"), "0"], cwd=tmp_path, env=train_env(cache_dir),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "at least 1" in p.stderr
+
+
+def test_two_nodes_on_one_machine(tmp_path, cache_dir):
+    """`--hostfile ... --no_ssh --node_rank R` started once per node, as on a cluster without ssh."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 3}})
+    from conftest import free_port
+    port = str(free_port())
+    procs = [subprocess.Popen([str(REPO / "run_deepspeed_training.sh"), "--hostfile", str(hostfile), "--no_ssh",
+                               "--node_rank", str(r), "--master_addr", "127.0.0.1", "--master_port", port,
+                               "--config", str(cfg), "--output_dir", str(out)],
+                              cwd=tmp_path, env=train_env(cache_dir), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert sorted(logged_steps(out)) == [1, 2, 3]
+    assert "x 2 ranks" in (out / "training_rank_0.log").read_text()
+    assert (out / "training_rank_1.log").is_file()
