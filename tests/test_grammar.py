@@ -509,17 +509,18 @@ def test_full_vocab_mask_speed():
     assert m.shape == (147_219,)
     assert int(m.sum()) == (v.size - v.cell_id(40, 20, 10) - 1) + 91 + 4  # later cells, tags, 4 section openers
     assert isinstance(st.allowed(), AllowedSet)
-    start = time.perf_counter()
-    for _ in range(1000):
-        st.mask()
-    assert time.perf_counter() - start < 3.0  # ~15 us a call on an idle CPU
+    # Timed against one vectorized O(V) operation, so a loaded machine slows both alike; a Python
+    # loop over the vocabulary would be hundreds of times slower than that reference.
+    def per_call(fn, n=200):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - start) / n
+
+    reference = min(per_call(lambda: torch.zeros(v.size, dtype=torch.bool).fill_(True)) for _ in range(3))
     logits = torch.zeros(v.size)
-    start = time.perf_counter()
-    for _ in range(1000):
-        st.apply_mask(logits, inplace=True)
-    assert time.perf_counter() - start < 3.0
+    assert per_call(st.mask) < 30 * reference + 1e-4
+    assert per_call(lambda: st.apply_mask(logits, inplace=True)) < 30 * reference + 1e-4
     assert torch.equal(torch.isfinite(logits), m)
     prompt = np.concatenate([[v.scene, v.unlabel], np.arange(v.voxel_base, v.voxel_base + 10_000), [v.detectgrasp]])
-    start = time.perf_counter()
-    GrammarState(v).feed(prompt)
-    assert time.perf_counter() - start < 1.0  # a 10k-token prompt
+    assert per_call(lambda: GrammarState(v).feed(prompt), n=3) < 2.0  # a 10k-token prompt: ~3 ms idle
