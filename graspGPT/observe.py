@@ -78,7 +78,9 @@ class Progress:
         self.bar = None
         if rank == 0:
             from tqdm import tqdm
+            # Redirected to a file, the bar would add a line fragment every step: refresh rarely then.
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
+                            mininterval=0.5 if sys.stderr.isatty() else 60.0,
                             disable=os.environ.get("GRASPGPT_NO_PROGRESS") == "1")
 
     def update(self, **postfix):
