@@ -52,7 +52,8 @@ class TrainerConfig:
     log_every: int = 100
     save_every: int = 3000
     eval_every: int = 1000
-    eval_iters: int = 20
+    eval_iters: int = 20  # validation micro-batches per rank for the validation loss
+    eval_scenes: int = 16  # validation scenes decoded for grasp metrics at each evaluation; 0 turns it off
     keep_last: int = 3
     max_nonfinite_steps: int = 10
     resume: str | None = None
@@ -227,6 +228,7 @@ def _validate(cfg: Config) -> Config:
         (d.synthetic_voxel_size > 0, f"dataset.synthetic_voxel_size must be > 0, got {d.synthetic_voxel_size}"),
         (cfg.deepspeed.zero_stage in (None, 0, 1, 2, 3),
          f"deepspeed.zero_stage must be 0, 1, 2 or 3 (or null for the JSON's stage), got {cfg.deepspeed.zero_stage}"),
+        (t.eval_scenes >= 0, f"trainer.eval_scenes must be >= 0 (0 turns grasp metrics off), got {t.eval_scenes}"),
     ]
     for key in ("log_every", "save_every", "eval_every", "eval_iters", "keep_last", "max_nonfinite_steps"):
         rules.append((getattr(t, key) >= 1, f"trainer.{key} must be >= 1, got {getattr(t, key)}"))

@@ -62,6 +62,11 @@ class Wandb:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def image(self, key: str, path: str, step: int):
+        if self.run is not None:
+            import wandb
+            self.run.log({key: wandb.Image(path)}, step=step)
+
     def summary(self, metrics: dict):
         if self.run is not None:
             self.run.summary.update(metrics)

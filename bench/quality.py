@@ -1,0 +1,174 @@
+"""Grasp quality within a time budget: train on the built-in synthetic data, then evaluate.
+
+    python bench/quality.py --model gpt-mini --minutes 12 --out runs/quality/gpt-mini
+    python bench/quality.py --model gpt2 --minutes 12 --out runs/quality/gpt2
+    python bench/quality.py --model cpu_smoke --minutes 0.3 --num_scenes 4 --out /tmp/quality  # CPU, < 1 min
+
+configs/quality_<model>.json holds the run (real 0.0075 m grid, grasp task). Steps:
+  1. calibrate  a short run of the real trainer (one rank) measures seconds per optimizer step; the data
+                set is generated here once (cached in $GRASPGPT_CACHE or ~/.cache/graspgpt)
+  2. train      max_iters = minutes * 60 / (seconds per step), so the LR schedule ends on time;
+                `--resume auto`, so an interrupted run continues from its last checkpoint
+  3. evaluate   the newest checkpoint on --num_scenes validation scenes at each --temperatures:
+                constrained and unconstrained decoding and the random baseline (graspGPT.evaluate)
+Calibration and training are skipped when OUT holds their result. --session_minutes M stops training
+gracefully (checkpoint, exit) after M minutes of this invocation; run the same command again to go on.
+Prints one JSON line per result and writes OUT/quality.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.naninf]+)")
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_trainer(config: Path, output_dir: Path, flags: list[str], session_s: float | None = None
+                ) -> tuple[int, dict[int, float], dict[int, float]]:
+    """One rank of the real trainer. Returns (exit status, {step: arrival time}, {step: loss}) from its log lines."""
+    cmd = ["bash", str(ROOT / "run_deepspeed_training.sh"), "1", "--master_port", str(free_port()),
+           "--config", str(config), "--output_dir", str(output_dir), "--no_wandb", *flags]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", GRASPGPT_NO_PROGRESS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0, arrived, losses, stopping = time.perf_counter(), {}, {}, False
+    tail: list[str] = []
+    for line in proc.stdout:
+        tail = (tail + [line])[-40:]
+        m = STEP_LINE.match(line.strip())
+        if m:
+            arrived[int(m.group(1))] = time.perf_counter()
+            losses[int(m.group(1))] = float(m.group(3))
+        if session_s is not None and not stopping and time.perf_counter() - t0 > session_s:
+            proc.send_signal(signal.SIGTERM)  # the launcher script hands it to the rank: it saves and exits
+            stopping = True
+    status = proc.wait()
+    if status != 0:
+        sys.stderr.write("".join(tail))
+    return status, arrived, losses
+
+
+def calibrate(config: Path, out: Path, steps: int) -> float:
+    """Seconds per optimizer step, measured from a quarter of the way in (after warm-up) to the last step."""
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run every time: what an earlier attempt left is stale
+    status, arrived, _ = run_trainer(config, out, ["--max_iters", str(steps), "--log_every", "1",
+                                                   "--save_every", str(10 * steps), "--eval_every", str(10 * steps)])
+    if status != 0 or steps not in arrived:
+        raise SystemExit(f"error: the calibration run failed (exit {status}); see the output above")
+    first = max(1, steps // 4)
+    return (arrived[steps] - arrived[first]) / (steps - first)
+
+
+def latest_step(train_dir: Path) -> int:
+    from graspGPT import checkpoint
+
+    found = checkpoint.complete_checkpoints(train_dir) if train_dir.is_dir() else []
+    return checkpoint.step_of(found[-1]) if found else 0
+
+
+def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], device: str) -> list[dict]:
+    import torch
+
+    from graspGPT.data.source import open_dataset, resolve_data_dir
+    from graspGPT.evaluate import evaluate as evaluate_model
+    from graspGPT.export import load_model
+
+    model, meta = load_model(train_dir, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
+    store = open_dataset(resolve_data_dir(cfg.dataset, cfg.system.seed))
+    _, val = store.split(cfg.dataset.val_fraction, cfg.system.seed)
+    results = []
+    for t in temperatures:
+        t0 = time.perf_counter()
+        m = evaluate_model(model, store, val, num_scenes, seed=0, temperature=t)
+        m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+        seconds = round(time.perf_counter() - t0, 1)
+        results.append({"step": meta["step"], "temperature": t, **m, "eval_seconds": seconds})
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt-mini", help="configs/quality_<model>.json (gpt-mini, gpt2, cpu_smoke)")
+    ap.add_argument("--minutes", type=float, default=12.0, help="training wall-clock budget (default 12)")
+    ap.add_argument("--out", required=True, help="run directory")
+    ap.add_argument("--num_scenes", type=int, default=50, help="validation scenes to evaluate (default 50)")
+    ap.add_argument("--temperatures", default="1.0,0.5", help="sampling temperatures to evaluate (default 1.0,0.5)")
+    ap.add_argument("--calibration_steps", type=int, default=40)
+    ap.add_argument("--session_minutes", type=float, default=None,
+                    help="stop training after this long in this invocation (checkpoint; rerun to continue)")
+    ap.add_argument("--device", default=None, help="evaluation device (default: cuda if present)")
+    args = ap.parse_args()
+
+    import torch
+
+    from graspGPT.config import load_config
+
+    config = ROOT / "configs" / f"quality_{args.model}.json"
+    if not config.is_file():
+        raise SystemExit(f"error: {config} not found; --model takes gpt-mini, gpt2 or cpu_smoke")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(["--config", str(config)])
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    plan_file = out / "plan.json"
+    if plan_file.is_file():
+        plan = json.loads(plan_file.read_text())
+    else:
+        step_s = calibrate(config, out / "calibrate", args.calibration_steps)
+        max_iters = max(args.calibration_steps, int(args.minutes * 60 / step_s))
+        plan = {"model": args.model, "minutes": args.minutes, "seconds_per_step": round(step_s, 4),
+                "max_iters": max_iters, "train_wall_s": 0.0}
+        plan_file.write_text(json.dumps(plan, indent=1) + "\n")
+    emit({"plan": plan})
+
+    train_dir = out / "train"
+    max_iters = plan["max_iters"]
+    if latest_step(train_dir) < max_iters:
+        every = max(1, max_iters // 8)  # a checkpoint every ~1/8 of the run bounds the loss of an interruption
+        t0 = time.perf_counter()
+        status, _, losses = run_trainer(
+            config, train_dir, ["--max_iters", str(max_iters), "--save_every", str(every),
+                                "--eval_every", str(every), "--resume", "auto"],
+            None if args.session_minutes is None else args.session_minutes * 60)
+        if status != 0:
+            raise SystemExit(f"error: training failed (exit {status}); see the output above")
+        plan["train_wall_s"] = round(plan["train_wall_s"] + time.perf_counter() - t0, 1)  # start-up included
+        plan_file.write_text(json.dumps(plan, indent=1) + "\n")
+        done = latest_step(train_dir)
+        emit({"train": {"steps_now": done, "max_iters": max_iters, "train_wall_s": plan["train_wall_s"],
+                        "last_loss": losses[max(losses)] if losses else None}})
+        if done < max_iters:
+            emit({"note": f"stopped at step {done} of {max_iters}; run the same command again to continue"})
+            return 0
+
+    results = evaluate(cfg, train_dir, args.num_scenes, [float(t) for t in args.temperatures.split(",")], device)
+    for r in results:
+        emit({"model": args.model, "train_minutes": args.minutes, "train_wall_s": plan["train_wall_s"], **r})
+    (out / "quality.json").write_text(json.dumps({"plan": plan, "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Evaluate a model on validation scenes: loss, grammar validity, grasp precision and coverage.
+
+    python -m graspGPT.evaluate --checkpoint CKPT --data DIR [--split val] [--num_scenes 50]
+        [--num_samples 1] [--temperature 1] [--top_k K] [--seed 0] [--out metrics.json]
+
+For each scene the model continues the task prompt (generate.task_prompt) twice: with the
+grammar mask and without it. Reported, as a table and as JSON:
+
+  val_loss, val_ppl        mean next-token loss over the evaluated samples, and exp of it
+  valid_rate               sequences that are whole valid sequences (with the mask: all that
+                           finished within the token cap); free_valid_rate: without the mask
+  grasp_precision          predicted grasps matching a ground-truth grasp (grasp_metrics)
+  grasp_coverage           objects with a correct predicted grasp / objects with grasps
+  baseline_*               the same for random grasps (grasp_metrics.random_grasps), as many per
+                           sequence as the model predicted there
+  amodal_iou               completion samples: IoU of the written amodal cells with the truth
+  seg_accuracy             segmentation samples: ground-truth cells given their own tag
+
+Inside the trainer, `TrainingEvaluator` does the same on a fixed set of validation scenes,
+split over ranks. User errors print one `error: ...` line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .data.dataset import AugmentConfig, TrainingSamples, collate
+from .data.grammar import Sample
+from .data.storage import StorageError, TokenStore
+from .data.vocab import Vocab
+from .generate import (GenerateError, accepts, decode, default_device, default_max_new, grasp_list, load_checked,
+                       prompt_state, read_output, task_of, task_prompt, truth_of)
+from .grasp_metrics import GraspScore, random_grasps, score_grasps, segmentation_counts, voxel_iou
+from .model import ModelInputError
+
+# Sums kept per scene and added over scenes and ranks; every metric is a ratio of two of them.
+COUNT_KEYS = (
+    "scenes", "sequences", "valid", "predicted", "correct", "objects", "covered",
+    "free_sequences", "free_valid", "free_predicted", "free_correct", "free_objects", "free_covered",
+    "baseline_predicted", "baseline_correct", "baseline_objects", "baseline_covered",
+    "amodal_sequences", "amodal_iou_sum", "seg_correct", "seg_cells", "new_tokens", "decode_seconds",
+)
+
+
+def _add(counts: dict[str, float], prefix: str, score: GraspScore) -> None:
+    for key in ("predicted", "correct", "objects", "covered"):
+        counts[prefix + key] += getattr(score, key)
+
+
+def evaluate_scene(model, ids: np.ndarray, vocab: Vocab, num_samples: int = 1, temperature: float = 1.0,
+                   top_k: int | None = None, seed: int = 0, unconstrained: bool = True,
+                   max_new_tokens: int | None = None, sync: Callable[[bool], bool] | None = None
+                   ) -> tuple[dict[str, float], list, Sample]:
+    """Counts (COUNT_KEYS) for one sample, the first constrained sequence's grasps, and the truth."""
+    ids = np.asarray(ids, dtype=np.int64)
+    truth = truth_of(ids, vocab)
+    task = task_of(truth)
+    prompt = task_prompt(ids, vocab, task)
+    max_new = max_new_tokens if max_new_tokens is not None else default_max_new(ids, prompt)
+    true_grasps = grasp_list(truth.grasps, vocab) if truth.grasps is not None else None
+    scene = [(b.tag, vocab.cells_of(b.cells)) for b in truth.scene]
+    rng = np.random.default_rng([seed, 1])
+    start = prompt_state(prompt, vocab)
+    c = dict.fromkeys(COUNT_KEYS, 0.0)
+    c["scenes"] = 1
+    first = []
+    for constrained in (True, False) if unconstrained else (True,):
+        out = decode(model, prompt, vocab, num_samples, max_new, temperature, top_k, constrained=constrained,
+                     seed=seed + (0 if constrained else 1), sync=sync)
+        c["new_tokens"] += out.new_tokens
+        c["decode_seconds"] += out.seconds
+        p = "" if constrained else "free_"
+        for k, new in enumerate(out.new):
+            c[p + "sequences"] += 1
+            c[p + "valid"] += accepts(start, new)
+            got = read_output(np.concatenate([prompt, new]), vocab)
+            predicted = grasp_list(got.grasps, vocab)
+            if constrained and k == 0:
+                first = got.grasps or []
+            if true_grasps is not None:
+                _add(c, p, score_grasps(predicted, true_grasps))
+                if constrained:  # the baseline draws as many grasps as the model wrote
+                    guesses = random_grasps(rng, scene, len(predicted), vocab.dims)
+                    _add(c, "baseline_", score_grasps(guesses, true_grasps))
+            if constrained and task == "amodal":
+                c["amodal_sequences"] += 1
+                c["amodal_iou_sum"] += voxel_iou(got.amodal if got.amodal is not None else [], truth.amodal)
+            if constrained and task == "unseg":
+                right, total = segmentation_counts([(b.tag, b.cells) for b in got.unseg or []],
+                                                   [(b.tag, b.cells) for b in truth.unseg])
+                c["seg_correct"] += right
+                c["seg_cells"] += total
+    return c, first, truth
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def summarize(c: dict[str, float]) -> dict[str, float]:
+    """Metrics from summed counts."""
+    m = {
+        "scenes": int(c["scenes"]),
+        "valid_rate": _ratio(c["valid"], c["sequences"]),
+        "grasp_precision": _ratio(c["correct"], c["predicted"]),
+        "grasp_coverage": _ratio(c["covered"], c["objects"]),
+        "grasps_per_sequence": _ratio(c["predicted"], c["sequences"]),
+        "baseline_precision": _ratio(c["baseline_correct"], c["baseline_predicted"]),
+        "baseline_coverage": _ratio(c["baseline_covered"], c["baseline_objects"]),
+    }
+    if c["free_sequences"]:
+        m.update(free_valid_rate=_ratio(c["free_valid"], c["free_sequences"]),
+                 free_grasp_precision=_ratio(c["free_correct"], c["free_predicted"]),
+                 free_grasp_coverage=_ratio(c["free_covered"], c["free_objects"]),
+                 free_grasps_per_sequence=_ratio(c["free_predicted"], c["free_sequences"]))
+    if c["amodal_sequences"]:
+        m["amodal_iou"] = c["amodal_iou_sum"] / c["amodal_sequences"]
+    if c["seg_cells"]:
+        m["seg_accuracy"] = c["seg_correct"] / c["seg_cells"]
+    m["decode_tokens_per_s"] = _ratio(c["new_tokens"], c["decode_seconds"])  # prompt forwards included
+    return m
+
+
+@torch.no_grad()
+def validation_loss(model, store, indices: np.ndarray, batch_size: int = 4) -> tuple[float, int]:
+    """(mean next-token loss, number of target tokens) over the samples `indices`, unaugmented,
+    cut to the model's block size as in training."""
+    samples = TrainingSamples(store, indices, model.cfg.block_size, AugmentConfig.none(), seed=0)
+    order = np.argsort(samples.lengths, kind="stable")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for lo in range(0, len(order), batch_size):
+            batch = collate([samples.get(int(k), epoch=0) for k in order[lo: lo + batch_size]], pad_id=store.vocab.end,
+                            max_len=model.cfg.block_size)
+            s, n = model(batch.input_ids.to(device), batch.targets.to(device))
+            total, count = total + float(s), count + int(n)
+    finally:
+        model.train(was_training)
+    return total / max(count, 1), count
+
+
+def lockstep_sync(device) -> Callable[[bool], bool]:
+    """decode()'s `sync` for ZeRO-3: whether any rank is still decoding (one all-reduce per step)."""
+    def any_running(active: bool) -> bool:
+        flag = torch.tensor([float(active)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+    return any_running
+
+
+def pick_scenes(indices: np.ndarray, num_scenes: int, seed: int, lengths: np.ndarray | None = None,
+                max_len: int | None = None) -> np.ndarray:
+    """A fixed, seeded choice of up to num_scenes of `indices`, sorted; with max_len, only samples of at
+    most that many tokens (`lengths[i]`), so that every prompt and its answer fit the model."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if max_len is not None:
+        indices = indices[np.asarray(lengths)[indices] <= max_len]
+    n = min(int(num_scenes), len(indices))
+    return np.sort(np.random.default_rng(seed).choice(indices, n, replace=False)) if n > 0 else indices[:0]
+
+
+def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int | None = None,
+                    sync: Callable[[bool], bool] | None = None, **options) -> tuple[dict[str, float], tuple | None]:
+    """Summed counts over `scenes` and (index, grasps, truth, counts) of the first, for a picture.
+
+    With `sync` (ZeRO-3), `rounds` >= len(scenes) scenes are run: the missing ones as one-token
+    dummy decodes, so that every rank makes the same forward calls.
+    """
+    counts = dict.fromkeys(COUNT_KEYS, 0.0)
+    first = None
+    for r in range(len(scenes) if rounds is None else rounds):
+        if r < len(scenes):
+            index = int(scenes[r])
+            c, grasps, truth = evaluate_scene(model, store[index], store.vocab, seed=seed + index, sync=sync, **options)
+            counts = {k: counts[k] + c[k] for k in COUNT_KEYS}
+            first = first or (index, grasps, truth, c)
+        elif sync is not None:
+            for constrained in (True, False) if options.get("unconstrained", True) else (True,):
+                decode(model, np.array([store.vocab.scene]), store.vocab, max_new_tokens=0, constrained=constrained,
+                       sync=sync)
+    return counts, first
+
+
+class TrainingEvaluator:
+    """Generation metrics during training, on a fixed set of validation scenes.
+
+    Built once; `run` evaluates the model as it is. The scenes are `num_scenes` of `val_indices`
+    picked with `seed`, among those of at most `max_len` tokens (pass the model's block size, so
+    no prompt is too long). Scene k goes to rank k % world; the counts
+    are summed over ranks with one all-reduce, so every rank returns the same metrics. Rank 0
+    also draws its first scene with the predicted grasps to OUTPUT/eval/step_N.png.
+
+    ZeRO-3 partitions the parameters, and each forward gathers them collectively, so all ranks
+    must make the same forward calls: pass lockstep=True. Every rank then runs the same number of
+    scenes (ranks with fewer run one-token dummy prompts) and, at each decoding step, agrees
+    with the others whether anyone is still writing; a finished rank keeps making dummy
+    one-token forwards until all are done. With ZeRO 0-2 every rank holds the whole model and
+    decodes its own scenes independently (lockstep=False); ranks only meet at the final sum.
+    """
+
+    def __init__(self, store: TokenStore, val_indices: np.ndarray, num_scenes: int, output_dir: str | Path,
+                 seed: int = 0, max_len: int | None = None, num_samples: int = 1, temperature: float = 1.0,
+                 top_k: int | None = None, unconstrained: bool = True, max_new_tokens: int | None = None):
+        self.store, self.seed = store, seed
+        self.scenes = pick_scenes(val_indices, num_scenes, seed, store.lengths, max_len)
+        self.output_dir = Path(output_dir)
+        self.options = dict(num_samples=num_samples, temperature=temperature, top_k=top_k,
+                            unconstrained=unconstrained, max_new_tokens=max_new_tokens)
+
+    def run(self, model, step: int, rank: int = 0, world: int = 1, lockstep: bool = False) -> dict:
+        """Metrics (see `summarize`, plus eval_seconds) and, on rank 0, "picture": the PNG's path.
+
+        Every rank must call it (the counts are summed over ranks)."""
+        if len(self.scenes) == 0:
+            return {}
+        t0 = time.perf_counter()
+        device = next(model.parameters()).device
+        distributed = world > 1 and dist.is_available() and dist.is_initialized()
+        sync = lockstep_sync(device) if lockstep and distributed else None
+        counts, first = evaluate_scenes(model, self.store, self.scenes[rank::world], self.seed,
+                                        rounds=-(-len(self.scenes) // world), sync=sync, **self.options)
+        if distributed:
+            t = torch.tensor([counts[k] for k in COUNT_KEYS], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            counts = dict(zip(COUNT_KEYS, t.tolist()))
+        metrics = summarize(counts)
+        if rank == 0 and first is not None:
+            metrics["picture"] = str(self._draw(step, *first))
+        metrics["eval_seconds"] = time.perf_counter() - t0
+        return metrics
+
+    def _draw(self, step: int, index: int, grasps: list, truth: Sample, c: dict) -> Path:
+        from .data.render import render_sample
+
+        path = self.output_dir / "eval" / f"step_{step}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        title = f"step {step}, sample {index}: {len(grasps)} predicted grasps (red)"
+        if c["predicted"]:
+            title += f", precision {c['correct'] / c['predicted']:.2f}"
+        render_sample(truth, self.store.vocab, path, title=title, predicted=grasps)
+        return path
+
+
+# -- the command line -------------------------------------------------------------------------
+
+ROWS = (  # label, constrained key, unconstrained key, baseline key, format
+    ("grammar-valid rate", "valid_rate", "free_valid_rate", None, "{:.3f}"),
+    ("grasp precision", "grasp_precision", "free_grasp_precision", "baseline_precision", "{:.3f}"),
+    ("grasp coverage", "grasp_coverage", "free_grasp_coverage", "baseline_coverage", "{:.3f}"),
+    ("grasps per sequence", "grasps_per_sequence", "free_grasps_per_sequence", "grasps_per_sequence", "{:.1f}"),
+    ("amodal IoU", "amodal_iou", None, None, "{:.3f}"),
+    ("segmentation accuracy", "seg_accuracy", None, None, "{:.3f}"),
+)
+
+
+def format_table(m: dict) -> str:
+    lines = [f"{'metric':<24}{'constrained':>14}{'unconstrained':>16}{'random baseline':>18}"]
+    for label, a, b, c, fmt in ROWS:
+        if a not in m:
+            continue
+        cells = [fmt.format(m[k]) if k in m else "-" for k in (a, b, c)]
+        lines.append(f"{label:<24}{cells[0]:>14}{cells[1]:>16}{cells[2]:>18}")
+    if "val_loss" in m:
+        lines.append(f"{'validation loss (ppl)':<24}{m['val_loss']:>14.4f}  ({m['val_ppl']:.3f})")
+    lines.append(f"{m['scenes']} scenes, {m['decode_tokens_per_s']:.0f} decoded tokens/s")
+    return "\n".join(lines)
+
+
+def select_indices(store: TokenStore, split: str, meta: dict, val_fraction: float | None,
+                   seed: int | None) -> np.ndarray:
+    """The samples of `split`: the data set's recorded split, else the trainer's seeded split with the
+    checkpoint's dataset.val_fraction and system.seed (or the flags, or the toolkit defaults)."""
+    from .config import DatasetConfig, SystemConfig
+
+    if split == "all":
+        return np.arange(len(store))
+    config = meta.get("training_config") or {}
+    if val_fraction is None:
+        val_fraction = config.get("dataset", {}).get("val_fraction", DatasetConfig().val_fraction)
+    if seed is None:
+        seed = config.get("system", {}).get("seed", SystemConfig().seed)
+    train, val = store.split(val_fraction, seed)
+    chosen = val if split == "val" else train
+    if len(chosen) == 0:
+        raise GenerateError(f"the {split} split of {store.path} is empty (val_fraction {val_fraction}); "
+                            f"use --split all or another --val_fraction")
+    return chosen
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m graspGPT.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="exported model directory or OUTPUT/checkpoint_iter_N")
+    p.add_argument("--data", required=True, help="toolkit data set directory")
+    p.add_argument("--split", choices=("val", "train", "all"), default="val")
+    p.add_argument("--num_scenes", type=int, default=50, help="scenes to evaluate, picked with --seed (default 50)")
+    p.add_argument("--num_samples", type=int, default=1, help="sequences per scene and mode (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="scene choice and sampling seed")
+    p.add_argument("--no_free", action="store_true", help="skip the unconstrained run")
+    p.add_argument("--batch_size", type=int, default=4, help="samples per forward for the loss")
+    p.add_argument("--val_fraction", type=float, default=None,
+                   help="split of a data set without a recorded one (default: the checkpoint's training config)")
+    p.add_argument("--split_seed", type=int, default=None, help="seed of that split (default: the checkpoint's)")
+    p.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype (default float32)")
+    return p
+
+
+def evaluate(model, store: TokenStore, indices: np.ndarray, num_scenes: int, seed: int = 0, batch_size: int = 4,
+             **options) -> dict:
+    """Generation metrics and the loss on `num_scenes` of `indices` (picked with `seed`), in one process."""
+    scenes = pick_scenes(indices, num_scenes, seed, store.lengths, model.cfg.block_size)
+    if len(scenes) == 0:
+        raise GenerateError(f"no sample of the split fits the model's block size ({model.cfg.block_size} tokens)")
+    counts, _ = evaluate_scenes(model, store, scenes, seed, **options)
+    metrics = summarize(counts)
+    loss, _ = validation_loss(model, store, scenes, batch_size)
+    metrics.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.num_scenes < 1:
+            raise GenerateError(f"--num_scenes must be >= 1, got {args.num_scenes}")
+        store = TokenStore.open(args.data)
+        model, meta = load_checked(args.checkpoint, store, args.device, args.dtype)
+        indices = select_indices(store, args.split, meta, args.val_fraction, args.split_seed)
+        t0 = time.perf_counter()
+        metrics = evaluate(model, store, indices, args.num_scenes, args.seed, args.batch_size,
+                           num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
+                           unconstrained=not args.no_free)
+        metrics.update(split=args.split, checkpoint=str(args.checkpoint), data=str(args.data),
+                       seconds=round(time.perf_counter() - t0, 2))
+    except (GenerateError, StorageError, ModelInputError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_table(metrics))
+    text = json.dumps(metrics)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""Generate grasps for one scene: grammar-constrained sampling with a KV cache.
+
+    python -m graspGPT.generate --checkpoint CKPT --data DIR --index I [--num_samples K]
+        [--temperature T] [--top_k K] [--max_new_tokens N] [--seed S] [--out OUTDIR]
+
+CKPT is an exported model directory or a training checkpoint (OUTPUT/checkpoint_iter_N). The
+prompt is the scene section of sample I followed by `detectgrasp` (for a completion or
+segmentation sample, the scene alone: the model writes those sections, then the grasps). K
+samples are decoded together in one KV cache with K rows, each row masked by its own
+GrammarState, so every sequence is grammar-valid; the same is done once more without the mask
+(files with the suffix _free) to see what the model learned on its own.
+
+OUTDIR gets tokens.json, grasps.json (cells and metric coordinates of both finger points and the
+base), scene.ply (the scene's cells coloured by tag, predicted grasp points in red) and
+scene.png (scene, ground-truth grasps dark, predicted grasps red), and the *_free versions.
+User errors print one `error: ...` line and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError
+from .data.grammar import Block, GrammarError, GrammarState, Sample, parse, section_starts
+from .data.render import PREDICTED, render_sample, tag_colours
+from .data.storage import StorageError, TokenStore
+from .data.vocab import Vocab, Workspace
+from .grasp_metrics import GraspScore, correct_grasps, score_grasps
+from .model import ModelInputError
+
+
+class GenerateError(ValueError):
+    """A prompt, checkpoint or setting that generation cannot use; the message says what to change."""
+
+
+# -- prompts and reading outputs ------------------------------------------------------------
+
+def scene_prompt(ids: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """The scene section of a sequence: `scene` and its blocks, up to the first section opener."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) == 0 or ids[0] != vocab.scene:
+        raise GenerateError("the sample does not start with 'scene'; it is not a GraspGPT sequence")
+    starts = section_starts(ids, vocab)
+    return ids[: min(starts.values(), default=len(ids))]
+
+
+def task_of(sample: Sample) -> str:
+    return "amodal" if sample.amodal is not None else "unseg" if sample.unseg is not None else "grasp"
+
+
+def task_prompt(ids: np.ndarray, vocab: Vocab, task: str) -> np.ndarray:
+    """The prompt for a sample's task: scene + `detectgrasp` for grasps; for amodal and unseg
+    samples the scene alone, so the model writes the completion or segmentation first."""
+    scene = scene_prompt(ids, vocab)
+    return np.append(scene, vocab.detectgrasp) if task == "grasp" else scene
+
+
+def prompt_state(prompt: np.ndarray, vocab: Vocab) -> GrammarState:
+    """A GrammarState that has consumed the prompt. Cells must increase within a block when the
+    prompt's do (all toolkit and upstream data), else the decoder may write them in any order."""
+    error = None
+    for sorted_cells in (True, False):
+        try:
+            return GrammarState(vocab, sorted_cells=sorted_cells).feed(np.asarray(prompt))
+        except GrammarError as err:
+            error = error or err
+    raise GenerateError(f"the prompt breaks the grammar ({error}); generate from a valid sample")
+
+
+def accepts(state: GrammarState, new: np.ndarray) -> bool:
+    """Whether `new`, continuing where `state` stands (e.g. `prompt_state(prompt)`), finishes a whole
+    valid sequence: one the constrained decoder could have written."""
+    state = state.copy()
+    try:
+        state.feed(np.asarray(new))
+    except GrammarError:
+        return False
+    return state.done
+
+
+def read_output(ids: np.ndarray, vocab: Vocab) -> Sample:
+    """The sections of a sequence read leniently, for unfinished or invalid model output too.
+
+    Walks the structural tokens: a tag after `scene`, after `amodal`, inside `segment`, or right
+    after `grasp` (inside `detectgrasp`) opens a block taking the voxel cells that follow; anything
+    out of place is skipped, and reading stops at `end`. On a valid sequence this gives what
+    `parse(strict=False)` gives, without serials.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    structural = np.flatnonzero(ids < vocab.serial_base)
+    run_end = np.append(structural[1:], len(ids))
+    sample, section, prev = Sample(), None, -1
+    opens = {vocab.scene: "scene", vocab.amodal: "amodal", vocab.segment: "segment",
+             vocab.detectgrasp: "detectgrasp", vocab.endamodal: None, vocab.endunseg: None}
+    for k, p in enumerate(structural):
+        t = int(ids[p])
+        if t == vocab.end:
+            break
+        if t in opens:
+            section = opens[t]
+            if section == "amodal" and sample.amodal is None:
+                sample.amodal = np.zeros(0, np.int64)
+            elif section == "segment" and sample.unseg is None:
+                sample.unseg = []
+            elif section == "detectgrasp" and sample.grasps is None:
+                sample.grasps = []
+        elif vocab.is_tag(t):
+            run = ids[p + 1: run_end[k]]
+            cells = run[run >= vocab.voxel_base]
+            if len(cells):
+                if section == "scene":
+                    sample.scene.append(Block(t, cells))
+                elif section == "amodal" and t == vocab.unlabel:
+                    sample.amodal = np.concatenate([sample.amodal, cells])
+                elif section == "segment" and vocab.is_object_tag(t):
+                    sample.unseg.append(Block(t, cells))
+                elif section == "detectgrasp" and prev == vocab.grasp:
+                    sample.grasps.append(Block(t, cells))
+        prev = t
+    return sample
+
+
+def truth_of(ids: np.ndarray, vocab: Vocab) -> Sample:
+    """A data sample parsed leniently (strict=False, else read_output): its ground truth."""
+    try:
+        return parse(np.asarray(ids, dtype=np.int64), vocab, strict=False)
+    except GrammarError:
+        return read_output(ids, vocab)
+
+
+def grasp_list(blocks: Sequence[Block] | None, vocab: Vocab) -> list[tuple[int, np.ndarray]]:
+    """(tag, (k, 3) cells) of grasp blocks, the form grasp_metrics takes."""
+    return [(b.tag, vocab.cells_of(b.cells)) for b in blocks or []]
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+@dataclass
+class Decoded:
+    prompt: np.ndarray
+    new: list[np.ndarray]  # per sample: generated ids, up to and including `end` when reached
+    ended: np.ndarray  # (K,) bool: the sample wrote `end`
+    forwards: int  # forward calls after the prompt (identical on every rank under a `sync`)
+    seconds: float
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(n) for n in self.new)
+
+
+def _widen(model, cache, batch_size: int):
+    """A cache of batch_size rows, each a copy of the one-row `cache`: the prompt is run once."""
+    wide = model.new_kv_cache(batch_size, cache.max_len)
+    wide.k.copy_(cache.k.expand_as(wide.k))
+    wide.v.copy_(cache.v.expand_as(wide.v))
+    return wide
+
+
+def _sample_tokens(logits: torch.Tensor, states: list[GrammarState] | None, temperature: float,
+                   top_k: int | None, generator: torch.Generator) -> torch.Tensor:
+    """(K,) next tokens from last-position logits (K, V): grammar mask, temperature, top-k."""
+    logits = logits.float()
+    if states is not None:
+        allowed = torch.stack([s.allowed().mask(logits.device) for s in states])
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_new_tokens: int | None = None,
+           temperature: float = 1.0, top_k: int | None = None, constrained: bool = True, seed: int = 0,
+           sync: Callable[[bool], bool] | None = None) -> Decoded:
+    """Sample `num_samples` continuations of `prompt` together, stopping at `end`.
+
+    The prompt runs once; its KV cache is copied into one row per sample, and each step feeds
+    only the new tokens, so the cost per token does not grow with the prompt. With `constrained`
+    every row's logits are masked by its own GrammarState. temperature <= 0 is greedy. At most
+    `max_new_tokens` are written (default and cap: what the model's block size leaves).
+
+    `sync(still_running) -> any_rank_running` keeps ranks in lock-step for ZeRO-3, whose
+    forward passes gather parameters collectively: a rank that has finished keeps running a
+    one-token dummy forward until every rank has, so all ranks make the same calls.
+    """
+    prompt = np.asarray(prompt, dtype=np.int64)
+    T, block = len(prompt), model.cfg.block_size
+    if T == 0 or T > block:
+        raise GenerateError(f"the prompt has {T} tokens; the model takes 1 to {block} (its block size): "
+                            f"use a model trained with a longer max_sequence_length, or a smaller scene")
+    if num_samples < 1:
+        raise GenerateError(f"num_samples must be >= 1, got {num_samples}")
+    if top_k is not None and top_k < 1:
+        raise GenerateError(f"top_k must be >= 1 (or unset), got {top_k}")
+    room = block - T + 1  # the last new token is never fed back
+    max_new = room if max_new_tokens is None else max(0, min(int(max_new_tokens), room))
+    states = None
+    if constrained:
+        state = prompt_state(prompt, vocab)
+        states = [state.copy() for _ in range(num_samples)]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        cache = model.new_kv_cache(1, max(T, T + max_new - 1))
+        logits = model.forward_cached(torch.as_tensor(prompt, device=device)[None], cache, 0, last_only=True)[:, -1]
+        if num_samples > 1:
+            cache = _widen(model, cache, num_samples)
+            logits = logits.expand(num_samples, -1)
+        rows: list[list[int]] = [[] for _ in range(num_samples)]
+        ended = np.zeros(num_samples, dtype=bool)
+        end = torch.full((num_samples,), vocab.end, device=device)
+        dummy, forwards, steps, active = None, 0, 0, max_new > 0
+        while True:
+            if active:
+                tok = _sample_tokens(logits, states, temperature, top_k, generator)
+                tok = torch.where(torch.as_tensor(ended, device=device), end, tok)  # finished rows repeat `end`
+                for b, t in enumerate(tok.tolist()):
+                    if not ended[b]:
+                        rows[b].append(t)
+                        if states is not None:
+                            states[b].advance(t)
+                        ended[b] = t == vocab.end
+                steps += 1
+                active = not ended.all() and steps < max_new
+            if not (sync(active) if sync is not None else active):
+                break
+            forwards += 1
+            if active:
+                logits = model.forward_cached(tok[:, None], cache, T + steps - 1, last_only=True)[:, -1]
+            else:  # lock-step filler: this rank is done, another is not
+                dummy = dummy or model.new_kv_cache(1, 1)
+                model.forward_cached(end[:1, None], dummy, 0, last_only=True)
+    finally:
+        model.train(was_training)
+    new = [np.asarray(r, dtype=np.int64) for r in rows]
+    return Decoded(prompt, new, ended, forwards, time.perf_counter() - t0)
+
+
+# -- the command line -----------------------------------------------------------------------
+
+def check_vocab(meta: dict, vocab: Vocab, checkpoint: str | Path, data: str | Path) -> None:
+    """The checkpoint's vocabulary must be the data set's; else a GenerateError naming both."""
+    vocab_meta = meta.get("vocab") or {}
+    theirs = {k: vocab_meta.get(k) for k in ("dims", "dynamic_tags", "vocab_size")}
+    ours = vocab.to_meta()
+    if any(theirs[k] != ours[k] for k in ours):
+        raise GenerateError(
+            f"the checkpoint {checkpoint} has vocabulary dims {theirs['dims']}, {len(theirs['dynamic_tags'] or [])} "
+            f"dynamic tags, V={theirs['vocab_size']}, but the data set {data} has dims {list(vocab.dims)}, "
+            f"{len(vocab.dynamic_tags)} dynamic tags, V={vocab.size}; use data made on the same voxel grid "
+            f"(and vocabulary file) as the model's training data")
+
+
+def load_checked(checkpoint: str | Path, store: TokenStore, device: str, dtype: str | None = None):
+    """(model, meta) of CKPT, checked to share the vocabulary of the data set `store`."""
+    from .export import load_model
+
+    if not Path(checkpoint).exists():
+        raise GenerateError(f"--checkpoint {checkpoint}: no such file or directory; give an exported model "
+                            f"directory or a training checkpoint (OUTPUT/checkpoint_iter_N)")
+    try:
+        model, meta = load_model(checkpoint, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    except CheckpointError as err:  # export's errors are CheckpointErrors too
+        raise GenerateError(str(err)) from None
+    check_vocab(meta, store.vocab, checkpoint, store.path)
+    return model, meta
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_max_new(ids: np.ndarray, prompt: np.ndarray) -> int:
+    """Twice the ground truth's continuation plus 64: room for a model that writes more, but an
+    untrained or unconstrained model that never stops does not run to the block size."""
+    return 2 * max(len(ids) - len(prompt), 1) + 64
+
+
+def _token_text(vocab: Vocab, ids: np.ndarray) -> list[str]:
+    return [f"({t[0]},{t[1]},{t[2]})" if isinstance(t, tuple) else t for t in vocab.decode(ids)]
+
+
+def write_ply(path: Path, workspace: Workspace, vocab: Vocab, scene: Sequence[Block], grasps: Sequence[Block]) -> None:
+    """ASCII PLY point cloud: scene cell centres coloured by tag, predicted grasp points in red."""
+    colours = tag_colours([b.tag for b in scene])
+    points, rgb = [], []
+    for b in scene:
+        points.append(workspace.cell_center(vocab.cells_of(b.cells)))
+        rgb.append(np.tile(colours[b.tag], (len(b.cells), 1)))
+    for g in grasps:
+        points.append(workspace.cell_center(vocab.cells_of(g.cells)))
+        rgb.append(np.tile(PREDICTED, (len(g.cells), 1)))
+    points = np.concatenate(points) if points else np.zeros((0, 3))
+    rgb = np.concatenate(rgb) if rgb else np.zeros((0, 3), int)
+    header = ["ply", "format ascii 1.0", "comment GraspGPT scene (by tag) and predicted grasp points (red)",
+              f"element vertex {len(points)}", "property float x", "property float y", "property float z",
+              "property uchar red", "property uchar green", "property uchar blue", "end_header"]
+    lines = [f"{x:.5f} {y:.5f} {z:.5f} {r} {g} {b}" for (x, y, z), (r, g, b) in zip(points.tolist(), rgb.tolist())]
+    path.write_text("\n".join(header + lines) + "\n")
+
+
+def _grasp_records(grasps: list[Block], truth: list[tuple[int, np.ndarray]] | None, vocab: Vocab,
+                   workspace: Workspace) -> list[dict]:
+    listed = grasp_list(grasps, vocab)
+    ok = correct_grasps(listed, truth) if truth else [None] * len(listed)
+    out = []
+    for (tag, cells), good in zip(listed, ok):
+        metres = workspace.cell_center(cells).round(5).tolist()
+        rec = {"tag": vocab.token_of(tag), "cells": cells.tolist()}
+        for name, m in zip(("left_finger", "right_finger", "base"), metres):
+            rec[name] = m
+        rec["correct"] = None if good is None else bool(good)
+        out.append(rec)
+    return out
+
+
+def write_outputs(out: Path, suffix: str, index: int, decoded: Decoded, truth_sample: Sample, vocab: Vocab,
+                  workspace: Workspace, constrained: bool) -> dict:
+    """tokens/grasps JSON, PLY and PNG of one decoding run; returns its summary."""
+    truth = grasp_list(truth_sample.grasps, vocab) if truth_sample.grasps else None
+    tokens, grasps_json, all_grasps = [], [], []
+    valid = 0
+    score = GraspScore()
+    start = prompt_state(decoded.prompt, vocab)
+    for k, new in enumerate(decoded.new):
+        ok = accepts(start, new)
+        valid += ok
+        got = read_output(np.concatenate([decoded.prompt, new]), vocab).grasps or []
+        all_grasps += got
+        if truth:
+            score = score + score_grasps(grasp_list(got, vocab), truth)
+        tokens.append({"sample": k, "ids": new.tolist(), "tokens": _token_text(vocab, new),
+                       "ended": bool(decoded.ended[k]), "grammar_valid": bool(ok)})
+        grasps_json.append({"sample": k, "grasps": _grasp_records(got, truth, vocab, workspace)})
+    (out / f"tokens{suffix}.json").write_text(json.dumps({
+        "index": index, "constrained": constrained,
+        "prompt": {"ids": decoded.prompt.tolist(), "tokens": _token_text(vocab, decoded.prompt)},
+        "samples": tokens}) + "\n")
+    (out / f"grasps{suffix}.json").write_text(json.dumps({
+        "index": index, "constrained": constrained,
+        "workspace": {"bbox_min": list(workspace.bbox_min), "bbox_max": list(workspace.bbox_max),
+                      "voxel_size": workspace.voxel_size},
+        "samples": grasps_json}, indent=1) + "\n")
+    write_ply(out / f"scene{suffix}.ply", workspace, vocab, truth_sample.scene, all_grasps)
+    mode = "constrained" if constrained else "unconstrained"
+    summary = {"mode": mode, "samples": len(decoded.new), "grammar_valid": valid, "grasps": len(all_grasps)}
+    title = f"sample {index}, {mode}: {len(all_grasps)} predicted grasps"
+    if truth:
+        summary.update(precision=round(score.precision, 4), coverage=round(score.coverage, 4))
+        title += f", precision {score.precision:.2f}, coverage {score.coverage:.2f}"
+    render_sample(truth_sample, vocab, out / f"scene{suffix}.png", title=title, predicted=all_grasps)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m graspGPT.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="exported model directory or OUTPUT/checkpoint_iter_N")
+    p.add_argument("--data", required=True, help="toolkit data set directory holding the scene")
+    p.add_argument("--index", type=int, required=True, help="sample whose scene is the prompt")
+    p.add_argument("--num_samples", type=int, default=4, help="sequences to sample (default 4)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1)")
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="cap on generated tokens (default: twice the sample's own continuation + 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="generated", help="output directory (default ./generated)")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="compute dtype (default float32)")
+    return p
+
+
+def run(args) -> list[dict]:
+    store = TokenStore.open(args.data)
+    if not 0 <= args.index < len(store):
+        raise GenerateError(f"--index {args.index} is out of range: {args.data} has {len(store)} samples "
+                            f"(valid indices 0..{len(store) - 1})")
+    model, _ = load_checked(args.checkpoint, store, args.device, args.dtype)
+    vocab = store.vocab
+    ids = np.asarray(store[args.index], dtype=np.int64)
+    truth = truth_of(ids, vocab)
+    prompt = task_prompt(ids, vocab, task_of(truth))
+    max_new = args.max_new_tokens if args.max_new_tokens is not None else default_max_new(ids, prompt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = []
+    for constrained, suffix in ((True, ""), (False, "_free")):
+        decoded = decode(model, prompt, vocab, args.num_samples, max_new, args.temperature, args.top_k,
+                         constrained=constrained, seed=args.seed)
+        s = write_outputs(out, suffix, args.index, decoded, truth, vocab, store.workspace, constrained)
+        s["tokens_per_s"] = round(decoded.new_tokens / max(decoded.seconds, 1e-9), 1)
+        summaries.append(s)
+        line = f"{s['mode']:>13}: grammar-valid {s['grammar_valid']}/{s['samples']}, {s['grasps']} grasps"
+        if "precision" in s:
+            line += f", precision {s['precision']:.3f}, coverage {s['coverage']:.3f}"
+        print(line + f", {s['tokens_per_s']:.0f} tokens/s")
+    print(f"wrote {out}/tokens.json grasps.json scene.ply scene.png (and *_free)")
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (GenerateError, StorageError, ModelInputError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

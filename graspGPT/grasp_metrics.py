@@ -1,0 +1,149 @@
+"""Grasp, completion and segmentation metrics: pure functions on cell coordinates.
+
+A grasp is `(tag, cells)`: a tag id and an (k, 3) integer array of grid cells, in the order
+of the sequence: left finger inner point, right finger inner point, gripper base (k = 3;
+data may hold fewer when a point fell outside the box).
+
+Matching rule. A predicted grasp is correct when some ground-truth grasp of the scene has
+  * the same tag (a tag that no ground-truth grasp carries, e.g. an object the scene does not
+    hold, is always wrong),
+  * the same number of cells, and
+  * every cell within `tol` voxels of the ground-truth cell at the same position, in Chebyshev
+    distance (max |dx|, |dy|, |dz| <= tol; tol = 1: the 27-cell neighbourhood),
+  * or the same with the two finger cells swapped: left and right are symmetric (the
+    synthetic generator simply puts the finger with the lower voxel id first).
+
+precision = correct predicted grasps / predicted grasps (0 when nothing was predicted)
+coverage  = objects (ground-truth tags with grasps) with at least one correct predicted grasp
+            / objects with ground-truth grasps
+In amodal and unseg samples every grasp carries the scene's one tag (incomplete / unlabel), so
+such a scene counts as one object.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import numpy as np
+
+Grasp = tuple[int, np.ndarray]  # (tag id, (k, 3) cells)
+
+# The 27 offsets of a cell's Chebyshev-1 neighbourhood (itself included).
+NEIGHBOURHOOD = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3)
+
+
+def _grouped(grasps: Sequence[Grasp]) -> dict[tuple[int, int], np.ndarray]:
+    """{(tag, k): (n, k, 3) cells} of the grasps."""
+    groups: dict[tuple[int, int], list[np.ndarray]] = {}
+    for tag, cells in grasps:
+        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
+        groups.setdefault((int(tag), len(cells)), []).append(cells)
+    return {key: np.stack(v) for key, v in groups.items()}
+
+
+def correct_grasps(predicted: Sequence[Grasp], truth: Sequence[Grasp], tol: int = 1) -> np.ndarray:
+    """(P,) bool: which predicted grasps match a ground-truth grasp (see the module docstring)."""
+    truth_groups = _grouped(truth)
+    out = np.zeros(len(predicted), dtype=bool)
+    for i, (tag, cells) in enumerate(predicted):
+        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
+        t = truth_groups.get((int(tag), len(cells)))
+        if t is None or len(cells) == 0:
+            continue
+        hit = np.abs(t - cells).max(axis=(1, 2)) <= tol
+        if not hit.any() and len(cells) >= 2:
+            swapped = cells.copy()
+            swapped[[0, 1]] = cells[[1, 0]]
+            hit = np.abs(t - swapped).max(axis=(1, 2)) <= tol
+        out[i] = bool(hit.any())
+    return out
+
+
+@dataclass
+class GraspScore:
+    """Counts that add up over sequences (and ranks); the rates are derived from the sums."""
+
+    predicted: int = 0
+    correct: int = 0
+    objects: int = 0  # ground-truth tags that have grasps
+    covered: int = 0  # of those, tags with at least one correct predicted grasp
+
+    @property
+    def precision(self) -> float:
+        return self.correct / self.predicted if self.predicted else 0.0
+
+    @property
+    def coverage(self) -> float:
+        return self.covered / self.objects if self.objects else 0.0
+
+    def __add__(self, other: "GraspScore") -> "GraspScore":
+        return GraspScore(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
+def score_grasps(predicted: Sequence[Grasp], truth: Sequence[Grasp], tol: int = 1) -> GraspScore:
+    """Counts for one predicted grasp list against one scene's ground truth."""
+    ok = correct_grasps(predicted, truth, tol)
+    objects = {int(tag) for tag, _ in truth}
+    covered = {int(predicted[i][0]) for i in np.flatnonzero(ok)}
+    return GraspScore(len(predicted), int(ok.sum()), len(objects), len(covered & objects))
+
+
+def voxel_iou(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """|P ∩ T| / |P ∪ T| of two sets of voxel ids (or any hashable integers); 1.0 if both are empty."""
+    p, t = np.unique(np.asarray(predicted).reshape(-1)), np.unique(np.asarray(truth).reshape(-1))
+    union = len(np.union1d(p, t))
+    return len(np.intersect1d(p, t)) / union if union else 1.0
+
+
+def segmentation_counts(predicted: Sequence[tuple[int, np.ndarray]],
+                        truth: Sequence[tuple[int, np.ndarray]]) -> tuple[int, int]:
+    """(correct, total) over the ground-truth cells of a segmentation.
+
+    Both sides are lists of (tag, voxel ids) blocks. total is the number of distinct cells in the
+    ground-truth blocks; a cell is correct when the predicted blocks give it exactly its true tag:
+    some predicted block with that tag lists it and no predicted block with another tag does.
+    Cells the prediction leaves out are wrong. Tags are compared directly, with no search over
+    permutations: in GraspGPT a segment tag is the GraspNet id of the object (objectNN), which
+    the scene's grasps use too, so a model that renames objects is wrong.
+    """
+    if not truth:
+        return 0, 0
+    t_ids = np.concatenate([np.asarray(c, dtype=np.int64).reshape(-1) for _, c in truth])
+    t_tags = np.concatenate([np.full(len(np.asarray(c).reshape(-1)), tag, np.int64) for tag, c in truth])
+    t_ids, first = np.unique(t_ids, return_index=True)
+    t_tags = t_tags[first]
+    if not predicted:
+        return 0, len(t_ids)
+    p_ids = np.concatenate([np.asarray(c, dtype=np.int64).reshape(-1) for _, c in predicted])
+    p_tags = np.concatenate([np.full(len(np.asarray(c).reshape(-1)), tag, np.int64) for tag, c in predicted])
+    pairs = np.unique(np.stack([p_ids, p_tags], 1), axis=0)  # each (cell, tag) once, sorted by cell
+    cells, start, count = np.unique(pairs[:, 0], return_index=True, return_counts=True)
+    sole = count == 1  # cells given exactly one tag
+    tag_of = dict(zip(cells[sole].tolist(), pairs[start[sole], 1].tolist()))
+    correct = sum(tag_of.get(c) == t for c, t in zip(t_ids.tolist(), t_tags.tolist()))
+    return int(correct), len(t_ids)
+
+
+def random_grasps(rng: np.random.Generator, scene: Sequence[tuple[int, np.ndarray]], n: int,
+                  dims: Sequence[int]) -> list[Grasp]:
+    """The random baseline: `n` grasps on the scene's objects, grammar-valid (3 in-grid cells).
+
+    Each grasp takes a tag drawn uniformly from the scene's blocks (the objects the model sees),
+    and 3 cells drawn independently and uniformly from that block's cells grown by one voxel
+    (their 27-neighbourhoods, clipped to the grid): the fingers land on or next to the object,
+    as real contacts do, but nothing about grasp geometry is known.
+    """
+    if n <= 0 or not scene:
+        return []
+    dims = np.asarray(dims)
+    regions = []
+    for tag, cells in scene:
+        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
+        grown = (cells[:, None, :] + NEIGHBOURHOOD[None]).reshape(-1, 3)
+        grown = grown[np.all((grown >= 0) & (grown < dims), axis=1)]
+        regions.append((int(tag), np.unique(grown, axis=0)))
+    out = []
+    for k in rng.integers(len(regions), size=n):
+        tag, region = regions[k]
+        out.append((tag, region[rng.integers(len(region), size=3)]))
+    return out

@@ -1,0 +1,295 @@
+"""Evaluation: grasp metrics on hand-made cases, a model that knows the answers, the random baseline,
+the evaluator split over ranks (ZeRO-3 in lock-step), and the command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, launch, run_ok
+from graspGPT.data.storage import DatasetWriter, TokenStore
+from graspGPT.data.synth import generate_scenes
+from graspGPT.data.vocab import Vocab, Workspace
+from graspGPT.evaluate import COUNT_KEYS, TrainingEvaluator, evaluate_scene, evaluate_scenes, summarize
+from graspGPT.generate import grasp_list, truth_of
+from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts,
+                                    voxel_iou)
+from graspGPT.model import GraspGPT, ModelConfig
+
+COARSE = Workspace(voxel_size=0.03)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: extra threads only add scheduling noise on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def g(tag, *cells):
+    return tag, np.array(cells)
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+def test_grasp_matching_rule():
+    truth = [g(5, (10, 10, 10), (14, 10, 10), (12, 10, 16)), g(6, (0, 0, 0), (3, 0, 0), (1, 0, 5))]
+    pred = [
+        g(5, (10, 10, 10), (14, 10, 10), (12, 10, 16)),  # exact
+        g(5, (11, 9, 11), (13, 11, 9), (13, 9, 17)),  # every cell 1 voxel off (Chebyshev 1)
+        g(5, (14, 10, 10), (10, 10, 10), (12, 10, 16)),  # fingers swapped
+        g(5, (12, 10, 10), (14, 10, 10), (12, 10, 16)),  # left finger 2 voxels off
+        g(5, (14, 10, 10), (10, 10, 10), (12, 10, 18)),  # swapped, base 2 off
+        g(6, (10, 10, 10), (14, 10, 10), (12, 10, 16)),  # right cells, another object's tag
+        g(7, (0, 0, 0), (3, 0, 0), (1, 0, 5)),  # a tag no ground-truth grasp has
+        g(6, (0, 0, 0), (3, 0, 0)),  # two cells against three
+        g(5, (12, 10, 16), (14, 10, 10), (10, 10, 10)),  # base and a finger swapped: not symmetric
+    ]
+    assert correct_grasps(pred, truth).tolist() == [True, True, True, False, False, False, False, False, False]
+    assert correct_grasps(pred[3:4], truth, tol=2).tolist() == [True]
+    assert correct_grasps([], truth).tolist() == [] and correct_grasps(pred[:1], []).tolist() == [False]
+    s = score_grasps(pred, truth)
+    assert (s.predicted, s.correct, s.objects, s.covered) == (9, 3, 2, 1)
+    assert s.precision == pytest.approx(3 / 9) and s.coverage == 0.5
+    both = s + score_grasps([g(6, (1, 1, 1), (3, 0, 0), (1, 0, 5))], truth)
+    assert (both.predicted, both.correct, both.objects, both.covered) == (10, 4, 4, 2)
+    assert GraspScore().precision == 0.0 and GraspScore().coverage == 0.0
+
+
+def test_iou_and_segmentation_accuracy():
+    assert voxel_iou([1, 2, 3, 4], [3, 4, 5]) == pytest.approx(2 / 5)
+    assert voxel_iou([2, 2, 3], [3, 2]) == 1.0 and voxel_iou([], []) == 1.0 and voxel_iou([], [1]) == 0.0
+    truth = [(10, np.array([1, 2, 3, 4])), (11, np.array([5, 6]))]
+    pred = [
+        (10, np.array([1, 2, 3])),  # 4 left out
+        (11, np.array([3, 5, 7])),  # 3 given two tags; 7 is not in the truth (ignored)
+        (12, np.array([6])),  # 6 gets the wrong tag
+    ]
+    assert segmentation_counts(pred, truth) == (3, 6)  # cells 1, 2 and 5
+    assert segmentation_counts(truth, truth) == (6, 6)
+    assert segmentation_counts([], truth) == (0, 6) and segmentation_counts(pred, []) == (0, 0)
+    # tags are GraspNet object ids: renaming the objects is wrong, not a permutation to search
+    assert segmentation_counts([(11, np.array([1, 2, 3, 4])), (10, np.array([5, 6]))], truth) == (0, 6)
+
+
+def test_random_grasps_stay_on_the_objects():
+    rng = np.random.default_rng(0)
+    scene = [(5, np.array([[0, 0, 0], [1, 0, 0]])), (9, np.array([[10, 10, 3]]))]
+    grasps = random_grasps(rng, scene, 400, dims=(20, 14, 9))
+    assert len(grasps) == 400 and {t for t, _ in grasps} == {5, 9}
+    for tag, cells in grasps:
+        assert cells.shape == (3, 3) and (cells >= 0).all() and (cells < [20, 14, 9]).all()
+        own = dict(scene)[tag]
+        assert (np.abs(cells[:, None] - own[None]).max(-1).min(-1) <= 1).all()  # within one voxel of the object
+    corner = {tuple(c) for t, cells in grasps if t == 5 for c in cells.tolist()}
+    assert len(corner) == 3 * 2 * 2  # x in -1..2 clipped to 0..2, y and z in 0..1: the whole grown region
+    assert random_grasps(rng, scene, 0, (20, 14, 9)) == [] and random_grasps(rng, [], 5, (20, 14, 9)) == []
+
+
+def test_random_baseline_is_poor_on_the_real_grid():
+    ws = Workspace()
+    vocab = Vocab.for_workspace(ws)
+    rng = np.random.default_rng(1)
+    total = GraspScore()
+    for ids in generate_scenes(6, seed=5, workspace=ws, max_grasps_per_object=16):
+        truth = truth_of(ids, vocab)
+        scene = [(b.tag, vocab.cells_of(b.cells)) for b in truth.scene]
+        true = grasp_list(truth.grasps, vocab)
+        total = total + score_grasps(random_grasps(rng, scene, 200, vocab.dims), true)
+        assert score_grasps(true, true).precision == 1.0
+    assert total.predicted == 1200 and total.precision < 0.01
+
+
+# -- a model that knows the answers -----------------------------------------------------------
+
+class Oracle(torch.nn.Module):
+    """Puts all the probability on the true next token of the data sample that its prompt begins."""
+
+    def __init__(self, samples: list[np.ndarray], vocab_size: int, block_size: int = 4096):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the decoder a device
+        self.cfg = SimpleNamespace(block_size=block_size)
+        self.samples, self.vocab_size, self.current = [np.asarray(s) for s in samples], vocab_size, None
+
+    def new_kv_cache(self, batch_size: int, max_len: int):
+        k = torch.zeros(1, batch_size, 1, max_len, 1)
+        return SimpleNamespace(k=k, v=k.clone(), batch_size=batch_size, max_len=max_len)
+
+    def forward_cached(self, ids: torch.Tensor, cache, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        if start_pos == 0 and ids.shape[1] > 1:
+            prompt = ids[0].tolist()
+            self.current = next(s for s in self.samples if s[: len(prompt)].tolist() == prompt)
+        logits = torch.full((ids.shape[0], 1, self.vocab_size), -30.0)
+        logits[..., int(self.current[start_pos + ids.shape[1]])] = 30.0
+        return logits
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> TokenStore:
+    """Nine coarse-grid samples, three of each task."""
+    path = tmp_path_factory.mktemp("mixed") / "data"
+    vocab = Vocab.for_workspace(COARSE)
+    with DatasetWriter(path, vocab, COARSE, "test") as w:
+        for ids in generate_scenes(9, seed=2, workspace=COARSE, task_mix="grasp=1,amodal=1,unseg=1",
+                                   max_grasps_per_object=6):
+            w.add(ids)
+    return TokenStore.open(path)
+
+
+def test_oracle_scores_perfectly_end_to_end(mixed, tmp_path):
+    oracle = Oracle([mixed[i] for i in range(len(mixed))], mixed.vocab.size)
+    ev = TrainingEvaluator(mixed, np.arange(len(mixed)), 9, tmp_path, seed=3, num_samples=2)
+    m = ev.run(oracle, step=7)
+    assert m["scenes"] == 9
+    for key in ("valid_rate", "grasp_precision", "grasp_coverage", "free_valid_rate", "free_grasp_precision",
+                "free_grasp_coverage", "amodal_iou", "seg_accuracy"):
+        assert m[key] == 1.0, key
+    assert m["baseline_precision"] < 0.5 and m["grasps_per_sequence"] > 1
+    assert Path(m["picture"]) == tmp_path / "eval" / "step_7.png"
+    assert Image.open(m["picture"]).format == "PNG"
+    cap = int(np.median(mixed.lengths))  # only scenes that fit the model are picked
+    short = TrainingEvaluator(mixed, np.arange(len(mixed)), 9, tmp_path, max_len=cap).scenes
+    assert 0 < len(short) < 9 and (mixed.lengths[short] <= cap).all()
+
+
+def test_untrained_model_and_split_scenes_add_up(mixed):
+    torch.manual_seed(0)
+    model = GraspGPT(ModelConfig(vocab_size=mixed.vocab.size, block_size=1024, n_layer=2, n_head=2, n_embd=32))
+    scenes = np.arange(6)
+    whole, first = evaluate_scenes(model, mixed, scenes, seed=1, max_new_tokens=40)
+    a, _ = evaluate_scenes(model, mixed, scenes[0::2], seed=1, max_new_tokens=40)
+    b, _ = evaluate_scenes(model, mixed, scenes[1::2], seed=1, max_new_tokens=40)
+    for k in COUNT_KEYS:
+        if k != "decode_seconds":
+            assert whole[k] == a[k] + b[k], k
+    assert first[0] == 0
+    m = summarize(whole)
+    assert whole["sequences"] == whole["free_sequences"] == 6 and m["scenes"] == 6
+    assert m["free_valid_rate"] <= 0.5 and 0.0 <= m["grasp_precision"] <= 1.0
+    c, grasps, truth = evaluate_scene(model, mixed[0], mixed.vocab, unconstrained=False, max_new_tokens=40)
+    assert c["free_sequences"] == 0 and "free_valid_rate" not in summarize(c)
+
+
+ZERO3_SCRIPT = '''
+import argparse, json, sys
+sys.path.insert(0, {repo!r})
+import numpy as np, torch, deepspeed, torch.distributed as dist
+from graspGPT.data.storage import TokenStore
+from graspGPT.evaluate import TrainingEvaluator, evaluate_scenes, summarize
+from graspGPT.model import GraspGPT, ModelConfig
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--local_rank", type=int)
+ap.add_argument("--data")
+ap.add_argument("--out")
+args = ap.parse_args()
+deepspeed.init_distributed()
+rank, world = dist.get_rank(), dist.get_world_size()
+store = TokenStore.open(args.data)
+cfg = ModelConfig(vocab_size=store.vocab.size, block_size=1024, n_layer=2, n_head=2, n_embd=32)
+ds = {{"train_batch_size": world, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3}},
+      "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-3, "torch_adam": True}}}}}}
+torch.manual_seed(0)
+with deepspeed.zero.Init(config_dict_or_path=ds):
+    model = GraspGPT(cfg)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+module = engine.module
+calls = [0]
+forward_cached = module.forward_cached
+def counted(*a, **k):
+    calls[0] += 1
+    return forward_cached(*a, **k)
+module.forward_cached = counted
+ev = TrainingEvaluator(store, np.arange(len(store)), 3, args.out, seed=0, temperature=0.0, max_new_tokens=40)
+metrics = ev.run(module, step=3, rank=rank, world=world, lockstep=True)
+with deepspeed.zero.GatheredParameters(list(module.parameters())):
+    weights = {{n: p.detach().clone() for n, p in module.named_parameters()}}
+reference = None
+if rank == 0:
+    full = GraspGPT(cfg)
+    full.load_state_dict(weights, strict=False)
+    reference = summarize(evaluate_scenes(full, store, ev.scenes, ev.seed, **ev.options)[0])
+with open(f"{{args.out}}/rank{{rank}}.json", "w") as f:
+    json.dump({{"metrics": metrics, "reference": reference, "calls": calls[0]}}, f)
+'''
+
+
+def test_zero3_ranks_decode_in_lockstep(mixed, tmp_path, cache_dir):
+    """Three scenes on two ZeRO-3 ranks: uneven work (rank 1 runs a dummy round), the same forward calls
+    on both, and the metrics one process gets evaluating every scene with the gathered weights."""
+    script = tmp_path / "zero3_eval.py"
+    script.write_text(ZERO3_SCRIPT.format(repo=str(REPO)))
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ok(launch(2, ["--data", str(mixed.path), "--out", str(out)], cache_dir, script=script, timeout=240))
+    r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["calls"] == r1["calls"] > 10
+    assert Path(r0["metrics"].pop("picture")).is_file() and "picture" not in r1["metrics"]
+    for m in (r0["metrics"], r1["metrics"], r0["reference"]):
+        for k in ("eval_seconds", "decode_tokens_per_s"):
+            m.pop(k, None)
+    assert r0["metrics"] == r1["metrics"] == r0["reference"]
+    assert r0["metrics"]["scenes"] == 3
+
+
+# -- the command line -------------------------------------------------------------------------
+
+def write_exported(model: GraspGPT, vocab: Vocab, path: Path) -> Path:
+    """An exported model directory in the format `python -m graspGPT.export` writes."""
+    from safetensors.torch import save_file
+
+    from graspGPT import export
+
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != export.TIED},
+              str(path / export.WEIGHTS_FILE))
+    (path / "config.json").write_text(json.dumps(model.to_hf_config("float32")))
+    meta = {"format": export.META_FORMAT, "format_version": export.META_VERSION, "vocab": vocab.to_meta(),
+            "model": {k: getattr(model.cfg, k) for k in export.ARCH_FIELDS}, "step": 0,
+            "training_config": {"dataset": {"val_fraction": 0.3}, "system": {"seed": 4}}}
+    (path / export.META_FILE).write_text(json.dumps(meta))
+    return path
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "graspGPT.evaluate", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_table_json_and_errors(mixed, tmp_path):
+    torch.manual_seed(0)
+    model = GraspGPT(ModelConfig(vocab_size=mixed.vocab.size, block_size=1024, n_layer=2, n_head=2, n_embd=32))
+    ckpt = write_exported(model, mixed.vocab, tmp_path / "model")
+    out = tmp_path / "metrics.json"
+    proc = cli("--checkpoint", str(ckpt), "--data", str(mixed.path), "--num_scenes", "2", "--out", str(out),
+               "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "grasp precision" in proc.stdout and "random baseline" in proc.stdout and "validation loss" in proc.stdout
+    m = json.loads(out.read_text())
+    assert m["scenes"] == 2 and m["split"] == "val" and 0 <= m["free_valid_rate"] <= 1
+    assert 4 < m["val_loss"] < 12 and m["val_ppl"] == pytest.approx(np.exp(m["val_loss"]))
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == m
+    _, val = mixed.split(0.3, 4)  # the checkpoint's training split
+    assert len(val) == 3
+
+    ws = Workspace(voxel_size=0.02)
+    other = tmp_path / "other"
+    with DatasetWriter(other, Vocab.for_workspace(ws), ws, "test") as w:
+        for ids in generate_scenes(2, 0, ws, max_grasps_per_object=2):
+            w.add(ids)
+    for args, words in (((tmp_path / "missing", mixed.path), ["missing", "no such file"]),
+                        ((ckpt, tmp_path / "nodata"), ["nodata"]),
+                        ((ckpt, other), ["vocabulary", "[20, 14, 9]", "[30, 20, 13]"]),
+                        ((ckpt, mixed.path, "--num_scenes", "0"), ["--num_scenes"])):
+        proc = cli("--checkpoint", str(args[0]), "--data", str(args[1]), *args[2:], "--device", "cpu")
+        assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and all(w in proc.stderr for w in words), proc.stderr

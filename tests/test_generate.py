@@ -1,0 +1,268 @@
+"""Generation: prompts, lenient reading, grammar-constrained batched decoding with a KV cache, the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, TINY, launch, run_ok, write_config
+from graspGPT.data.grammar import parse
+from graspGPT.data.storage import DatasetWriter, TokenStore
+from graspGPT.data.synth import generate_scenes
+from graspGPT.data.vocab import Vocab, Workspace
+from graspGPT.generate import (GenerateError, accepts, decode, prompt_state, read_output, scene_prompt, task_of,
+                               task_prompt, truth_of)
+from graspGPT.model import GraspGPT, ModelConfig
+
+COARSE = Workspace(voxel_size=0.03)
+VOCAB = Vocab.for_workspace(COARSE)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: extra threads only add scheduling noise on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(block_size: int = 1024, seed: int = 0) -> GraspGPT:
+    torch.manual_seed(seed)
+    return GraspGPT(ModelConfig(vocab_size=VOCAB.size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+
+
+@pytest.fixture(scope="module")
+def scenes() -> list[np.ndarray]:
+    return list(generate_scenes(9, seed=3, workspace=COARSE, task_mix="grasp=1,amodal=1,unseg=1",
+                                max_grasps_per_object=4))
+
+
+# -- prompts and reading ----------------------------------------------------------------------
+
+def test_prompts_per_task(scenes):
+    tasks = set()
+    for ids in scenes:
+        truth = parse(ids, VOCAB)
+        task = task_of(truth)
+        tasks.add(task)
+        scene = scene_prompt(ids, VOCAB)
+        assert scene[0] == VOCAB.scene and len(scene) == 1 + sum(len(b) for b in truth.scene)
+        prompt = task_prompt(ids, VOCAB, task)
+        assert (prompt[: len(scene)] == scene).all()
+        assert len(prompt) == len(scene) + (task == "grasp") and (task != "grasp" or prompt[-1] == VOCAB.detectgrasp)
+    assert tasks == {"grasp", "amodal", "unseg"}
+    with pytest.raises(GenerateError, match="does not start with 'scene'"):
+        scene_prompt(np.array([VOCAB.end]), VOCAB)
+
+
+def test_read_output_matches_parse_and_reads_broken_output(scenes):
+    for ids in scenes:
+        p, r = parse(ids, VOCAB), read_output(ids, VOCAB)
+        assert [(b.tag, b.cells.tolist()) for b in r.scene] == [(b.tag, b.cells.tolist()) for b in p.scene]
+        assert [(b.tag, b.cells.tolist()) for b in r.grasps] == [(b.tag, b.cells.tolist()) for b in p.grasps]
+        for a, b in ((r.amodal, p.amodal), (r.unseg, p.unseg)):
+            assert (a is None) == (b is None)
+        if p.amodal is not None:
+            assert r.amodal.tolist() == p.amodal.tolist()
+        if p.unseg is not None:
+            assert [(b.tag, b.cells.tolist()) for b in r.unseg] == [(b.tag, b.cells.tolist()) for b in p.unseg]
+    v = VOCAB
+    c = [v.cell_id(1, 2, 3), v.cell_id(4, 5, 6), v.cell_id(7, 8, 0), v.cell_id(0, 0, 1)]
+    obj = v.object_tag(5)
+    # unfinished, a tag without `grasp`, a 2-cell grasp, a grasp without cells, a cut-off last grasp
+    ids = [v.scene, obj, c[0], c[1], v.detectgrasp, v.grasp, obj, c[0], c[1], c[2], obj, c[3],
+           v.grasp, obj, c[0], c[1], v.grasp, v.grasp, obj, c[2]]
+    got = read_output(np.array(ids), v)
+    assert [(g.tag, g.cells.tolist()) for g in got.grasps] == [(obj, c[:3]), (obj, c[:2]), (obj, [c[2]])]
+    assert read_output(np.array(ids[:4] + [v.end, v.detectgrasp, v.grasp, obj, c[0]]), v).grasps is None
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+def test_constrained_decoding_of_untrained_model_is_always_valid(scenes):
+    model = tiny_model()
+    for ids in scenes[:3]:
+        truth = truth_of(ids, VOCAB)
+        prompt = task_prompt(ids, VOCAB, task_of(truth))
+        out = decode(model, prompt, VOCAB, num_samples=20, max_new_tokens=400, seed=1)
+        start = prompt_state(prompt, VOCAB)
+        assert len(out.new) == 20 and out.ended.all()
+        assert all(accepts(start, new) and new[-1] == VOCAB.end for new in out.new)
+        for new in out.new:  # exactly 3 in-grid cells per grasp; the whole sequence parses strictly
+            sample = parse(np.concatenate([prompt, new]), VOCAB, strict=True)
+            assert all(len(g.cells) == 3 for g in sample.grasps or [])
+        assert len({tuple(n.tolist()) for n in out.new}) > 1, "the rows of the batch are sampled independently"
+
+
+def test_unconstrained_decoding_of_untrained_model_is_mostly_invalid(scenes):
+    model = tiny_model()
+    prompt = task_prompt(scenes[0], VOCAB, "grasp")
+    out = decode(model, prompt, VOCAB, num_samples=20, max_new_tokens=60, constrained=False, seed=1)
+    start = prompt_state(prompt, VOCAB)
+    valid_rate = np.mean([accepts(start, n) for n in out.new])
+    assert valid_rate <= 0.5
+    assert all(len(n) <= 60 for n in out.new)
+
+
+def test_truncated_decoding_stops_at_the_cap_and_stays_on_grammar(scenes):
+    prompt = task_prompt(scenes[0], VOCAB, "grasp")
+    out = decode(tiny_model(), prompt, VOCAB, num_samples=4, max_new_tokens=2, seed=0)
+    assert all(len(n) <= 2 for n in out.new)
+    for n in out.new:  # a prefix the grammar allows, finished or not
+        prompt_state(prompt, VOCAB).feed(n)
+    assert decode(tiny_model(), prompt, VOCAB, max_new_tokens=0).new[0].size == 0
+
+
+def test_greedy_cached_decoding_equals_full_recomputation(scenes):
+    """The KV cache, its copy into the batch rows and the positions give what a full forward gives."""
+    model = tiny_model().eval()
+    prompt = task_prompt(scenes[1], VOCAB, "grasp")
+    out = decode(model, prompt, VOCAB, num_samples=3, max_new_tokens=25, temperature=0.0)
+    assert all((n == out.new[0]).all() for n in out.new)
+    state, seq = prompt_state(prompt, VOCAB), list(prompt)
+    with torch.no_grad():
+        for _ in range(len(out.new[0])):
+            logits = state.apply_mask(model(torch.tensor([seq]))[0, -1])
+            t = int(logits.argmax())
+            seq.append(t)
+            state.advance(t)
+    assert seq[len(prompt):] == out.new[0].tolist()
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(scenes):
+    model = tiny_model()
+    prompt = task_prompt(scenes[2], VOCAB, task_of(truth_of(scenes[2], VOCAB)))
+    a = decode(model, prompt, VOCAB, num_samples=3, max_new_tokens=40, seed=7)
+    b = decode(model, prompt, VOCAB, num_samples=3, max_new_tokens=40, seed=7)
+    assert [n.tolist() for n in a.new] == [n.tolist() for n in b.new]
+    g = decode(model, prompt, VOCAB, max_new_tokens=40, temperature=0.0)
+    k1 = decode(model, prompt, VOCAB, max_new_tokens=40, top_k=1, seed=3)
+    assert g.new[0].tolist() == k1.new[0].tolist()
+
+
+def test_lockstep_sync_adds_dummy_forwards_only(scenes):
+    model = tiny_model()
+    prompt = task_prompt(scenes[0], VOCAB, "grasp")
+    alone = decode(model, prompt, VOCAB, num_samples=2, max_new_tokens=30, seed=2)
+    extra = []
+
+    def others_still_running(active: bool) -> bool:  # another rank needs 5 more steps after we finish
+        if not active:
+            extra.append(1)
+        return active or len(extra) <= 5
+
+    synced = decode(model, prompt, VOCAB, num_samples=2, max_new_tokens=30, seed=2, sync=others_still_running)
+    assert [n.tolist() for n in synced.new] == [n.tolist() for n in alone.new]
+    assert synced.forwards == alone.forwards + 5
+
+
+def test_decode_cost_per_token_is_flat():
+    """Tokens/s at a 2000-token prompt is within 2x of a 200-token prompt (KV cache, no recompute)."""
+    model = tiny_model(block_size=2400).eval()
+    cells = VOCAB.voxel_base + np.arange(VOCAB.num_cells)
+    obj = VOCAB.object_tag(1)
+
+    def rate(n_cells: int) -> float:
+        """Decoded tokens per second, prefill excluded: (time of 1 + n steps - time of 1 step) / n."""
+        prompt = np.concatenate([[VOCAB.scene, obj], cells[:n_cells], [VOCAB.detectgrasp]])
+        best = 0.0
+        for _ in range(3):  # best of 3: the machine may be busy
+            one = decode(model, prompt, VOCAB, num_samples=2, max_new_tokens=1, constrained=False).seconds
+            many = decode(model, prompt, VOCAB, num_samples=2, max_new_tokens=151, constrained=False, seed=0)
+            assert many.forwards == 150
+            best = max(best, 150 / max(many.seconds - one, 1e-6))
+        return best
+
+    short, long = rate(197), rate(1997)
+    assert long > short / 2, (short, long)
+
+
+def test_decode_errors(scenes):
+    model = tiny_model(block_size=16)
+    prompt = task_prompt(scenes[0], VOCAB, "grasp")
+    assert len(prompt) > 16
+    with pytest.raises(GenerateError, match="block size"):
+        decode(model, prompt, VOCAB)
+    bad = np.array([VOCAB.scene, VOCAB.cell_id(1, 1, 1)])  # a cell without a tag
+    with pytest.raises(GenerateError, match="breaks the grammar"):
+        decode(model, bad, VOCAB)
+    with pytest.raises(GenerateError, match="num_samples"):
+        decode(model, prompt[:10], VOCAB, num_samples=0)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    """A real toolkit checkpoint (one CPU rank, TINY model, 4 steps) and its synthetic data set."""
+    from graspGPT.data.source import builtin_dataset
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = write_config(tmp / "cfg.json", {"trainer": {"batch_size": 4, "micro_batch_size": 4, "max_iters": 4,
+                                                      "save_every": 4, "eval_every": 4},
+                                          "system": {"deterministic": False}})
+    run_ok(launch(1, ["--config", str(cfg), "--output_dir", str(tmp / "out")], cache_dir))
+    d = TINY["dataset"]
+    data = builtin_dataset(d["synthetic_scenes"], 42, d["synthetic_voxel_size"], "grasp", d["max_grasps_per_object"],
+                           root=cache_dir)
+    return tmp / "out" / "checkpoint_iter_4", data
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "graspGPT.generate", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_cli_writes_tokens_grasps_ply_png(trained, tmp_path):
+    ckpt, data = trained
+    out = tmp_path / "gen"
+    proc = cli("--checkpoint", str(ckpt), "--data", str(data), "--index", "3", "--num_samples", "3",
+               "--top_k", "50", "--out", str(out), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "constrained: grammar-valid 3/3" in proc.stdout and "unconstrained: grammar-valid" in proc.stdout
+    store = TokenStore.open(data)
+    truth = parse(store[3], store.vocab)
+    for suffix in ("", "_free"):
+        tokens = json.loads((out / f"tokens{suffix}.json").read_text())
+        assert tokens["index"] == 3 and len(tokens["samples"]) == 3
+        assert tokens["prompt"]["ids"] == task_prompt(store[3], store.vocab, "grasp").tolist()
+        assert tokens["prompt"]["tokens"][0] == "scene" and tokens["prompt"]["tokens"][-1] == "detectgrasp"
+        grasps = json.loads((out / f"grasps{suffix}.json").read_text())
+        for s in grasps["samples"]:
+            for g in s["grasps"]:
+                if len(g["cells"]) == 3:
+                    metres = store.workspace.cell_center(np.array(g["cells"]))
+                    assert np.allclose([g["left_finger"], g["right_finger"], g["base"]], metres, atol=1e-4)
+                assert isinstance(g["correct"], bool)
+        ply = (out / f"scene{suffix}.ply").read_text().splitlines()
+        n = int(next(line for line in ply if line.startswith("element vertex")).split()[-1])
+        n_grasp_points = sum(len(g["cells"]) for s in grasps["samples"] for g in s["grasps"])
+        assert n == sum(len(b.cells) for b in truth.scene) + n_grasp_points
+        assert len(ply) == ply.index("end_header") + 1 + n
+        assert Image.open(out / f"scene{suffix}.png").format == "PNG"
+    constrained = json.loads((out / "tokens.json").read_text())["samples"]
+    assert all(s["grammar_valid"] and s["tokens"][-1] == "end" for s in constrained)
+
+
+def test_cli_bad_inputs_exit_2(trained, tmp_path):
+    ckpt, data = trained
+    proc = cli("--checkpoint", str(tmp_path / "nope"), "--data", str(data), "--index", "0")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "nope" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = cli("--checkpoint", str(ckpt), "--data", str(data), "--index", "64", "--device", "cpu")
+    assert proc.returncode == 2 and "out of range" in proc.stderr and "0..63" in proc.stderr
+    other = tmp_path / "other"  # scenes on a finer grid: another vocabulary
+    ws = Workspace(voxel_size=0.02)
+    with DatasetWriter(other, Vocab.for_workspace(ws), ws, "test") as w:
+        for ids in generate_scenes(2, 0, ws, max_grasps_per_object=2):
+            w.add(ids)
+    proc = cli("--checkpoint", str(ckpt), "--data", str(other), "--index", "0", "--device", "cpu")
+    assert proc.returncode == 2 and "vocabulary" in proc.stderr
+    assert "[20, 14, 9]" in proc.stderr and "[30, 20, 13]" in proc.stderr
