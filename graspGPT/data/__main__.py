@@ -18,6 +18,7 @@ import numpy as np
 
 from . import synth
 from .grammar import GrammarError
+from .source import synth_workers
 from .storage import DatasetWriter, StorageError, TokenStore, split_indices
 from .synth import SynthError
 from .upstream import REAL_FILTER_MODES, UpstreamError, import_upstream
@@ -34,6 +35,8 @@ class CLIError(ValueError):
 def cmd_synth(args) -> None:
     if args.num_scenes < 1:
         raise CLIError(f"--num_scenes must be at least 1, got {args.num_scenes}")
+    if args.workers < 0:
+        raise CLIError(f"--workers must be 0 (automatic) or more, got {args.workers}")
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
     if not args.voxel_size > 0:
@@ -55,7 +58,8 @@ def cmd_synth(args) -> None:
               f"val_fraction={args.val_fraction:g}")
     scenes = synth.generate_scenes(args.num_scenes, args.seed, workspace, task_mix=args.task_mix,
                                    max_grasps_per_object=args.max_grasps_per_object,
-                                   progress=args.num_scenes >= 100 and sys.stderr.isatty())
+                                   progress=args.num_scenes >= 100 and sys.stderr.isatty(),
+                                   workers=args.workers or synth_workers(args.num_scenes))
     with DatasetWriter(args.out, vocab, workspace, source, overwrite=args.overwrite, val_mask=val_mask) as writer:
         for ids in scenes:
             writer.add(ids)
@@ -145,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_grasps_per_object", type=int, default=100)
     s.add_argument("--val_fraction", type=float, default=0.02,
                    help="record a seeded validation split of this fraction (0: record none)")
+    s.add_argument("--workers", type=int, default=0,
+                   help="processes generating scenes (default 0: every core for 2000+ scenes); same bytes for any number")
     s.add_argument("--overwrite", action="store_true", help="replace the data set in --out")
     s.set_defaults(func=cmd_synth)
 

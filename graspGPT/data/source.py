@@ -23,6 +23,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("GRASPGPT_CACHE") or Path.home() / ".cache" / "graspgpt")
 
 
+def synth_workers(num_scenes: int) -> int:
+    """Processes for generating scenes: every core for a large set (starting one costs seconds)."""
+    return min(os.cpu_count() or 1, 32) if num_scenes >= 2000 else 1
+
+
 def builtin_dataset(num_scenes: int, seed: int, voxel_size: float, task_mix: str, max_grasps_per_object: int,
                     root: Path | None = None, progress: bool = False) -> Path:
     """The synthetic data set for these settings, generated on first use and reused afterwards.
@@ -45,7 +50,8 @@ def builtin_dataset(num_scenes: int, seed: int, voxel_size: float, task_mix: str
     vocab = Vocab.for_workspace(workspace)
     with DatasetWriter(tmp, vocab, workspace, source=f"graspGPT built-in synthetic data ({key})") as writer:
         for ids in generate_scenes(num_scenes, seed, workspace, task_mix=task_mix,
-                                   max_grasps_per_object=max_grasps_per_object, progress=progress):
+                                   max_grasps_per_object=max_grasps_per_object, progress=progress,
+                                   workers=synth_workers(num_scenes)):
             writer.add(ids)
     try:
         os.rename(tmp, final)

@@ -15,6 +15,8 @@ The sample is written in one of three task layouts (format page, sections 1 and 
 """
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import sys
 from dataclasses import dataclass
 from typing import Iterator
@@ -379,31 +381,48 @@ def parse_task_mix(s: str) -> dict[str, float]:
     return {k: v / total for k, v in weights.items() if v > 0}
 
 
+def _scene_ids(i: int, seed: int, workspace: Workspace, names: list[str], cum: np.ndarray,
+               max_grasps_per_object: int) -> np.ndarray:
+    rng = np.random.default_rng([int(seed), i])
+    # Always one draw for the task, so the geometry does not depend on the mix.
+    task = names[min(int(np.searchsorted(cum, rng.random(), side="right")), len(names) - 1)]
+    vocab = Vocab.for_workspace(workspace)
+    return serialize(generate_scene(rng, workspace, vocab, task, max_grasps_per_object), vocab)
+
+
 def generate_scenes(num_scenes: int, seed: int, workspace: Workspace | None = None,
                     task_mix: str = "grasp", max_grasps_per_object: int = 100,
-                    progress: bool = False) -> Iterator[np.ndarray]:
-    """Token id arrays (int64) of `num_scenes` scenes. Scene i depends only on (seed, i)."""
+                    progress: bool = False, workers: int = 1) -> Iterator[np.ndarray]:
+    """Token id arrays (int64) of `num_scenes` scenes, in order. Scene i depends only on (seed, i),
+    so `workers` processes produce the same scenes as one."""
     if int(num_scenes) != num_scenes or num_scenes < 0:
         raise SynthError(f"num_scenes must be an integer >= 0, got {num_scenes!r}")
     if int(seed) != seed or seed < 0:
         raise SynthError(f"seed must be an integer >= 0, got {seed!r}")
     workspace = workspace or Workspace()
-    vocab = Vocab.for_workspace(workspace)
+    Vocab.for_workspace(workspace)  # fail early on a bad workspace
     mix = parse_task_mix(task_mix)
-    names, cum = list(mix), np.cumsum(list(mix.values()))
+    make = functools.partial(_scene_ids, seed=seed, workspace=workspace, names=list(mix),
+                             cum=np.cumsum(list(mix.values())), max_grasps_per_object=max_grasps_per_object)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=int(num_scenes), unit="scene", file=sys.stderr, desc="synth")
+    pool = None
+    if workers > 1 and num_scenes > 1:
+        # spawn, not fork: callers may already run threads (torch, a process group)
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+        scenes = pool.imap(make, range(int(num_scenes)), chunksize=16)
+    else:
+        scenes = map(make, range(int(num_scenes)))
     try:
-        for i in range(int(num_scenes)):
-            rng = np.random.default_rng([int(seed), i])
-            # Always one draw for the task, so the geometry does not depend on the mix.
-            task = names[min(int(np.searchsorted(cum, rng.random(), side="right")), len(names) - 1)]
-            yield serialize(generate_scene(rng, workspace, vocab, task, max_grasps_per_object), vocab)
+        for ids in scenes:
+            yield ids
             if bar is not None:
                 bar.update(1)
     finally:
+        if pool is not None:
+            pool.terminate()
         if bar is not None:
             bar.close()
