@@ -1,19 +1,38 @@
-"""GraspGPT decoder: a Qwen2-architecture transformer with a chunked, sum-reduced loss.
+"""GraspGPT decoder: a Qwen2-architecture transformer with a fused, chunked, sum-reduced loss.
 
 State-dict keys are exactly those of Hugging Face ``Qwen2ForCausalLM``, so a
 checkpoint loads there (with ``to_hf_config()``) without renaming.
+
+Speed on GPUs comes from three places, none of which changes the math: the output layer and
+loss are fused (``LinearCrossEntropy``: no full logits, no recompute, aligned matmuls); attention
+runs a fused kernel chosen for varying sequence lengths (``ATTENTION_BACKENDS``); and
+``torch.compile`` turns each transformer block and the softmax of the loss into a few fused
+kernels, which also cuts the per-step Python work that otherwise leaves the GPU idle. On the CPU
+the very same Python code runs eagerly. ``GRASPGPT_COMPILE=0`` turns compilation off.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # target id of positions that are not trained on (padding)
+
+# Switches for measuring (bench/), not configuration.
+# Compile transformer blocks and the loss's softmax on GPUs.
+COMPILE = os.environ.get("GRASPGPT_COMPILE", "1") != "0"
+# Attention kernels, in order of preference. cuDNN's kernel is faster per call on Hopper but builds
+# a plan for every new sequence length: on the built-in data set, whose lengths vary, that halved
+# the tokens/s. Flash needs no per-shape setup. (Left to itself on an H100, torch.compile picked
+# cuDNN, so the choice is made explicitly.)
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 # model_type -> (n_layer, n_head, n_embd)
 MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -106,6 +125,33 @@ class ModelConfig:
         return cls(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_kv_head=n_kv_head, **rest)
 
 
+def gpu_compiled(fn, first_tensor: int = 0):
+    """fn, compiled into fused kernels when args[first_tensor] is on a GPU; run as written elsewhere.
+
+    Shapes start static; a dimension that changes between calls (sequence length, rows of the last
+    loss chunk) becomes dynamic after one recompilation, so varying lengths cost two compilations.
+    """
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(*args):
+        nonlocal compiled
+        if not (COMPILE and args[first_tensor].is_cuda):
+            return fn(*args)
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args)
+
+    return run
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # normalize in fp32, scale in the compute dtype (as Qwen2 does)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -113,10 +159,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalize in fp32, scale in the compute dtype (as Qwen2 does)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +171,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Non-interleaved (rotate_half) rotary embedding of x (B, H, T, hd)."""
+    """Non-interleaved (rotate_half) rotary embedding of x (..., hd); cos and sin broadcast to x."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
@@ -165,27 +208,33 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # kept in (B, T, heads, hd) memory and seen as (B, heads, T, hd): the layout the fused attention
+        # kernels read without a copy
+        cos, sin = cos[:, None], sin[:, None]
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)
-        # Expand k/v explicitly instead of enable_gqa=True: SDPA's GQA path runs only on the flash and
-        # math kernels, so fp32 or flash-unsupported shapes would drop to the O(T^2)-memory math kernel
-        # instead of the memory-efficient one; the expanded copy costs only T*n_embd per tensor.
-        rep = self.n_head // self.n_kv_head
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mask, causal = None, True
         if start_pos > 0:  # queries sit at the end of a longer key range: SDPA's is_causal aligns top-left
             causal = False
             if T > 1:
                 q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
                 mask = torch.arange(k.size(2), device=x.device)[None, :] <= q_pos[:, None]
+        # Expanded k/v rather than enable_gqa=True: SDPA's GQA path runs only on the flash and math kernels,
+        # so a shape or dtype flash refuses would drop to the O(T^2)-memory math kernel instead of the
+        # memory-efficient one; the expanded copy costs only T*n_embd per tensor.
+        rep = self.n_head // self.n_kv_head
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -197,7 +246,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, cfg.n_embd, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -210,21 +259,92 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+        # One compiled region per block: its norms, RoPE, SwiGLU and residual adds fuse into a few
+        # kernels, and the whole block costs one Python call instead of dozens of kernel launches.
+        # Not under ZeRO-3, whose per-module hooks gather the parameters (they carry a ds_id there).
+        if cache is None and not hasattr(self.mlp.up_proj.weight, "ds_id"):
+            return compiled_block_body(self, x, cos, sin)
+        return self.body(x, cos, sin, cache, start_pos)
+
+    def body(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
         x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
-def _chunk_ce_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(h, weight).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+# One compiled function serves every block of every model: parameters are graph inputs, so all
+# instances share the compiled code.
+compiled_block_body = gpu_compiled(Block.body, first_tensor=1)
+
+
+@gpu_compiled
+def softmax_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                          with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed cross-entropy of logits[:, :vocab_size] and, with_grad, its gradient w.r.t. logits.
+
+    The columns past vocab_size (alignment padding) take no part: they are masked to -inf, so their
+    gradient is zero. The softmax runs in fp32 (or wider) whatever the logits' dtype; the gradient
+    comes back in the logits' dtype and shape. Compiled, this reads the logits a few times and writes
+    the gradient once, with no (rows, V) fp32 tensor in memory.
+    """
+    column = torch.arange(logits.size(1), device=logits.device)
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)).masked_fill(column >= vocab_size, -torch.inf)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    loss = (lse.squeeze(1) - x.gather(1, targets[:, None]).squeeze(1)).sum()
+    if not with_grad:
+        return loss, None
+    return loss, (torch.exp(x - lse) - (column == targets[:, None]).to(x.dtype)).to(logits.dtype)
+
+
+def padded_rows(weight: torch.Tensor, multiple: int = 128) -> torch.Tensor:
+    """weight with zero rows appended up to a multiple of `multiple` rows.
+
+    GraspGPT's vocabulary size is odd, and a (rows, V) matrix with an odd leading dimension sends
+    cuBLAS to its unaligned kernels, about five times slower for the output layer's three matmuls.
+    """
+    pad = -weight.size(0) % multiple
+    return F.pad(weight, (0, 0, 0, pad)) if pad else weight
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Sum over rows of CE(h @ weight.T, targets), with the gradients computed chunk by chunk in the forward.
+
+    At most chunk_rows rows of logits exist at a time, and only in the compute dtype. The forward
+    already has everything the gradients need, so it computes them there: three matmuls per chunk
+    (logits, grad of h, grad of weight) instead of the four of a checkpointed loss, and backward
+    only scales the stored grad_h (rows, C) and grad_weight (V, C).
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        vocab_size = weight.size(0)
+        wp = padded_rows(weight)
+        loss = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(wp) if need_w else None
+        for i in range(0, h.size(0), chunk_rows):
+            hc = h[i:i + chunk_rows]
+            part, grad = softmax_cross_entropy(hc @ wp.t(), targets[i:i + chunk_rows], vocab_size, True)
+            loss += part
+            if need_h:
+                torch.mm(grad, wp, out=grad_h[i:i + chunk_rows])
+            if need_w:
+                grad_w.addmm_(grad.t(), hc)
+        ctx.save_for_backward(grad_h, None if grad_w is None else grad_w[:vocab_size])
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss,
+                None if grad_w is None else grad_w * grad_loss, None, None)
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of CE over non-ignored targets and their count, never holding more than chunk_rows rows of logits.
 
-    Only rows with a real target are projected (padding costs nothing); each chunk is checkpointed so
-    backward recomputes its logits instead of storing them.
+    Only rows with a real target are projected (padding costs nothing).
     """
     h = h.reshape(-1, h.size(-1))
     targets = targets.reshape(-1)
@@ -235,14 +355,17 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
         bad = targets[(targets < 0) | (targets >= weight.size(0))][0].item()
         raise ModelInputError(f"target id {bad} is outside 0..{weight.size(0) - 1}; "
                               f"mark non-target positions with IGNORE_INDEX={IGNORE_INDEX}")
-    total = None
-    # at least one (possibly empty) chunk, so a batch without targets still backpropagates (zeros)
-    # into every parameter and distributed gradient hooks fire on every rank
-    for i in range(0, max(n, 1), chunk_rows):
-        part = checkpoint(_chunk_ce_sum, h[i:i + chunk_rows], weight, targets[i:i + chunk_rows],
-                          use_reentrant=False)
-        total = part if total is None else total + part
-    return total, torch.tensor(n, dtype=torch.long, device=h.device)
+    count = torch.tensor(n, dtype=torch.long, device=h.device)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        # even without targets the result stays connected (zero gradients), so every parameter
+        # gets a gradient and distributed gradient hooks fire on every rank
+        return LinearCrossEntropy.apply(h, weight, targets, chunk_rows), count
+    loss = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    wp = padded_rows(weight)
+    for i in range(0, n, chunk_rows):
+        loss += softmax_cross_entropy(h[i:i + chunk_rows] @ wp.t(), targets[i:i + chunk_rows], weight.size(0),
+                                      False)[0]
+    return loss, count
 
 
 class GraspGPT(nn.Module):
@@ -279,11 +402,12 @@ class GraspGPT(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.drop(self.model.embed_tokens(input_ids))
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.model.layers:
-            if recompute:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, cache, start_pos)
+        with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):  # also when a compiled block is traced
+            for block in self.model.layers:
+                if recompute:
+                    x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                else:
+                    x = block(x, cos, sin, cache, start_pos)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
@@ -320,8 +444,8 @@ class GraspGPT(nn.Module):
         return self.lm_head(h[:, -1:] if last_only else h)
 
     def num_params(self) -> int:
-        """Parameter count, the tied embedding counted once."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameter count, the tied embedding counted once (full sizes also when ZeRO-3 partitions them)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6N for the matmuls plus 12*L*C*T for attention."""
@@ -333,7 +457,8 @@ class GraspGPT(nn.Module):
         for name, p in self.named_parameters():  # yields the tied embedding once
             if not p.requires_grad:
                 continue
-            (decay if p.dim() == 2 and name.startswith("model.layers.") else no_decay).append(p)
+            ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves p itself empty
+            (decay if ndim == 2 and name.startswith("model.layers.") else no_decay).append(p)
         return [dict(name="decay", params=decay, weight_decay=weight_decay),
                 dict(name="no_decay", params=no_decay, weight_decay=0.0)]
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graspGPT.model import (IGNORE_INDEX, MODEL_PRESETS, GraspGPT, ModelConfig, ModelConfigError, ModelInputError,
-                            default_kv_heads)
+from graspGPT.model import (IGNORE_INDEX, MODEL_PRESETS, GraspGPT, LinearCrossEntropy, ModelConfig, ModelConfigError,
+                            ModelInputError, chunked_cross_entropy, default_kv_heads)
 
 V = 500
 
@@ -157,6 +157,63 @@ def test_chunked_loss_equals_full_ce(chunk):
     ref.backward()
     assert abs((loss_sum / n).item() - ref.item()) < 1e-5
     assert_grads_close(g_chunked, grads(model))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_fused_linear_cross_entropy_matches_plain_ce_in_fp64(chunk):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(23, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (23,), generator=g)
+    loss = LinearCrossEntropy.apply(h, w, t, chunk)
+    (loss * 3.5).backward()  # a scaled loss, as the trainer's backward of loss_sum * scale
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = F.cross_entropy(h @ w.T, t, reduction="sum")
+    (ref * 3.5).backward()
+    assert loss.dtype == torch.float64 and abs(loss.item() - ref.item()) < 1e-10
+    torch.testing.assert_close(gh, h.grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(gw, w.grad, atol=1e-12, rtol=0)
+
+
+def test_fused_linear_cross_entropy_gradcheck():
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.randint(0, 9, (6,), generator=g)
+    assert torch.autograd.gradcheck(lambda a, b: LinearCrossEntropy.apply(a, b, t, 4), (h, w))
+
+
+def test_fused_linear_cross_entropy_bf16_within_bf16_tolerance():
+    g = torch.Generator().manual_seed(5)
+    h32 = torch.randn(50, 32, generator=g)
+    w32 = torch.randn(300, 32, generator=g) * 0.3
+    t = torch.randint(0, 300, (50,), generator=g)
+    h, w = h32.bfloat16().requires_grad_(), w32.bfloat16().requires_grad_()
+    loss = LinearCrossEntropy.apply(h, w, t, 16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and h.grad.dtype == w.grad.dtype == torch.bfloat16
+    hr, wr = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = F.cross_entropy(hr @ wr.T, t, reduction="sum")
+    ref.backward()
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-2
+    for ours, theirs in ((h.grad, hr.grad), (w.grad, wr.grad)):
+        assert ((ours.double() - theirs).norm() / theirs.norm()).item() < 2e-2
+
+
+def test_fused_loss_only_what_is_needed():
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(10, 8, generator=g, requires_grad=True)
+    w = torch.randn(20, 8, generator=g)  # frozen weight: no gradient computed or returned for it
+    t = torch.randint(0, 20, (10,), generator=g)
+    loss, n = chunked_cross_entropy(h, w, t, 3)
+    loss.backward()
+    assert w.grad is None and h.grad is not None and n.item() == 10
+    with torch.no_grad():  # evaluation: the loss alone, the same value
+        loss_eval, _ = chunked_cross_entropy(h, w, t, 4)
+    assert abs(loss_eval.item() - loss.item()) < 1e-5
+    ref = F.cross_entropy(h @ w.T, t, reduction="sum")
+    assert abs(loss.item() - ref.item()) < 1e-4
 
 
 def test_padding_does_not_affect_loss_or_grads():

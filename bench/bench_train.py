@@ -1,0 +1,467 @@
+"""Training-step benchmark: the fast GraspGPT model against the plain Hugging Face model, one invocation.
+
+Each case runs the real training step (model, loss, DeepSpeed engine, optimizer) on synthetic GraspGPT
+data and prints one JSON line; then a ratio line per fast case that has a matching baseline, and a table.
+
+    python bench/bench_train.py --model gpt2 --seq-len 8192,13000 --zero 1
+    torchrun --nproc_per_node 4 bench/bench_train.py --impl fast --zero 1,2 --seq-len 8192
+    python bench/bench_train.py --seq-len builtin:600 --grad-accum 8    # the trainer's own data pipeline
+    python bench/bench_train.py --case baseline/gpt2/8192/1 --case fast/gpt2/8192/1/8   # explicit cases
+
+Implementations (--impl, comma-separated):
+  baseline   transformers Qwen2ForCausalLM, sdpa attention, cross-entropy on the full fp32-cast logits
+  fast       graspGPT.model.GraspGPT as the trainer builds it
+  fast+X     fast with a switch: +cudnn (cuDNN attention first instead of flash), +eager (no
+             torch.compile), +ckpt (activation checkpointing); switches combine (fast+cudnn+ckpt)
+Both use the same DeepSpeed config: the ZeRO section of deepspeed_config.json with the stage asked,
+bf16, gradient clipping 2.0, and torch's fused AdamW (lr 2e-4, betas 0.9/0.95, weight decay 0.01).
+
+--seq-len: a fixed T (rows of T+1 tokens cut from concatenated synthetic scenes, so no padding), or
+builtin:N, the built-in data set of N scenes through the trainer's own sampling, augmentation,
+batching and prefetching loader (lengths vary, padding is real).
+
+Figures: tokens/s per GPU counts real target tokens only. MFU = tokens/s per GPU x (6N + 12*L*d*T)
+/ 989e12 (H100 SXM dense bf16 peak), T the length of each row. Peak memory is the largest
+torch.cuda.max_memory_allocated of all ranks. data_wait_frac is the host time spent obtaining
+batches over the timed span; padding_frac is 1 - real targets / batch positions.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import itertools
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import graspGPT.model as gm  # noqa: E402
+from graspGPT.data.dataset import Batch, collate  # noqa: E402
+from graspGPT.data.vocab import Vocab, Workspace  # noqa: E402
+
+PEAK_FLOPS = 989e12
+MFU_DEF = "tokens/s/GPU x (6N + 12*L*d*T) / 989e12 (H100 SXM dense bf16)"
+VOXEL = 0.0075  # the built-in data set's default; V = 147,219
+DEFAULTS = dict(compile=gm.COMPILE, attention=list(gm.ATTENTION_BACKENDS))
+CUDNN_FIRST = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION] + DEFAULTS["attention"]
+
+
+class HFWithLoss(nn.Module):
+    """The baseline: Qwen2ForCausalLM logits, cast to fp32, plain cross-entropy; same (sum, count) contract."""
+
+    def __init__(self, hf):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, input_ids, targets):
+        logits = self.hf(input_ids=input_ids, use_cache=False).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=gm.IGNORE_INDEX,
+                               reduction="sum")
+        return loss, (targets != gm.IGNORE_INDEX).sum()
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict]:
+    """The trainer's rule (decay the 2-D weights of the layers only) for either implementation."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (decay if ndim == 2 and "model.layers." in name else no_decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def ds_config(zero: int, micro: int, accum: int, world: int, bf16: bool, lr: float = 2e-4,
+              overrides: tuple[str, ...] = ()) -> dict:
+    """The DeepSpeed config of both implementations; overrides are "dotted.key=JSON value" strings."""
+    zero_section = json.loads((ROOT / "deepspeed_config.json").read_text())["zero_optimization"]
+    cfg = {
+        "train_batch_size": micro * accum * world,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": 2.0,
+        "zero_optimization": {**zero_section, "stage": zero},
+        "bf16": {"enabled": bf16},
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.01,
+                                                  "torch_adam": True, "fused": True}},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        node = cfg
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = json.loads(value)
+    return cfg
+
+
+def model_config(model_type: str, vocab_size: int, block_size: int, ckpt: bool = False) -> gm.ModelConfig:
+    return gm.ModelConfig.from_shape(model_type, vocab_size=vocab_size, block_size=block_size,
+                                     activation_checkpointing=ckpt)
+
+
+def build_model(impl: str, mcfg: gm.ModelConfig, device: torch.device, seed: int = 0,
+                weights: dict | None = None) -> nn.Module:
+    """The model of `impl` ("baseline" or "fast") on `device`, seeded, or with the GraspGPT state dict `weights`."""
+    torch.manual_seed(seed)
+    if impl == "fast":
+        with device:
+            model = gm.GraspGPT(mcfg)
+        if weights is not None:
+            model.load_state_dict(weights, strict=True)
+        return model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    with torch.device("meta"):
+        hf_cfg = Qwen2Config.from_dict(gm.GraspGPT(mcfg).to_hf_config(dtype="float32"))
+    with device:
+        hf = Qwen2ForCausalLM._from_config(hf_cfg, attn_implementation="sdpa", dtype=torch.float32)
+    if weights is not None:
+        hf.load_state_dict(weights, strict=True)  # the state-dict keys are the same
+    return HFWithLoss(hf)
+
+
+def apply_switches(impl: str) -> tuple[str, set[str]]:
+    """("baseline"|"fast", switches), setting model.py's measuring switches for this case."""
+    base, *switches = impl.split("+")
+    unknown = set(switches) - {"cudnn", "eager", "ckpt"}
+    if base not in ("baseline", "fast") or unknown or (base == "baseline" and switches):
+        raise SystemExit(f"error: unknown implementation {impl!r}; use baseline, fast, or fast+cudnn/+eager/+ckpt")
+    gm.COMPILE = DEFAULTS["compile"] and "eager" not in switches
+    gm.ATTENTION_BACKENDS = CUDNN_FIRST if "cudnn" in switches else DEFAULTS["attention"]
+    torch._dynamo.reset()  # every case compiles afresh (the attention kernel is fixed when tracing)
+    return base, set(switches)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+class ScenePool:
+    """Concatenated token ids of built-in synthetic scenes, grown on demand (the same for every rank)."""
+
+    def __init__(self, seed: int = 0):
+        from graspGPT.data.synth import generate_scenes
+        self.scenes = generate_scenes(10**9, seed, Workspace(voxel_size=VOXEL))
+        self.tokens = np.zeros(0, dtype=np.int64)
+
+    def window(self, index: int, length: int) -> np.ndarray:
+        while len(self.tokens) < 4 * length:
+            self.tokens = np.concatenate([self.tokens, *itertools.islice(self.scenes, 64)])
+        start = (index * 7919 * length) % (len(self.tokens) - length)
+        return self.tokens[start:start + length]
+
+
+class FixedLengthData:
+    """Micro-batches of `micro` rows of exactly T positions: no padding, every position a target."""
+
+    def __init__(self, pool: ScenePool, T: int, micro: int, accum: int, rank: int, world: int):
+        self.pool, self.T, self.micro, self.accum, self.rank, self.world = pool, T, micro, accum, rank, world
+        self.step = 0
+
+    def __next__(self) -> tuple[list[Batch], int, float]:
+        t0 = time.perf_counter()
+        first = ((self.step * self.world + self.rank) * self.accum) * self.micro
+        batches = [collate([self.pool.window(first + a * self.micro + m, self.T + 1) for m in range(self.micro)],
+                           pad_id=0) for a in range(self.accum)]
+        self.step += 1
+        return [pin(b) for b in batches], self.micro * self.accum * self.T * self.world, time.perf_counter() - t0
+
+    def close(self):
+        pass
+
+
+class BuiltinData:
+    """The trainer's pipeline: built-in data set of N scenes, augmentation, length-grouped batches, prefetch."""
+
+    def __init__(self, num_scenes: int, max_len: int, micro: int, accum: int, rank: int, world: int, device):
+        from graspGPT.config import DatasetConfig
+        from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples
+        from graspGPT.data.source import builtin_dataset, open_dataset
+        dcfg = DatasetConfig(synthetic_scenes=num_scenes, max_sequence_length=max_len)
+        seed = 42
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            builtin_dataset(num_scenes, seed, dcfg.synthetic_voxel_size, dcfg.synthetic_task_mix,
+                            dcfg.max_grasps_per_object)
+        dist.barrier()
+        store = open_dataset(builtin_dataset(num_scenes, seed, dcfg.synthetic_voxel_size, dcfg.synthetic_task_mix,
+                                             dcfg.max_grasps_per_object))
+        train_idx, _ = store.split(dcfg.val_fraction, seed)
+        samples = TrainingSamples(store, train_idx, max_len, AugmentConfig.of(dcfg), seed, overlong=dcfg.overlong)
+        schedule = BatchSchedule(samples.lengths, micro, accum, world, seed)
+        self.loader = BatchLoader(samples, schedule, rank, 0, pad_id=store.vocab.end, max_len=max_len)
+        self.device = device
+
+    def __next__(self) -> tuple[list[Batch], int | None, float]:
+        t0 = time.perf_counter()
+        sb = next(self.loader)
+        return [pin(b) for b in sb.micro], None, time.perf_counter() - t0
+
+    def close(self):
+        self.loader.close()
+
+
+def pin(b: Batch) -> Batch:
+    if not torch.cuda.is_available():
+        return b
+    return Batch(b.input_ids.pin_memory(), b.targets.pin_memory(), b.num_targets, b.num_tokens)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+def run_case(impl: str, model_type: str, seq: str, zero: int, args, pool: ScenePool) -> dict:
+    import deepspeed
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+    base, switches = apply_switches(impl)
+    vocab_size = Vocab.for_workspace(Workspace(voxel_size=VOXEL)).size
+    builtin = seq.startswith("builtin:")
+    max_len = args.max_len if builtin else int(seq) + 1
+    mcfg = model_config(model_type, vocab_size, max_len, ckpt="ckpt" in switches)
+    cfg = ds_config(zero, args.micro_batch, args.grad_accum, world, bf16=on_gpu, overrides=tuple(args.ds))
+
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    mem_before = torch.cuda.memory_allocated() / 2**30 if on_gpu else 0.0
+    t_init = time.perf_counter()
+    if zero == 3:  # parameters partitioned as they are created, as the trainer does
+        with deepspeed.zero.Init(config_dict_or_path=cfg):
+            model = build_model(base, mcfg, device)
+    else:
+        model = build_model(base, mcfg, device)
+    with torch.device("meta"):
+        n_params = gm.GraspGPT(mcfg).num_params()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
+    init_s = time.perf_counter() - t_init
+
+    data = (BuiltinData(int(seq.split(":")[1]), max_len, args.micro_batch, args.grad_accum, rank, world, device)
+            if builtin else FixedLengthData(pool, int(seq), args.micro_batch, args.grad_accum, rank, world))
+    host = dict(forward=0.0, backward=0.0, step=0.0)  # host seconds inside each engine call
+
+    def step():
+        micro, global_targets, wait = next(data)
+        rows = [int(r) for b in micro for r in (b.targets != gm.IGNORE_INDEX).sum(1)]
+        counts = {"targets": sum(rows), "positions": sum(b.num_tokens for b in micro),
+                  "flops": sum(r * (6 * n_params + 12 * mcfg.n_layer * mcfg.n_embd * r) for r in rows)}
+        # the global target count, as the trainer divides by it; made on the device (torch.full: no copy,
+        # no host sync) and, when lengths vary, summed over ranks there
+        total = torch.full((), float(global_targets or counts["targets"]), device=device)
+        if global_targets is None:
+            dist.all_reduce(total)
+        scale = world * args.grad_accum / total.clamp(min=1.0)
+        losses = []
+        for b in micro:
+            t0 = time.perf_counter()
+            loss, _ = engine(b.input_ids.to(device, non_blocking=True), b.targets.to(device, non_blocking=True))
+            t1 = time.perf_counter()
+            engine.backward(loss * scale)
+            t2 = time.perf_counter()
+            engine.step()
+            host["forward"] += t1 - t0
+            host["backward"] += t2 - t1
+            host["step"] += time.perf_counter() - t2
+            losses.append(loss.detach())
+        return counts, wait, torch.stack(losses).sum() / total
+
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    t0 = time.perf_counter()
+    step()  # the first step compiles; kept apart from the steady state
+    sync()
+    first_step_s = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+        step()
+    sync()
+    totals = dict(targets=0, positions=0, flops=0, wait=0.0)
+    losses = []
+    host.update(forward=0.0, backward=0.0, step=0.0)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        counts, wait, loss = step()
+        for k in ("targets", "positions", "flops"):
+            totals[k] += counts[k]
+        totals["wait"] += wait
+        losses.append(loss)
+    sync()
+    elapsed = time.perf_counter() - t0
+    host_ms = {k: round(1000 * v / args.steps, 1) for k, v in host.items()}
+    if args.profile and rank == 0 and on_gpu:
+        profile(step, impl)
+    if args.trace and rank == 0 and on_gpu:
+        trace(step, Path(args.trace) / f"trace_{impl}_{model_type}_{seq}_z{zero}.json.gz".replace(":", "-"))
+    data.close()
+
+    last_loss = losses[-1].clone()
+    dist.all_reduce(last_loss)  # each rank holds its share of the global mean
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0], device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    sums = torch.tensor([totals["targets"], totals["positions"], totals["flops"]], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)  # every rank's real tokens; rates are then per GPU
+    tokens_per_s = sums[0].item() / elapsed / world
+    result = {
+        "impl": impl, "model": model_type, "params_M": round(n_params / 1e6, 1), "seq_len": seq, "zero": zero,
+        "gpus": world, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "steps": args.steps,
+        "tokens_per_s_per_gpu": round(tokens_per_s), "mfu": round(sums[2].item() / elapsed / world / PEAK_FLOPS, 4),
+        "mfu_def": MFU_DEF, "peak_mem_gb": round(peak.item(), 2),
+        "padding_frac": round(1 - sums[0].item() / max(sums[1].item(), 1), 4),
+        "data_wait_frac": round(totals["wait"] / elapsed, 4), "step_ms": round(1000 * elapsed / args.steps, 1),
+        "first_step_s": round(first_step_s, 1), "init_s": round(init_s, 1), "mem_before_gb": round(mem_before, 2),
+        "loss_last": round(float(last_loss), 4), "host_ms_per_step": host_ms, "ds": args.ds,
+    }
+    if base == "baseline":
+        result["attn_implementation"] = model.hf.config._attn_implementation
+    engine.destroy() if hasattr(engine, "destroy") else None
+    del engine, model, data
+    gc.collect()
+    return result
+
+
+def profile(step, impl: str, top: int = 25):
+    """The heaviest GPU kernels of two steps, as one JSON line."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        step()
+        step()
+        torch.cuda.synchronize()
+    rows = sorted(p.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:top]
+    total = sum(e.device_time_total for e in p.key_averages())
+    print(json.dumps({"profile": impl, "gpu_ms_per_step": round(total / 2e3, 2),
+                      "kernels": [[e.key[:90], round(e.device_time_total / 2e3, 3), e.count // 2] for e in rows]}),
+          flush=True)
+
+
+def trace(step, path: Path):
+    """A gzipped Chrome trace (host and GPU) of one step, for finding where the GPU waits."""
+    import gzip
+    import tempfile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        p.export_chrome_trace(tmp.name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp.name, "rb") as src, gzip.open(path, "wb") as dst:
+            dst.write(src.read())
+
+
+def environment() -> dict:
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        env.update(device=torch.cuda.get_device_name(), cudnn=torch.backends.cudnn.version())
+    import deepspeed
+    import transformers
+    env.update(deepspeed=deepspeed.__version__, transformers=transformers.__version__)
+    return env
+
+
+def init_distributed():
+    import deepspeed
+    if "RANK" not in os.environ:  # a plain `python bench/...`: one rank
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def label(r: dict) -> str:
+    """The implementation, with its DeepSpeed overrides if any."""
+    return r["impl"] + (f" [{', '.join(r['ds'])}]" if r.get("ds") else "")
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| impl | model | GPUs | ZeRO | T | accum | tokens/s/GPU | MFU | peak GB | vs baseline |",
+             "|" + "---|" * 10]
+    for r in results:
+        lines.append(f"| {label(r)} | {r['model']} | {r['gpus']} | {r['zero']} | {r['seq_len']} | {r['grad_accum']} | "
+                     f"{r['tokens_per_s_per_gpu']:,} | {r['mfu']:.1%} | {r['peak_mem_gb']} | {r.get('ratio', '')} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--impl", default="baseline,fast")
+    ap.add_argument("--model", default="gpt2", help="presets, comma-separated (gpt-mini, gpt2, gpt2-large, ...)")
+    ap.add_argument("--seq-len", default="8192", help="comma-separated: T values and/or builtin:N")
+    ap.add_argument("--zero", default="1", help="ZeRO stages, comma-separated")
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--max-len", type=int, default=13000, help="max_sequence_length for builtin:N")
+    ap.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps, the first one compiles")
+    ap.add_argument("--profile", action="store_true", help="also print the heaviest kernels of each case")
+    ap.add_argument("--case", action="append", default=[], metavar="IMPL/MODEL/T/ZERO[/ACCUM]",
+                    help="run these cases instead of the product of the lists above (repeatable)")
+    ap.add_argument("--ds", action="append", default=[], metavar="KEY=JSON",
+                    help="override a DeepSpeed config entry for every case, e.g. timers.throughput.enabled=false")
+    ap.add_argument("--trace", metavar="DIR", help="also write a gzipped Chrome trace of one step of each case")
+    ap.add_argument("--out", help="append the JSON lines to this file too")
+    args = ap.parse_args()
+    if args.warmup < 1 or args.steps < 1:
+        raise SystemExit("error: --warmup and --steps must be >= 1")
+
+    init_distributed()
+    rank = dist.get_rank()
+    env = environment()
+    pool = ScenePool()
+    results = []
+
+    def emit(obj):
+        if rank == 0:
+            line = json.dumps(obj)
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
+
+    emit({"env": env, "gpus": dist.get_world_size()})
+    cases = [(m, t, int(z), i, args.grad_accum) for m, t, z, i in itertools.product(
+        args.model.split(","), args.seq_len.split(","), args.zero.split(","), args.impl.split(","))]
+    if args.case:
+        cases = []
+        for c in args.case:
+            impl, model_type, seq, zero, *accum = c.split("/")
+            cases.append((model_type, seq, int(zero), impl, int(accum[0]) if accum else args.grad_accum))
+    for model_type, seq, zero, impl, accum in cases:
+        args.grad_accum = accum
+        try:
+            r = run_case(impl, model_type, seq, zero, args, pool)
+        except torch.OutOfMemoryError as exc:
+            r = {"impl": impl, "model": model_type, "seq_len": seq, "zero": zero, "gpus": dist.get_world_size(),
+                 "grad_accum": accum, "ds": args.ds, "error": f"out of memory: {str(exc).splitlines()[0][:200]}"}
+            gc.collect()
+            torch.cuda.empty_cache()
+        r.update(device=env.get("device", "cpu"), date=env["date"])
+        base = next((b for b in results if b["impl"] == "baseline" and "error" not in b
+                     and all(b.get(k) == r.get(k) for k in ("model", "seq_len", "zero", "gpus", "ds", "grad_accum"))),
+                    None)
+        if base is not None and "error" not in r:
+            r["ratio"] = round(r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"], 2)
+            if base["peak_mem_gb"]:
+                r["mem_ratio"] = round(r["peak_mem_gb"] / base["peak_mem_gb"], 2)
+        results.append(r)
+        emit(r)
+    if rank == 0:
+        print(table([r for r in results if "error" not in r]), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

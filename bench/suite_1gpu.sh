@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The single-GPU figures of docs/BENCHMARKS.md in one go (about 6 minutes on one H100).
+#   OUT=results bash bench/suite_1gpu.sh [parts...]      parts: final curves diag (default: final curves)
+# final:  every fixed-length case beside the baseline in one process, then the real trainer
+#         against the harness on the built-in data set
+# curves: 300-step loss curves, fast vs baseline
+# diag:   DeepSpeed settings and attention kernels on varying lengths, with Chrome traces
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-results}
+mkdir -p "$OUT"
+export GRASPGPT_NO_PROGRESS=1 GRASPGPT_CACHE=${GRASPGPT_CACHE:-/tmp/graspgpt-cache} PYTHONUNBUFFERED=1
+parts=${*:-final curves}
+log="$OUT/log.txt"
+run() {  # a command whose output goes to the log; failures to the screen
+  echo "+ $*" >> "$log"
+  "$@" >> "$log" 2>&1 || { echo "FAILED ($?): $*"; tail -n 15 "$log"; }
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv > "$OUT/gpu.txt"
+B="python3 bench/bench_train.py --out $OUT/bench.jsonl --warmup 3 --steps 15"
+BUILTIN="python3 bench/bench_train.py --seq-len builtin:600 --max-len 13000 --grad-accum 8"
+for part in $parts; do
+  case $part in
+    final)
+      C=""
+      for c in baseline/gpt2/8192/1 fast/gpt2/8192/1 fast+cudnn/gpt2/8192/1 baseline/gpt2/13000/1 fast/gpt2/13000/1 \
+               baseline/gpt2/16384/1 fast/gpt2/16384/1 baseline/gpt-mini/8192/1 fast/gpt-mini/8192/1 \
+               baseline/gpt2/8192/1/8 fast/gpt2/8192/1/8; do C="$C --case $c"; done
+      run $B --profile $C
+      run bash run_deepspeed_training.sh 1 --config bench/trainer_compare.json --no_wandb --max_iters 40
+      grep -h "step .*tokens/s" /tmp/graspgpt-trainer-compare/training_rank_0.log > "$OUT/trainer.log"
+      run $BUILTIN --out "$OUT/bench_builtin.jsonl" --zero 2 --impl fast --warmup 20 --steps 20 ;;
+    curves)
+      run python3 bench/loss_curves.py --model gpt2 --seq-len 2048 --micro-batch 2 --steps 300 --out "$OUT/curves.jsonl" ;;
+    diag)
+      run $B --model gpt2 --seq-len 8192 --impl baseline,fast --trace "$OUT"
+      run $B --model gpt2 --seq-len 8192 --impl fast --zero 0,1,2 --ds timers.throughput.enabled=false
+      run $B --model gpt2 --seq-len 8192 --impl fast --ds zero_optimization.overlap_comm=false
+      run $BUILTIN --out "$OUT/bench_builtin.jsonl" --zero 1 --impl fast,fast+cudnn,fast+eager --warmup 2 --steps 8 ;;
+    *) echo "unknown part $part (final, curves, diag)"; exit 2 ;;
+  esac
+done
+[ -f "$OUT/curves.jsonl" ] && grep -h summary "$OUT/curves.jsonl"
+[ -f "$OUT/trainer.log" ] && cat "$OUT/trainer.log"
+python3 bench/report.py "$OUT"/bench*.jsonl
