@@ -9,8 +9,9 @@
 #   decide the ranks (N is ignored).
 # Everything else goes to graspGPT/train_deepspeed.py (see its --help).
 # CUDA_VISIBLE_DEVICES is respected as the caller set it.
-# SIGTERM, SIGINT or SIGUSR1 to this script reaches every local rank: they agree on a step,
-# save a checkpoint and exit 0.
+# SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 to this script reaches every local rank: they agree on a step,
+# save a checkpoint and exit 0 (then so does this script). Before the ranks exist it ends the launch.
+# (Signalled directly, `deepspeed` itself would SIGTERM the ranks and SIGKILL them 30 s later, exit 1.)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -74,15 +75,19 @@ setsid "$python" -m deepspeed.launcher.runner "${launcher_args[@]}" \
   "$root/graspGPT/train_deepspeed.py" "${train_args[@]}" &
 launcher=$!
 
-forward() {  # hand the signal to the training ranks themselves, not to deepspeed's launcher (it would kill them)
-  local sig=$1 pids
-  pids=$(pgrep -f "$root/graspGPT/train_deepspeed.py" | grep -v "^$launcher\$" || true)
-  for pid in $pids; do
-    if [[ "$(ps -o comm= -p "$pid" 2>/dev/null)" == python* ]] && \
-       tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "--local_rank"; then
-      kill -s "$sig" "$pid" 2>/dev/null || true
+descendants() {
+  local child
+  for child in $(pgrep -P "$1"); do echo "$child"; descendants "$child"; done
+}
+forward() {  # hand the signal to this launch's training ranks, not to deepspeed's launcher (it would kill them)
+  local sig=$1 pid found=""
+  for pid in $(descendants "$launcher"); do
+    # The ranks are the children of deepspeed's per-node launch.py.
+    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q "deepspeed.launcher.launch"; then
+      pkill -"$sig" -P "$pid" && found=1
     fi
   done
+  [[ -n "$found" ]] || kill -s "$sig" -- "-$launcher" 2>/dev/null || true  # no rank yet: nothing to save
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT

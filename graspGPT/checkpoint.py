@@ -1,10 +1,18 @@
-"""Checkpoints: `OUTPUT/checkpoint_iter_N/` (N = optimizer steps) and an `OUTPUT/latest` pointer.
+"""Checkpoints: `OUTPUT/checkpoint_iter_N/` (N = optimizer steps), `OUTPUT/latest`, resume and retention.
 
-A checkpoint directory holds DeepSpeed's shards (written by `engine.save_checkpoint`, pickles that
-must come from a trusted source) plus the toolkit's own state, which never goes through pickle:
-`toolkit_state.json` (step, config, world size) and `rng_rank{r}.safetensors` + `rng_rank{r}.json`
-(python/numpy/torch/device RNG states of each rank). `COMPLETE` is written by rank 0 after every rank
-has finished writing; `latest` is updated only after that. A directory without `COMPLETE` is never used.
+A checkpoint directory holds
+  DeepSpeed's shards              written by `engine.save_checkpoint`; pickles, so load only checkpoints
+                                  from a trusted source
+  toolkit_state.json              step, config, model shape, vocabulary, world size, ZeRO stage, counters
+  rng_rank{r}.json/.safetensors   python/numpy/torch/device RNG states of rank r
+  COMPLETE                        written last, by rank 0, once every rank has written its files: JSON
+                                  naming every file of the checkpoint with its size
+A directory without COMPLETE (a save that was killed) is never used; `latest` is replaced atomically
+after COMPLETE. The toolkit's own state never goes through pickle.
+
+Every function that can fail because of a checkpoint raises CheckpointError; `agree` runs such a
+function on every rank and raises on all of them if it failed on any, so no rank is left waiting in
+a collective.
 """
 from __future__ import annotations
 
@@ -13,8 +21,11 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +36,9 @@ PREFIX = "checkpoint_iter_"
 MARKER = "COMPLETE"
 STATE_FILE = "toolkit_state.json"
 LATEST = "latest"
+UNIVERSAL = ".universal"  # in the output directory: a checkpoint converted for another world size, while loading
+
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
@@ -46,8 +60,12 @@ def is_complete(path: Path) -> bool:
 
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints in `output_dir`, oldest first."""
-    found = [p for p in output_dir.glob(PREFIX + "*") if p.is_dir() and step_of(p) is not None and is_complete(p)]
+    found = [p for p in Path(output_dir).glob(PREFIX + "*") if p.is_dir() and step_of(p) is not None and is_complete(p)]
     return sorted(found, key=step_of)
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
 
 
 # -- where to resume from -------------------------------------------------------
@@ -81,6 +99,25 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
+def check_output_dir(output_dir: Path, resume: Path | None) -> None:
+    """Checkpoints of one run only: a run never mixes its checkpoints with, or prunes, those of another.
+
+    A fresh start (or a resume from elsewhere) needs an output directory without checkpoints; a resume
+    from inside it needs every other checkpoint there to be older than the one it resumes from.
+    """
+    found = complete_checkpoints(output_dir)
+    if resume is not None and any(_same(p, resume) for p in found):
+        newer = [p.name for p in found if step_of(p) > step_of(resume)]
+        if newer:
+            raise CheckpointError(
+                f"{output_dir}: holds {', '.join(newer)}, newer than {resume.name}; resuming there would mix two "
+                f"runs. Resume into another --output_dir, or move the newer checkpoints away")
+    elif found:
+        raise CheckpointError(
+            f"{output_dir}: already holds checkpoints of another run (newest {found[-1].name}); pass --resume auto "
+            f"to continue it, or choose another --output_dir")
+
+
 def read_state(path: Path) -> dict:
     try:
         return json.loads((path / STATE_FILE).read_text())
@@ -103,6 +140,131 @@ def check_compatible(path: Path, state: dict, model_shape: dict, vocab_meta: dic
     if problems:
         raise CheckpointError(f"{path / STATE_FILE}: does not match this run: " + "; ".join(problems)
                               + ". Resume with the same model and data, or start fresh in another --output_dir")
+
+
+def verify_files(path: Path) -> None:
+    """Every file COMPLETE lists is there with its size: a missing or truncated shard is named before
+    DeepSpeed would fail on it deep inside torch.load (and on some ranks only)."""
+    try:
+        files = json.loads((path / MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / MARKER}: unreadable ({exc}); the checkpoint is damaged, "
+                              f"resume from an earlier one") from exc
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing from the checkpoint; copy it back, or resume from an earlier one")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes but {size} when saved (truncated or modified); "
+                                  f"copy it again, or resume from an earlier one")
+
+
+def needs_conversion(path: Path, state: dict, world: int, zero_stage: int) -> bool:
+    """Whether DeepSpeed's partitioned optimizer state must be re-cut for this run's world size or stage."""
+    saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
+    group = {0: "0", 1: "1 or 2", 2: "1 or 2", 3: "3"}
+    if group.get(saved_stage) != group[zero_stage]:
+        raise CheckpointError(f"{path / STATE_FILE}: saved with ZeRO stage {saved_stage}, but this run uses stage "
+                              f"{zero_stage}; resume with --zero_stage {group.get(saved_stage, saved_stage)}")
+    partitioned = any(path.glob("*optim_states.pt"))  # ZeRO 1-3 and bf16 stage 0 split it over the ranks
+    return partitioned and (saved_world, saved_stage) != (world, zero_stage)
+
+
+@dataclass
+class ResumePlan:
+    path: Path
+    state: dict
+    convert: bool  # through DeepSpeed's universal checkpoint (another world size or ZeRO stage)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def plan_resume(resume: str | None, output_dir: Path, world: int, zero_stage: int, model_shape: dict,
+                vocab_meta: dict) -> ResumePlan | None:
+    """Everything about a resume that can be checked before the engine exists (files only, no collective)."""
+    path = resolve_resume(resume, output_dir)
+    check_output_dir(output_dir, path)
+    if path is None:
+        return None
+    state = read_state(path)
+    check_compatible(path, state, model_shape, vocab_meta)
+    verify_files(path)
+    return ResumePlan(path, state, needs_conversion(path, state, world, zero_stage))
+
+
+# -- agreement between ranks ---------------------------------------------------------
+def agree(device, fn: Callable[..., T], *args) -> T:
+    """fn(*args) on every rank; if it raises CheckpointError on any rank, raise on all of them.
+
+    The all-reduce also acts as a barrier. Call it where every rank calls it, with fn failing before
+    any collective of its own.
+    """
+    error, result = None, None
+    try:
+        result = fn(*args)
+    except CheckpointError as exc:
+        error = exc
+    failed = torch.zeros(dist.get_world_size(), dtype=torch.float32, device=device)
+    failed[dist.get_rank()] = error is not None
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    ranks = [str(r) for r, f in enumerate(failed.tolist()) if f]
+    if ranks:
+        raise CheckpointError(f"rank(s) {', '.join(ranks)} failed (see the error they printed); stopping every rank")
+    return result
+
+
+def check_same_plan(device, plan: ResumePlan | None) -> None:
+    """Every rank resumes from the same step (or none): ranks on nodes that do not share the output
+    directory's file system, or see it with a delay, would each load another checkpoint."""
+    step = plan.step if plan is not None else -1
+    bounds = torch.tensor([step, -step], dtype=torch.float64, device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    if bounds[0] != -bounds[1]:
+        raise CheckpointError(f"the ranks found different checkpoints to resume from (steps {int(-bounds[1])} to "
+                              f"{int(bounds[0])}; -1 is none): put the output directory on a file system every node "
+                              f"shares, or pass --resume with one checkpoint directory")
+
+
+# -- load ---------------------------------------------------------------------------
+def _convert_to_universal(path: Path, output_dir: Path) -> None:
+    """DeepSpeed's universal checkpoint of `path`, into OUTPUT/.universal/ (by rank 0, in a separate process)."""
+    target = output_dir / UNIVERSAL / path.name
+    shutil.rmtree(output_dir / UNIVERSAL, ignore_errors=True)
+    target.parent.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "4",
+           "--num_merge_workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+        raise CheckpointError(f"{path}: conversion to DeepSpeed's universal checkpoint failed ({' | '.join(tail)}); "
+                              f"resume with the world size and ZeRO stage it was saved with")
+
+
+def _load_engine(engine, path: Path) -> None:
+    try:
+        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    except Exception as exc:  # DeepSpeed raises whatever torch.load or its own checks raise
+        raise CheckpointError(f"{path}: DeepSpeed could not load it ({type(exc).__name__}: {exc}); "
+                              f"resume from an earlier checkpoint") from exc
+    if loaded is None:
+        raise CheckpointError(f"{path}: DeepSpeed found no model states in it; resume from an earlier checkpoint")
+
+
+def load(engine, plan: ResumePlan, output_dir: Path, rank: int, device) -> None:
+    """Weights, optimizer, LR schedule into `engine`, on every rank; converted first when `plan.convert`."""
+    source = plan.path
+    if plan.convert:
+        convert = _convert_to_universal if rank == 0 else lambda *_: None
+        agree(device, convert, plan.path, output_dir)  # the other ranks wait in agree's all-reduce
+        source = output_dir / UNIVERSAL / plan.path.name
+    agree(device, _load_engine, engine, source)
+    if plan.convert and rank == 0:
+        shutil.rmtree(output_dir / UNIVERSAL, ignore_errors=True)
 
 
 # -- RNG state, per rank, without pickle ---------------------------------------------
@@ -138,25 +300,56 @@ def _save_rng(path: Path, rank: int) -> None:
     (path / f"rng_rank{rank}.json").write_text(json.dumps({"python": s.python, "numpy": numpy_state}))
 
 
-def load_rng(path: Path, rank: int) -> RngState | None:
-    """This rank's RNG state, or None when the checkpoint had fewer ranks (world-size change)."""
+def load_rng(path: Path, rank: int) -> RngState:
     jpath, tpath = path / f"rng_rank{rank}.json", path / f"rng_rank{rank}.safetensors"
-    if not jpath.is_file() or not tpath.is_file():
-        return None
     try:
         meta = json.loads(jpath.read_text())
         tensors = load_file(str(tpath))
-    except Exception as exc:
-        raise CheckpointError(f"{jpath.parent}: RNG state of rank {rank} is damaged ({exc})") from exc
-    numpy_state = meta["numpy"]
-    numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
-    return RngState(meta["python"], numpy_state, tensors["torch"], tensors.get("device"))
+        numpy_state = meta["numpy"]
+        numpy_state["state"]["key"] = np.asarray(numpy_state["state"]["key"], dtype=np.uint32)
+        return RngState(meta["python"], numpy_state, tensors["torch"], tensors.get("device"))
+    except Exception as exc:  # json, safetensors and a missing key each raise their own kind
+        raise CheckpointError(f"{jpath}: RNG state of rank {rank} is damaged ({exc}); "
+                              f"resume from an earlier checkpoint") from exc
+
+
+def resume_rng(plan: ResumePlan, rank: int, world: int, seed: int) -> bool:
+    """Each rank's saved RNG streams (exact resume); after a world-size change, fresh streams seeded
+    from (seed, step, rank), as a rank's stream has no counterpart then. True when restored."""
+    if plan.state.get("world_size") == world:
+        restore_rng(load_rng(plan.path, rank))
+        return True
+    s = int(np.random.SeedSequence([seed, plan.step, rank]).generate_state(1)[0])
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+    return False
+
+
+def changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """`section.key old -> new` for every setting that differs from the checkpoint's config."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{prefix}{key}.")
+        elif a != b and f"{prefix}{key}" not in ("trainer.resume", "trainer.init_from", "system.output_dir"):
+            out.append(f"{prefix}{key} {json.dumps(a)} -> {json.dumps(b)}")
+    return out
 
 
 # -- save ---------------------------------------------------------------------------
 def _barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -166,35 +359,64 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
-def save(engine, output_dir: Path, step: int, state: dict, rank: int, keep_last: int,
-         protect: Path | None = None) -> Path:
-    """Every rank calls this. Returns the checkpoint directory once it is complete everywhere."""
-    tag = tag_for(step)
-    path = output_dir / tag
-    if rank == 0 and path.exists():  # a leftover from an interrupted save of the same step
-        shutil.rmtree(path)
-    _barrier()
-    engine.save_checkpoint(str(output_dir), tag=tag, save_latest=False)
-    _save_rng(path, rank)
-    if rank == 0:
-        _atomic_write(path / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
-    _barrier()  # every rank's shards and RNG files are on disk
-    if rank == 0:
-        _atomic_write(path / MARKER, f"{step}\n")
-        _atomic_write(output_dir / LATEST, f"{tag}\n")
-        _prune(output_dir, keep_last, protect)
-    _barrier()
-    return path
+def _remove(path: Path) -> None:
+    """Marker first: a removal cut short leaves an incomplete directory, never a damaged complete one."""
+    (path / MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
-def _prune(output_dir: Path, keep_last: int, protect: Path | None) -> None:
-    """Delete complete checkpoints beyond the newest `keep_last`, never the one this run resumed from."""
-    done = complete_checkpoints(output_dir)
-    keep = set(done[-keep_last:])
-    if protect is not None:
-        keep.add(protect.resolve() if protect.resolve().parent == output_dir.resolve() else protect)
-    for p in done:
-        if p not in keep and p.resolve() not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+class Saver:
+    """Writes checkpoints for one run and prunes old ones.
+
+    Keeps the newest `keep_last` complete checkpoints plus the one the run resumed from; never writes
+    a step that is already on disk for this output directory (the resumed-from checkpoint, or a save
+    this run made), so a stop right after a save or right after a resume costs nothing.
+    """
+
+    def __init__(self, engine, output_dir: Path, rank: int, keep_last: int, plan: ResumePlan | None):
+        self.engine, self.output_dir, self.rank, self.keep_last = engine, Path(output_dir), rank, keep_last
+        self.protect = plan.path if plan is not None else None
+        here = plan is None or _same(plan.path.parent, self.output_dir)
+        self.last_step = (plan.step if plan is not None else 0) if here else None
+
+    def __call__(self, step: int, state: dict) -> Path | None:
+        """Every rank calls this. The checkpoint directory, once complete everywhere; None if nothing new."""
+        if step == self.last_step:
+            return None
+        tag = tag_for(step)
+        path = self.output_dir / tag
+        if self.rank == 0 and path.exists():  # a leftover of a save that was killed
+            _remove(path)
+        _barrier()
+        try:
+            self.engine.save_checkpoint(str(self.output_dir), tag=tag, save_latest=False)
+            _save_rng(path, self.rank)
+            if self.rank == 0:
+                _atomic_write(path / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
+        except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, through torch.save
+            raise CheckpointError(f"{path}: could not write the checkpoint ({type(exc).__name__}: {exc}); it stays "
+                                  f"incomplete and unused, the earlier ones are intact. Free space, then "
+                                  f"--resume auto") from exc
+        _barrier()  # every rank's shards and RNG files are written
+        if self.rank == 0:
+            files = sorted(f for f in path.rglob("*") if f.is_file())
+            for f in files:
+                _fsync(f)
+            sizes = {str(f.relative_to(path)): f.stat().st_size for f in files}
+            _atomic_write(path / MARKER, json.dumps({"step": step, "files": sizes}, indent=1))
+            _atomic_write(self.output_dir / LATEST, f"{tag}\n")
+            self._prune()
+        _barrier()
+        self.last_step = step
+        return path
+
+    def _prune(self) -> None:
+        """Old complete checkpoints beyond the newest keep_last (never the resumed-from one), and leftovers."""
+        done = complete_checkpoints(self.output_dir)
+        keep = done[-self.keep_last:] + ([self.protect] if self.protect is not None else [])
+        for p in self.output_dir.glob(PREFIX + "*"):
+            if p.is_dir() and step_of(p) is not None and not any(_same(p, k) for k in keep):
+                _remove(p)

@@ -6,10 +6,12 @@
 
 Every count is in optimizer steps. The loss (logged and differentiated) is the mean over every
 real target token of the global batch: all ranks, all accumulation steps, no padding.
+SIGTERM, SIGINT or SIGUSR1 to any rank: every rank stops at the same step, saves and exits 0.
 """
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import signal
@@ -37,6 +39,7 @@ from graspGPT.schedule import make_lr_scheduler
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, ModelConfigError, checkpoint.CheckpointError)
+METRICS_FILE = "metrics_rank0.jsonl"
 
 
 class StopRequest:
@@ -49,6 +52,10 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signum
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the message says what to try."""
 
 
 def all_sum(values: list[float], device) -> list[float]:
@@ -65,17 +72,117 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config, vocab_size: int, ds_config: dict, zero_stage: int) -> GraspGPT:
+def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
     m = cfg.model
-    mcfg = ModelConfig.from_shape(model_type=m.model_type, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
+    return ModelConfig.from_shape(model_type=m.model_type, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                                   n_kv_head=m.n_kv_head, vocab_size=vocab_size,
                                   block_size=cfg.dataset.max_sequence_length, dropout=m.dropout,
                                   rope_theta=m.rope_theta, activation_checkpointing=m.activation_checkpointing)
+
+
+def model_shape(mcfg: ModelConfig) -> dict:
+    """What a checkpoint must share with the run that resumes it."""
+    return {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "vocab_size")}
+
+
+def build_model(cfg: Config, vocab_size: int, ds_config: dict, zero_stage: int) -> GraspGPT:
+    mcfg = model_config(cfg, vocab_size)
     if zero_stage == 3:  # parameters are partitioned as they are created, so a model larger than one GPU fits
         import deepspeed
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             return GraspGPT(mcfg)
     return GraspGPT(mcfg)
+
+
+def guard_nonfinite(engine) -> None:
+    """Skip a step whose gradient is not finite, at every ZeRO stage and precision.
+
+    DeepSpeed's ZeRO optimizers and its fp16/bf16 wrappers skip such a step themselves (the LR schedule
+    does not advance and engine.was_step_applied() is False); a plain fp32 optimizer (ZeRO 0) would
+    apply it. Its step gets the same check: gradients are averaged over the ranks by then, so every
+    rank decides alike.
+    """
+    opt = engine.optimizer
+    if hasattr(opt, "overflow"):
+        return
+    step = opt.step
+
+    def checked_step(*args, **kwargs):
+        grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        opt.overflow = bool(grads) and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()).item()
+        if not opt.overflow:
+            return step(*args, **kwargs)
+
+    opt.overflow = False
+    opt.step = checked_step
+
+
+class NonFiniteSteps:
+    """Counts skipped steps; past `limit` in a row, training stops (the last checkpoint is untouched)."""
+
+    def __init__(self, limit: int, total: int, log):
+        self.limit, self.total, self.in_row, self.log = limit, total, 0, log
+
+    def update(self, step: int, applied: bool, loss: float) -> None:
+        if applied and not math.isfinite(loss):
+            raise NonFiniteError(f"step {step}: DeepSpeed applied an update whose loss is {loss}; the weights are "
+                                 f"no longer trustworthy. Keep zero_optimization.compute_grad_norm on, and resume "
+                                 f"from the last checkpoint with --resume auto")
+        self.in_row = 0 if applied else self.in_row + 1
+        self.total += not applied
+        if applied:
+            return
+        self.log.warning(f"step {step}: non-finite loss or gradient; the update was skipped on every rank "
+                         f"({self.in_row} in a row, {self.total} in all)")
+        if self.in_row > self.limit:
+            message = (f"{self.in_row} non-finite steps in a row (more than trainer.max_nonfinite_steps="
+                       f"{self.limit}): stopping; the last checkpoint is intact. Try a lower --learning_rate or a "
+                       f"longer warmup_iters, a smaller trainer.grad_clip, bf16 instead of fp16, and check the data "
+                       f"(python -m graspGPT.data inspect); then --resume auto")
+            self.log.error(message)
+            raise NonFiniteError(message)
+
+
+class MetricsFile:
+    """`metrics_rank0.jsonl`: one JSON line per optimizer step in full precision (rank 0 only).
+
+    On resume the lines after the resumed step are dropped, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, rank: int, start_step: int):
+        self.file = None
+        if rank != 0:
+            return
+        kept = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                if json.loads(line)["step"] <= start_step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+                pass
+        path.write_text("".join(kept))
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
+            self.file.write(json.dumps(finite) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def train_step(engine, micro_batches, scale: float) -> float:
+    """Forward, backward and (at the last micro-batch) the optimizer step; this rank's loss sum."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    for mb in micro_batches:
+        s, _ = engine(mb.input_ids.to(engine.device), mb.targets.to(engine.device))
+        engine.backward(s * scale)
+        engine.step()
+        loss_sum += s.detach().double()
+    return loss_sum.item()
 
 
 @torch.no_grad()
@@ -92,11 +199,10 @@ def evaluate(engine, samples: TrainingSamples, batches: list[np.ndarray], pad_id
     return loss_sum / max(count, 1)
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, stop: StopRequest) -> int:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    stop = StopRequest()
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -106,6 +212,7 @@ def train(cfg: Config) -> int:
         torch.cuda.set_device(local_rank)
     else:  # CPU ranks share the cores of the machine
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", world))))
+    device = accel.current_device_name()
     if cfg.system.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -127,37 +234,43 @@ def train(cfg: Config) -> int:
     train_idx, val_idx = store.split(cfg.dataset.val_fraction, cfg.system.seed)
     log.info(f"data {store.path}: {len(store)} samples ({len(train_idx)} train, {len(val_idx)} val), V={vocab.size}")
 
-    # DeepSpeed config, batch math, model.
+    # DeepSpeed config, batch math; what to resume from (checked on every rank before anything is built).
     bf16_ok = on_gpu and accel.is_bf16_supported()
     ds = resolve_deepspeed_config(load_deepspeed_json(cfg.deepspeed.config), cfg, world, accel.device_name(), bf16_ok,
                                   source=cfg.deepspeed.config)
     batch = ds.batch
     for note in ds.notes:
         log.info(f"note: {note}")
+    mcfg = model_config(cfg, vocab.size)
+    plan = checkpoint.agree(device, checkpoint.plan_resume, cfg.trainer.resume, out, world, ds.zero_stage,
+                            model_shape(mcfg), vocab.to_meta())
+    checkpoint.check_same_plan(device, plan)
+    if plan is not None and plan.convert:
+        ds.config["checkpoint"] = {**ds.config.get("checkpoint", {}), "load_universal": True}
     if rank == 0:
         save_resolved(ds, out / "deepspeed_config.resolved.json")
+
+    # Model and engine; then the resumed state, or the weights of --init_from.
     model = build_model(cfg, vocab.size, ds.config, ds.zero_stage)
+    if plan is None and cfg.trainer.init_from:
+        from graspGPT.export import load_hf_weights
+        checkpoint.agree(device, load_hf_weights, model, cfg.trainer.init_from, vocab.to_meta())
+        log.info(f"initial weights from {cfg.trainer.init_from}")
+    elif cfg.trainer.init_from:
+        log.info(f"trainer.init_from {cfg.trainer.init_from} is not used: the run resumes from {plan.path}")
     seed_everything(cfg.system.seed + rank)  # from here on (dropout) each rank draws its own numbers
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=model.configure_param_groups(cfg.trainer.weight_decay), config=ds.config,
         lr_scheduler=functools.partial(make_lr_scheduler, trainer_cfg=cfg.trainer))
-    n_params = model.num_params()
+    guard_nonfinite(engine)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 partitions them
     log.info(f"model {cfg.model.model_type or 'custom'}: {n_params / 1e6:.1f}M parameters; ZeRO {ds.zero_stage}, "
              f"{ds.precision}; global batch {batch.global_batch} = micro {batch.micro_batch_size} x accumulation "
              f"{batch.grad_accum} x {world} ranks")
-
-    # Resume.
-    start_step, resumed_from = 0, None
-    resume = checkpoint.resolve_resume(cfg.trainer.resume, out)
-    if resume is not None:
-        state = checkpoint.read_state(resume)
-        checkpoint.check_compatible(resume, state, model_shape(model), vocab.to_meta())
-        engine.load_checkpoint(str(resume.parent), tag=resume.name)
-        rng = checkpoint.load_rng(resume, rank)
-        if rng is not None and state.get("world_size") == world:
-            checkpoint.restore_rng(rng)
-        start_step, resumed_from = state["step"], resume
-        log.info(f"resumed from {resume} at step {start_step}")
+    start_step = 0
+    if plan is not None:
+        resume_from(engine, plan, cfg, out, rank, world, batch.global_batch, device, log)
+        start_step = plan.step
 
     max_len = cfg.dataset.max_sequence_length
     samples = TrainingSamples(store, train_idx, max_len, AugmentConfig.of(cfg.dataset), cfg.system.seed,
@@ -175,14 +288,20 @@ def train(cfg: Config) -> int:
         wandb.summary({"batch_adjustment": batch.message})
     meter = Throughput(model.flops_per_token(max_len), world, on_gpu)
     progress = Progress(rank, start_step, cfg.trainer.max_iters)
-    state = {"config": cfg.to_dict(), "world_size": world, "model": model_shape(model), "vocab": vocab.to_meta(),
-             "zero_stage": ds.zero_stage}
+    metrics = MetricsFile(out / METRICS_FILE, rank, start_step)
+    skips = NonFiniteSteps(cfg.trainer.max_nonfinite_steps, plan.state.get("skipped_steps", 0) if plan else 0, log)
+    saver = checkpoint.Saver(engine, out, rank, cfg.trainer.keep_last, plan)
+    ws = store.workspace
+    run_state = {"config": cfg.to_dict(), "world_size": world, "zero_stage": ds.zero_stage, "precision": ds.precision,
+                 "global_batch": batch.global_batch, "model": model_shape(mcfg), "vocab": vocab.to_meta(),
+                 "workspace": {"bbox_min": list(ws.bbox_min), "bbox_max": list(ws.bbox_max),
+                               "voxel_size": ws.voxel_size}}
 
     def save(step):
-        path = checkpoint.save(engine, out, step, state, rank, cfg.trainer.keep_last, protect=resumed_from)
-        log.info(f"saved {path}")
+        path = saver(step, {**run_state, "skipped_steps": skips.total})
+        if path is not None:
+            log.info(f"saved {path}")
 
-    skipped_in_row = skipped_total = 0
     step = start_step
     try:
         while step < cfg.trainer.max_iters:
@@ -190,74 +309,82 @@ def train(cfg: Config) -> int:
             # One collective agrees on the token count of the global batch and on a pending stop.
             global_targets, stop_votes = all_sum([sb.num_targets, float(stop.signal != 0)], engine.device)
             if stop_votes:
-                log.info(f"stop requested (signal); saving at step {step}")
+                log.info(f"stop requested by a signal on {int(stop_votes)} rank(s): saving at step {step}, exiting")
                 save(step)
                 return 0
-            scale = world * batch.grad_accum / max(global_targets, 1.0)
             lr = engine.get_lr()[0]  # the rate this step runs at
-            loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-            for mb in sb.micro:
-                s, _ = engine(mb.input_ids.to(engine.device), mb.targets.to(engine.device))
-                engine.backward(s * scale)
-                engine.step()
-                loss_sum += s.detach().double()
-            step += 1
-            (loss_total,) = all_sum([loss_sum.item()], engine.device)
+            loss_sum = train_step(engine, sb.micro, scale=world * batch.grad_accum / max(global_targets, 1.0))
+            (loss_total,) = all_sum([loss_sum], engine.device)
             loss = loss_total / max(global_targets, 1.0)
-            applied = engine.was_step_applied() and math.isfinite(loss)
-            skipped_in_row = 0 if applied else skipped_in_row + 1
-            skipped_total += not applied
+            step += 1
+            applied = engine.was_step_applied()
+            skips.update(step, applied, loss)
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(global_targets),
+                      "skipped": not applied}
             meter.add(int(global_targets), sb.num_tokens * world, sb.wait_s)
             progress.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{meter.figures()['tokens_per_s']:.0f}")
-            if not applied:
-                log.warning(f"step {step}: non-finite loss or gradient; the update was skipped "
-                            f"({skipped_in_row} in a row, {skipped_total} in all)")
-                if skipped_in_row > cfg.trainer.max_nonfinite_steps:
-                    log.error(f"{skipped_in_row} non-finite steps in a row: stopping. The last good checkpoint is "
-                              f"intact. Try a lower --learning_rate, bf16 instead of fp16, or a smaller grad_clip.")
-                    return 1
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_iters:
                 fig = meter.figures()
-                grad_norm = engine.get_global_grad_norm()
-                grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
                 line = (f"step {step}/{cfg.trainer.max_iters} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "
                         f"tokens/s {fig['tokens_per_s']:.0f} padding {fig['padding_frac']:.1%} "
-                        f"data_wait {fig['data_wait_frac']:.1%} skipped {skipped_total}")
+                        f"data_wait {fig['data_wait_frac']:.1%} skipped {skips.total}")
                 if on_gpu:
                     line += f" mfu {fig['mfu']:.1%} mem {fig['gpu_mem_peak_gb']:.1f}GB"
                 log.info(line)
                 wandb.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                           "train/skipped_steps": skipped_total, "epoch": sb.epoch,
+                           "train/skipped_steps": skips.total, "epoch": sb.epoch,
                            **{f"perf/{k}": v for k, v in fig.items()},
                            **{f"data/{k}": v for k, v in samples.stats.items()}}, step)
                 meter.reset()
             if step % cfg.trainer.eval_every == 0 or step == cfg.trainer.max_iters:
-                val_loss = evaluate(engine, val_samples, val, vocab.end, max_len)
+                record["val_loss"] = val_loss = evaluate(engine, val_samples, val, vocab.end, max_len)
                 log.info(f"step {step} val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")
                 wandb.log({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, step)
+            metrics.write(record)
             if step % cfg.trainer.save_every == 0 or step == cfg.trainer.max_iters:
                 save(step)
     finally:
         loader.close()
         progress.close()
+        metrics.close()
         wandb.finish()
     log.info(f"done: {step} steps, data {samples.stats}")
     return 0
 
 
-def model_shape(model: GraspGPT) -> dict:
-    c = model.cfg
-    return {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_kv_head": c.n_kv_head,
-            "vocab_size": c.vocab_size}
+def resume_from(engine, plan: checkpoint.ResumePlan, cfg: Config, out: Path, rank: int, world: int,
+                global_batch: int, device, log) -> None:
+    """Load a checkpoint into the engine and the RNG streams, and say what differs from the saved run."""
+    saved_world = plan.state.get("world_size")
+    if plan.convert:
+        log.info(f"{plan.path} was saved by {saved_world} rank(s) with ZeRO {plan.state.get('zero_stage')}: "
+                 f"converting it to DeepSpeed's universal checkpoint for {world} rank(s)")
+    checkpoint.load(engine, plan, out, rank, device)
+    if not checkpoint.agree(device, checkpoint.resume_rng, plan, rank, world, cfg.system.seed):
+        log.warning(f"world size {saved_world} -> {world}: weights, optimizer state, step and learning rate are "
+                    f"restored exactly; dropout draws new random streams, and sums run in another order")
+    if plan.state.get("global_batch", global_batch) != global_batch:
+        log.warning(f"the global batch was {plan.state['global_batch']} and is {global_batch} now: from here on "
+                    f"the steps see other samples than the saved run would have")
+    changes = checkpoint.changed_settings(plan.state.get("config", {}), cfg.to_dict())
+    if changes:
+        log.warning("resuming with changed settings: " + "; ".join(changes))
+    log.info(f"resumed from {plan.path} at step {plan.step}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    stop = StopRequest()  # first: a signal during start-up also ends in a clean stop
     try:
         cfg = load_config(argv)
-        return train(cfg)
+        return train(cfg, stop)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except torch.OutOfMemoryError as exc:
         print(f"error: {oom_message(exc)}", file=sys.stderr)
         return 3
