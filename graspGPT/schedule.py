@@ -60,15 +60,22 @@ class Schedule:
 
 
 class _ScheduleLR(LambdaLR):
-    """LambdaLR whose load_state_dict also puts the resumed lr into the optimizer.
+    """LambdaLR that restores only its position: the rates always come from the current schedule.
 
-    LambdaLR itself restores only its counters; the optimizer would keep the lr of the fresh
-    scheduler (lr_at(0)) for the first step after resume unless its own state is loaded too.
+    A checkpoint's `base_lrs` would otherwise bring back the old peak after a resume with another
+    --learning_rate, and LambdaLR alone leaves the fresh optimizer at lr_at(0) for the next step.
     """
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        for group, lr in zip(self.optimizer.param_groups, self.get_last_lr()):
+        self.last_epoch = state_dict["last_epoch"]
+        self._step_count = state_dict.get("_step_count", self.last_epoch + 1)
+        self.apply()
+
+    def apply(self) -> None:
+        """Put the schedule's rate for the current position into the optimizer (DeepSpeed restores
+        the saved optimizer's rates after loading the scheduler, so the trainer calls this again)."""
+        self._last_lr = [base * lam(self.last_epoch) for base, lam in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
             group["lr"] = lr
 
 

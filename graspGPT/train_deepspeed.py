@@ -30,6 +30,7 @@ from graspGPT import checkpoint
 from graspGPT.config import Config, ConfigError, load_config
 from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, collate, val_batches
 from graspGPT.data.source import DataSourceError, open_dataset, resolve_data_dir
+from graspGPT.evaluate import TrainingEvaluator
 from graspGPT.ds_config import DeepSpeedConfigError, load_deepspeed_json, resolve_deepspeed_config, save_resolved
 from graspGPT.model import GraspGPT, ModelConfig, ModelConfigError
 from graspGPT.observe import Progress, Throughput, Wandb, oom_message, rank_logger
@@ -203,6 +204,11 @@ def train(cfg: Config, stop: StopRequest) -> int:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
+    if not torch.cuda.is_available():
+        # CPU ranks talk through plain gloo. DeepSpeed's shared-memory all-reduce would first compile
+        # (~35 s) and leaves ~130 MB buffers in /dev/shm after every run.
+        import deepspeed.ops
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -216,6 +222,9 @@ def train(cfg: Config, stop: StopRequest) -> int:
     if cfg.system.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+        # Deterministic mode would also fill every new tensor with NaN; DeepSpeed's gradient buckets
+        # (hundreds of MB, written before they are read) would then cost seconds per step on CPU.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     seed_everything(cfg.system.seed)  # the same initial weights on every rank
 
     out = Path(cfg.system.output_dir)
@@ -281,6 +290,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
                                   overlong=cfg.dataset.overlong)
     val = val_batches(val_samples.lengths, batch.micro_batch_size, world, rank,
                       limit=cfg.trainer.eval_iters * batch.micro_batch_size * world)
+    grasp_eval = TrainingEvaluator(store, val_idx, cfg.trainer.eval_scenes, out, seed=cfg.system.seed, max_len=max_len)
     run_config = {**cfg.to_dict(), "batch": vars(batch), "world_size": world, "num_params": n_params}
     wandb = Wandb(cfg.wandb, rank, run_config, out, log)
     if batch.adjusted:
@@ -342,6 +352,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
                 record["val_loss"] = val_loss = evaluate(engine, val_samples, val, vocab.end, max_len)
                 log.info(f"step {step} val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")
                 wandb.log({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, step)
+                grasp_metrics(grasp_eval, engine, step, rank, world, ds.zero_stage, record, log, wandb)
             metrics.write(record)
             if step % cfg.trainer.save_every == 0 or step == cfg.trainer.max_iters:
                 save(step)
@@ -354,6 +365,24 @@ def train(cfg: Config, stop: StopRequest) -> int:
     return 0
 
 
+def grasp_metrics(grasp_eval: TrainingEvaluator, engine, step: int, rank: int, world: int, zero_stage: int,
+                  record: dict, log, wandb) -> None:
+    """Decode the fixed validation scenes and report grasp precision, coverage and a picture."""
+    gen = grasp_eval.run(engine.module, step, rank, world, lockstep=zero_stage == 3)
+    if not gen:
+        return
+    picture = gen.pop("picture", None)
+    # The metrics file holds what a resumed run must reproduce exactly; timings go to the log and wandb.
+    record.update({f"eval/{k}": v for k, v in gen.items() if k not in ("eval_seconds", "decode_tokens_per_s")})
+    log.info(f"step {step} grasp precision {gen['grasp_precision']:.3f} coverage {gen['grasp_coverage']:.3f} "
+             f"(random {gen['baseline_precision']:.3f}/{gen['baseline_coverage']:.3f}), unmasked valid "
+             f"{gen.get('free_valid_rate', float('nan')):.3f}, {gen['scenes']} scenes in {gen['eval_seconds']:.0f}s"
+             + (f", picture {picture}" if picture else ""))
+    wandb.log({f"eval/{k}": v for k, v in gen.items()}, step)
+    if picture:
+        wandb.image("eval/picture", picture, step)
+
+
 def resume_from(engine, plan: checkpoint.ResumePlan, cfg: Config, out: Path, rank: int, world: int,
                 global_batch: int, device, log) -> None:
     """Load a checkpoint into the engine and the RNG streams, and say what differs from the saved run."""
@@ -362,6 +391,7 @@ def resume_from(engine, plan: checkpoint.ResumePlan, cfg: Config, out: Path, ran
         log.info(f"{plan.path} was saved by {saved_world} rank(s) with ZeRO {plan.state.get('zero_stage')}: "
                  f"converting it to DeepSpeed's universal checkpoint for {world} rank(s)")
     checkpoint.load(engine, plan, out, rank, device)
+    engine.lr_scheduler.apply()  # the current schedule's rate, not the one the saved optimizer held
     if not checkpoint.agree(device, checkpoint.resume_rng, plan, rank, world, cfg.system.seed):
         log.warning(f"world size {saved_world} -> {world}: weights, optimizer state, step and learning rate are "
                     f"restored exactly; dropout draws new random streams, and sums run in another order")

@@ -19,7 +19,8 @@ TRAIN = REPO / "graspGPT" / "train_deepspeed.py"
 TINY = {
     "model": {"model_type": None, "n_layer": 2, "n_head": 2, "n_embd": 32},
     "trainer": {"batch_size": 8, "micro_batch_size": 2, "learning_rate": 3e-3, "min_lr": 1e-4, "warmup_iters": 2,
-                "max_iters": 20, "log_every": 1, "eval_every": 10, "save_every": 10, "eval_iters": 2},
+                "max_iters": 20, "log_every": 1, "eval_every": 10, "save_every": 10, "eval_iters": 2,
+                "eval_scenes": 2},
     "dataset": {"synthetic_scenes": 64, "synthetic_voxel_size": 0.03, "max_grasps_per_object": 4,
                 "max_sequence_length": 512},
     "system": {"deterministic": True},

@@ -187,6 +187,8 @@ def _zero3_worker(directory: Path, result: Path) -> None:
     import torch.distributed as dist
     from safetensors.torch import load_file
 
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # plain gloo, as the trainer uses on CPU
     deepspeed.init_distributed(dist_backend="gloo")
     meta = read_meta(directory)
     with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 2, "zero_optimization": {"stage": 3}}):
@@ -200,6 +202,7 @@ def _zero3_worker(directory: Path, result: Path) -> None:
             equal &= torch.equal(p.data, ref[name])
     result.with_name(f"{result.name}{dist.get_rank()}.json").write_text(
         json.dumps({"partitioned": partitioned, "equal": equal}))
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

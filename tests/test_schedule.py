@@ -103,6 +103,18 @@ def test_state_dict_resumes_exactly():
         assert lrs == pytest.approx([spec.lr(k)] * 2, rel=1e-12), k
 
 
+def test_resume_with_another_learning_rate_follows_the_new_schedule():
+    old = config_from_dict({"trainer": {"warmup_iters": 4, "max_iters": 20, "learning_rate": 1e-3}})
+    new = config_from_dict({"trainer": {"warmup_iters": 4, "max_iters": 20, "learning_rate": 3e-4}})
+    model, opt = model_and_optimizer()
+    sched = make_lr_scheduler(opt, old.trainer)
+    train_steps(model, opt, sched, 6)
+    model2, opt2 = model_and_optimizer()
+    sched2 = make_lr_scheduler(opt2, new.trainer)
+    sched2.load_state_dict(sched.state_dict())
+    assert [g["lr"] for g in opt2.param_groups] == pytest.approx([Schedule.of(new.trainer).lr(6)] * 2, rel=1e-12)
+
+
 def test_schedule_describe():
     s = Schedule("cosine", 2e-4, 1e-6, 500, 20000)
     assert s.describe() == "cosine 0.0002 -> 1e-06, linear warmup 500 steps, 20000 steps"
