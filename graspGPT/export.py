@@ -286,7 +286,7 @@ def export(ckpt_path: str | Path, out: str | Path, dtype: str = "float32", overw
     return meta
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m graspGPT.export",
         description="Write a Hugging Face model directory (config.json, model.safetensors, graspgpt_meta.json) "
@@ -295,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write (must be empty unless --overwrite)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="weight dtype (default float32)")
     parser.add_argument("--overwrite", action="store_true", help="replace the exported files in a non-empty --out")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     print(f"note: {TRUST_NOTE}", file=sys.stderr)
     try:
         meta = export(args.checkpoint, args.out, args.dtype, args.overwrite)

@@ -60,9 +60,10 @@ def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
     w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     batch = collate(seqs, pad_id=store.vocab.end, max_len=L)
     loss_sum, n = model(batch.input_ids, batch.targets)
-    (loss_sum / n).backward()
+    loss = loss_sum / n
+    loss.backward()
     grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    return w0, grads
+    return w0, grads, float(loss)
 
 
 @pytest.mark.parametrize("ranks,stage", [(2, 2), (1, 1)])
@@ -86,11 +87,22 @@ def test_gradient_is_mean_over_global_batch_tokens(tmp_path, cache_dir, ranks, s
     resolved = json.loads((tmp_path / "out" / "deepspeed_config.resolved.json").read_text())
     assert resolved["gradient_accumulation_steps"] == 4 // ranks
 
-    w0, grads = _reference_gradient(cfg, cache_dir)
+    w0, grads, loss = _reference_gradient(cfg, cache_dir)
+    logged = json.loads((tmp_path / "out" / "metrics_rank0.jsonl").read_text().splitlines()[0])
+    assert logged["step"] == 1 and logged["loss"] == pytest.approx(loss, rel=1e-6)  # the global mean, pitfall 6
     w1 = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "out"), tag="checkpoint_iter_1")
     for name, g in grads.items():
         step = w0[name] - w1[name]
         torch.testing.assert_close(step, g, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_wandb_off_never_imports_it(tmp_path):
+    code = ("import sys, logging; from pathlib import Path; from graspGPT.config import load_config; "
+            "from graspGPT.observe import Wandb; cfg = load_config(['--no_wandb']); "
+            "Wandb(cfg.wandb, 0, {}, Path('.'), logging.getLogger('t')); "
+            "import graspGPT.train_deepspeed; assert 'wandb' not in sys.modules, 'wandb was imported'")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
 
 
 def _cli(args, cache_dir, cwd=REPO):
