@@ -26,13 +26,7 @@ from graspGPT.model import GraspGPT, ModelConfig
 COARSE = Workspace(voxel_size=0.03)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra threads only add scheduling noise on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def g(tag, *cells):

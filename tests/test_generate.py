@@ -24,13 +24,7 @@ COARSE = Workspace(voxel_size=0.03)
 VOCAB = Vocab.for_workspace(COARSE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra threads only add scheduling noise on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(block_size: int = 1024, seed: int = 0) -> GraspGPT:
