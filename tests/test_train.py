@@ -37,6 +37,23 @@ def test_two_ranks_loss_falls(tmp_path, cache_dir, stage):
     assert "val_loss" in log
 
 
+def test_zero3_with_parameter_and_optimizer_offload_trains(tmp_path, cache_dir):
+    """The guide's memory configuration: ZeRO-3 with parameters and optimizer state offloaded to CPU."""
+    ds = json.loads((REPO / "configs" / "deepspeed_zero3_offload.json").read_text())
+    ds["optimizer"]["params"]["torch_adam"] = True  # DeepSpeed's CPU Adam would first compile for ~60 s
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 6, "save_every": 6, "eval_every": 6}})
+    run_ok(launch(1, ["--config", str(cfg), "--output_dir", str(out), "--deepspeed_config", str(tmp_path / "ds.json")],
+                  cache_dir))
+    resolved = json.loads((out / "deepspeed_config.resolved.json").read_text())
+    assert resolved["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert resolved["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    steps = logged_steps(out)
+    assert sorted(steps) == list(range(1, 7)) and steps[6][0] < steps[1][0]
+    assert (out / "checkpoint_iter_6" / "COMPLETE").is_file()
+
+
 def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
     """Initial weights and the gradient of the mean loss over all real targets of global batch 0,
     computed in this one process on the whole batch at once."""
