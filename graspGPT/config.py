@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 
+MAX_SYNTH_VOXEL = 0.035  # graspGPT.data.synth.MAX_VOXEL_SIZE; checked here so every rank stops before any collective
+
+
 class ConfigError(ValueError):
     """A user error in the configuration (file, flags or values); the message says how to fix it."""
 
@@ -226,6 +229,9 @@ def _validate(cfg: Config) -> Config:
         (d.max_grasps_per_object >= 1, f"dataset.max_grasps_per_object must be >= 1, got {d.max_grasps_per_object}"),
         (d.synthetic_scenes >= 1, f"dataset.synthetic_scenes must be >= 1, got {d.synthetic_scenes}"),
         (d.synthetic_voxel_size > 0, f"dataset.synthetic_voxel_size must be > 0, got {d.synthetic_voxel_size}"),
+        (d.synthetic_voxel_size <= MAX_SYNTH_VOXEL,
+         f"dataset.synthetic_voxel_size {d.synthetic_voxel_size:g} is too coarse for synthetic scenes; use at most "
+         f"{MAX_SYNTH_VOXEL} m"),
         (cfg.deepspeed.zero_stage in (None, 0, 1, 2, 3),
          f"deepspeed.zero_stage must be 0, 1, 2 or 3 (or null for the JSON's stage), got {cfg.deepspeed.zero_stage}"),
         (t.eval_scenes >= 0, f"trainer.eval_scenes must be >= 0 (0 turns grasp metrics off), got {t.eval_scenes}"),

@@ -30,6 +30,7 @@ from graspGPT import checkpoint
 from graspGPT.config import Config, ConfigError, load_config
 from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, collate, val_batches
 from graspGPT.data.source import DataSourceError, open_dataset, resolve_data_dir
+from graspGPT.data.synth import SynthError
 from graspGPT.evaluate import TrainingEvaluator
 from graspGPT.ds_config import DeepSpeedConfigError, load_deepspeed_json, resolve_deepspeed_config, save_resolved
 from graspGPT.model import GraspGPT, ModelConfig, ModelConfigError
@@ -39,7 +40,8 @@ from graspGPT.schedule import make_lr_scheduler
 # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; the warning is not ours to act on.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, ModelConfigError, checkpoint.CheckpointError)
+USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, SynthError, ModelConfigError,
+               checkpoint.CheckpointError)
 METRICS_FILE = "metrics_rank0.jsonl"
 
 

@@ -217,3 +217,14 @@ def test_worker_processes_give_the_same_scenes(tmp_path):
         outs.append(out)
     for name in ("tokens.u32", "offsets.i64"):
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes()
+
+
+def test_too_coarse_a_grid_is_a_clear_error():
+    with pytest.raises(SynthError, match="too coarse.*at most 0.035"):
+        next(generate_scenes(1, 0, Workspace(voxel_size=0.04)))
+
+
+def test_config_limit_matches_the_generator():
+    from graspGPT.config import MAX_SYNTH_VOXEL
+    from graspGPT.data.synth import MAX_VOXEL_SIZE
+    assert MAX_SYNTH_VOXEL == MAX_VOXEL_SIZE

@@ -381,6 +381,9 @@ def parse_task_mix(s: str) -> dict[str, float]:
     return {k: v / total for k, v in weights.items() if v > 0}
 
 
+MAX_VOXEL_SIZE = 0.035  # coarser grids leave no object size that is 2+ cells wide and still graspable
+
+
 def _scene_ids(i: int, seed: int, workspace: Workspace, names: list[str], cum: np.ndarray,
                max_grasps_per_object: int) -> np.ndarray:
     rng = np.random.default_rng([int(seed), i])
@@ -400,6 +403,9 @@ def generate_scenes(num_scenes: int, seed: int, workspace: Workspace | None = No
     if int(seed) != seed or seed < 0:
         raise SynthError(f"seed must be an integer >= 0, got {seed!r}")
     workspace = workspace or Workspace()
+    if workspace.voxel_size > MAX_VOXEL_SIZE:
+        raise SynthError(f"voxel_size {workspace.voxel_size:g} m is too coarse for synthetic scenes: objects must span "
+                         f"2+ cells and still fit the {GRIPPER_MAX_OPENING} m gripper; use at most {MAX_VOXEL_SIZE} m")
     Vocab.for_workspace(workspace)  # fail early on a bad workspace
     mix = parse_task_mix(task_mix)
     make = functools.partial(_scene_ids, seed=seed, workspace=workspace, names=list(mix),
