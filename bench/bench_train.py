@@ -186,14 +186,15 @@ class BuiltinData:
     def __init__(self, num_scenes: int, max_len: int, micro: int, accum: int, rank: int, world: int, device):
         from graspGPT.config import DatasetConfig
         from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples
-        from graspGPT.data.source import builtin_dataset, open_dataset
+        from graspGPT.data.source import builtin_dataset
+        from graspGPT.data.storage import TokenStore
         dcfg = DatasetConfig(synthetic_scenes=num_scenes, max_sequence_length=max_len)
         seed = 42
         if int(os.environ.get("LOCAL_RANK", 0)) == 0:
             builtin_dataset(num_scenes, seed, dcfg.synthetic_voxel_size, dcfg.synthetic_task_mix,
                             dcfg.max_grasps_per_object)
         dist.barrier()
-        store = open_dataset(builtin_dataset(num_scenes, seed, dcfg.synthetic_voxel_size, dcfg.synthetic_task_mix,
+        store = TokenStore.open(builtin_dataset(num_scenes, seed, dcfg.synthetic_voxel_size, dcfg.synthetic_task_mix,
                                              dcfg.max_grasps_per_object))
         train_idx, _ = store.split(dcfg.val_fraction, seed)
         samples = TrainingSamples(store, train_idx, max_len, AugmentConfig.of(dcfg), seed, overlong=dcfg.overlong)

@@ -90,12 +90,13 @@ def latest_step(train_dir: Path) -> int:
 def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], device: str) -> list[dict]:
     import torch
 
-    from graspGPT.data.source import open_dataset, resolve_data_dir
+    from graspGPT.data.source import resolve_data_dir
+    from graspGPT.data.storage import TokenStore
     from graspGPT.evaluate import evaluate as evaluate_model
     from graspGPT.export import load_model
 
     model, meta = load_model(train_dir, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
-    store = open_dataset(resolve_data_dir(cfg.dataset, cfg.system.seed))
+    store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
     _, val = store.split(cfg.dataset.val_fraction, cfg.system.seed)
     results = []
     for t in temperatures:

@@ -90,7 +90,7 @@ class Progress:
 
     def update(self, **postfix):
         if self.bar is not None:
-            self.bar.set_postfix({k: v for k, v in postfix.items()}, refresh=False)
+            self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(1)
 
     def close(self):
@@ -116,7 +116,11 @@ class Throughput:
         self.wait_s += wait_s
         self.steps += 1
 
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+
     def figures(self) -> dict:
+        """Everything for a log line; queries the GPU, so call it at log time, not every step."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
         tps = self.tokens / dt
         out = {

@@ -29,7 +29,8 @@ import torch.distributed as dist
 from graspGPT import checkpoint
 from graspGPT.config import Config, ConfigError, load_config
 from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, collate, val_batches
-from graspGPT.data.source import DataSourceError, open_dataset, resolve_data_dir
+from graspGPT.data.source import DataSourceError, resolve_data_dir
+from graspGPT.data.storage import TokenStore
 from graspGPT.data.synth import SynthError
 from graspGPT.evaluate import TrainingEvaluator
 from graspGPT.ds_config import DeepSpeedConfigError, load_deepspeed_json, resolve_deepspeed_config, save_resolved
@@ -240,7 +241,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
     if local_rank == 0:
         resolve_data_dir(cfg.dataset, cfg.system.seed, progress=rank == 0)
     dist.barrier()
-    store = open_dataset(resolve_data_dir(cfg.dataset, cfg.system.seed))
+    store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
     vocab = store.vocab
     train_idx, val_idx = store.split(cfg.dataset.val_fraction, cfg.system.seed)
     log.info(f"data {store.path}: {len(store)} samples ({len(train_idx)} train, {len(val_idx)} val), V={vocab.size}")
@@ -336,7 +337,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(global_targets),
                       "skipped": not applied}
             meter.add(int(global_targets), sb.num_tokens * world, sb.wait_s)
-            progress.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{meter.figures()['tokens_per_s']:.0f}")
+            progress.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{meter.tokens_per_s():.0f}")
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_iters:
                 fig = meter.figures()
                 line = (f"step {step}/{cfg.trainer.max_iters} loss {loss:.4f} lr {lr:.3e} grad_norm {grad_norm:.3f} "

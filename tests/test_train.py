@@ -60,11 +60,12 @@ def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
     os.environ["GRASPGPT_CACHE"] = str(cache_dir)
     from graspGPT.config import load_config
     from graspGPT.data.dataset import AugmentConfig, BatchSchedule, TrainingSamples, collate
-    from graspGPT.data.source import open_dataset, resolve_data_dir
+    from graspGPT.data.source import resolve_data_dir
+    from graspGPT.data.storage import TokenStore
     from graspGPT.train_deepspeed import build_model, seed_everything
 
     cfg = load_config(["--config", str(cfg_path)])
-    store = open_dataset(resolve_data_dir(cfg.dataset, cfg.system.seed))
+    store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
     train_idx, _ = store.split(cfg.dataset.val_fraction, cfg.system.seed)
     L = cfg.dataset.max_sequence_length
     samples = TrainingSamples(store, train_idx, L, AugmentConfig.of(cfg.dataset), cfg.system.seed, cfg.dataset.overlong)

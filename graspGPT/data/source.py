@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .storage import DatasetWriter, TokenStore
+from .storage import DatasetWriter
 from .vocab import Vocab, Workspace
 
 SYNTH_FORMAT = 1  # bump when the generator changes what a seed produces, so caches are rebuilt
@@ -74,6 +74,3 @@ def resolve_data_dir(dataset_cfg, seed: int, progress: bool = False) -> Path:
     from .upstream import ensure_toolkit_dataset
     return ensure_toolkit_dataset(path, cache_root() / "imported", dataset_cfg.real_filter_mode)
 
-
-def open_dataset(path: Path) -> TokenStore:
-    return TokenStore.open(path)
