@@ -70,14 +70,17 @@ def run_trainer(config: Path, output_dir: Path, flags: list[str], session_s: flo
 
 
 def calibrate(config: Path, out: Path, steps: int) -> float:
-    """Seconds per optimizer step, measured from a quarter of the way in (after warm-up) to the last step."""
+    """Seconds per optimizer step: the median gap between consecutive step lines after the first quarter.
+    The median, not the mean: a recompilation for a new sequence length stalls a few steps for seconds,
+    which a mean would spread over the whole planned run."""
     shutil.rmtree(out, ignore_errors=True)  # a fresh run every time: what an earlier attempt left is stale
     status, arrived, _ = run_trainer(config, out, ["--max_iters", str(steps), "--log_every", "1",
                                                    "--save_every", str(10 * steps), "--eval_every", str(10 * steps)])
     if status != 0 or steps not in arrived:
         raise SystemExit(f"error: the calibration run failed (exit {status}); see the output above")
     first = max(1, steps // 4)
-    return (arrived[steps] - arrived[first]) / (steps - first)
+    gaps = sorted(arrived[i + 1] - arrived[i] for i in range(first, steps) if i in arrived and i + 1 in arrived)
+    return gaps[len(gaps) // 2]
 
 
 def latest_step(train_dir: Path) -> int:

@@ -38,6 +38,9 @@ class ModelConfig:
     dropout: float = 0.0
     rope_theta: float = 10000.0
     activation_checkpointing: bool = False
+    # voxel embeddings = own vector + learned x, y and z vectors (model.TokenEmbedding); export folds
+    # them into a plain Qwen2 embedding
+    coordinate_embedding: bool = True
 
 
 @dataclass(frozen=True)

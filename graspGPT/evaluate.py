@@ -73,32 +73,32 @@ def evaluate_scene(model, ids: np.ndarray, vocab: Vocab, num_samples: int = 1, t
     c = dict.fromkeys(COUNT_KEYS, 0.0)
     c["scenes"] = 1
     first = []
-    for constrained in (True, False) if unconstrained else (True,):
-        out = decode(model, prompt, vocab, num_samples, max_new, temperature, top_k, constrained=constrained,
-                     seed=seed + (0 if constrained else 1), sync=sync)
-        c["new_tokens"] += out.new_tokens
-        c["decode_seconds"] += out.seconds
+    # constrained rows first, then as many unconstrained ones, all decoded in one batch
+    rows = [True] * num_samples + [False] * (num_samples if unconstrained else 0)
+    out = decode(model, prompt, vocab, len(rows), max_new, temperature, top_k, constrained=rows, seed=seed, sync=sync)
+    c["new_tokens"] += out.new_tokens
+    c["decode_seconds"] += out.seconds
+    for row, (constrained, new) in enumerate(zip(rows, out.new)):
         p = "" if constrained else "free_"
-        for k, new in enumerate(out.new):
-            c[p + "sequences"] += 1
-            c[p + "valid"] += accepts(start, new)
-            got = read_output(np.concatenate([prompt, new]), vocab)
-            predicted = grasp_list(got.grasps, vocab)
-            if constrained and k == 0:
-                first = got.grasps or []
-            if true_grasps is not None:
-                _add(c, p, score_grasps(predicted, true_grasps))
-                if constrained:  # the baseline draws as many grasps as the model wrote
-                    guesses = random_grasps(rng, scene, len(predicted), vocab.dims)
-                    _add(c, "baseline_", score_grasps(guesses, true_grasps))
-            if constrained and task == "amodal":
-                c["amodal_sequences"] += 1
-                c["amodal_iou_sum"] += voxel_iou(got.amodal if got.amodal is not None else [], truth.amodal)
-            if constrained and task == "unseg":
-                right, total = segmentation_counts([(b.tag, b.cells) for b in got.unseg or []],
-                                                   [(b.tag, b.cells) for b in truth.unseg])
-                c["seg_correct"] += right
-                c["seg_cells"] += total
+        c[p + "sequences"] += 1
+        c[p + "valid"] += accepts(start, new)
+        got = read_output(np.concatenate([prompt, new]), vocab)
+        predicted = grasp_list(got.grasps, vocab)
+        if row == 0:
+            first = got.grasps or []
+        if true_grasps is not None:
+            _add(c, p, score_grasps(predicted, true_grasps))
+            if constrained:  # the baseline draws as many grasps as the model wrote
+                guesses = random_grasps(rng, scene, len(predicted), vocab.dims)
+                _add(c, "baseline_", score_grasps(guesses, true_grasps))
+        if constrained and task == "amodal":
+            c["amodal_sequences"] += 1
+            c["amodal_iou_sum"] += voxel_iou(got.amodal if got.amodal is not None else [], truth.amodal)
+        if constrained and task == "unseg":
+            right, total = segmentation_counts([(b.tag, b.cells) for b in got.unseg or []],
+                                               [(b.tag, b.cells) for b in truth.unseg])
+            c["seg_correct"] += right
+            c["seg_cells"] += total
     return c, first, truth
 
 
@@ -187,9 +187,7 @@ def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int
             counts = {k: counts[k] + c[k] for k in COUNT_KEYS}
             first = first or (index, grasps, truth, c)
         elif sync is not None:
-            for constrained in (True, False) if options.get("unconstrained", True) else (True,):
-                decode(model, np.array([store.vocab.scene]), store.vocab, max_new_tokens=0, constrained=constrained,
-                       sync=sync)
+            decode(model, np.array([store.vocab.scene]), store.vocab, max_new_tokens=0, sync=sync)
     return counts, first
 
 

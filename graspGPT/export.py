@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script
 
 from graspGPT import checkpoint
 from graspGPT.data.vocab import Vocab, VocabError, Workspace
-from graspGPT.model import GraspGPT, ModelConfig, ModelConfigError
+from graspGPT.model import AXIS_KEYS, GraspGPT, ModelConfig, ModelConfigError, fold_axes
 
 META_FILE = "graspgpt_meta.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -121,7 +121,8 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if TIED in sd and embed is not None and not torch.equal(sd[TIED], embed):
         raise ExportError(f"{ckpt}: lm_head.weight differs from model.embed_tokens.weight, but GraspGPT ties them; "
                           f"this is not a GraspGPT checkpoint")
-    return {k: v.float() for k, v in sd.items() if k != TIED}
+    # trained with coordinate embedding: its axis terms folded in give the plain Qwen2 table
+    return fold_axes({k: v.float() for k, v in sd.items() if k != TIED})
 
 
 # -- meta and model construction ----------------------------------------------------------
@@ -207,8 +208,13 @@ def load_hf_weights(model: GraspGPT, directory: str | Path, vocab_meta: dict | N
     _check_against(model, read_meta(directory), vocab_meta, directory)
     try:
         with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as f:
-            _check_tensors(model, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, directory / WEIGHTS_FILE)
-            _copy_into(model, f.get_tensor)
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            axes = {}
+            if model.cfg.voxel_grid is not None:  # the exported table already holds the axis terms: start them at 0
+                axes = {k: torch.zeros(n, model.cfg.n_embd) for k, n in zip(AXIS_KEYS, model.cfg.voxel_grid)}
+                shapes.update({k: tuple(v.shape) for k, v in axes.items()})
+            _check_tensors(model, shapes, directory / WEIGHTS_FILE)
+            _copy_into(model, lambda name: axes[name] if name in axes else f.get_tensor(name))
     except ExportError:
         raise
     except Exception as exc:  # safetensors reports a damaged file as several exception types

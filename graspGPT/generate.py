@@ -63,13 +63,14 @@ def task_prompt(ids: np.ndarray, vocab: Vocab, task: str) -> np.ndarray:
     return np.append(scene, vocab.detectgrasp) if task == "grasp" else scene
 
 
-def prompt_state(prompt: np.ndarray, vocab: Vocab) -> GrammarState:
+def prompt_state(prompt: np.ndarray, vocab: Vocab, scene_tags_only: bool = False) -> GrammarState:
     """A GrammarState that has consumed the prompt. Cells must increase within a block when the
-    prompt's do (all toolkit and upstream data), else the decoder may write them in any order."""
+    prompt's do (all toolkit and upstream data), else the decoder may write them in any order.
+    scene_tags_only: grasp tags limited to the scene's block tags (what constrained decoding uses)."""
     error = None
     for sorted_cells in (True, False):
         try:
-            return GrammarState(vocab, sorted_cells=sorted_cells).feed(np.asarray(prompt))
+            return GrammarState(vocab, sorted_cells=sorted_cells, scene_tags_only=scene_tags_only).feed(np.asarray(prompt))
         except GrammarError as err:
             error = error or err
     raise GenerateError(f"the prompt breaks the grammar ({error}); generate from a valid sample")
@@ -164,12 +165,13 @@ def _widen(model, cache, batch_size: int):
     return wide
 
 
-def _sample_tokens(logits: torch.Tensor, states: list[GrammarState] | None, temperature: float,
+def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None] | None, temperature: float,
                    top_k: int | None, generator: torch.Generator) -> torch.Tensor:
     """(K,) next tokens from last-position logits (K, V): grammar mask, temperature, top-k."""
     logits = logits.float()
-    if states is not None:
-        allowed = torch.stack([s.allowed().mask(logits.device) for s in states])
+    if states is not None and any(s is not None for s in states):  # a None row samples unconstrained
+        everything = torch.ones(logits.size(-1), dtype=torch.bool, device=logits.device)
+        allowed = torch.stack([everything if s is None else s.allowed().mask(logits.device) for s in states])
         logits = logits.masked_fill(~allowed, float("-inf"))
     if temperature <= 0:
         return logits.argmax(-1)
@@ -182,13 +184,15 @@ def _sample_tokens(logits: torch.Tensor, states: list[GrammarState] | None, temp
 
 @torch.no_grad()
 def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_new_tokens: int | None = None,
-           temperature: float = 1.0, top_k: int | None = None, constrained: bool = True, seed: int = 0,
+           temperature: float = 1.0, top_k: int | None = None, constrained: bool | Sequence[bool] = True, seed: int = 0,
            sync: Callable[[bool], bool] | None = None) -> Decoded:
     """Sample `num_samples` continuations of `prompt` together, stopping at `end`.
 
     The prompt runs once; its KV cache is copied into one row per sample, and each step feeds
     only the new tokens, so the cost per token does not grow with the prompt. With `constrained`
-    every row's logits are masked by its own GrammarState. temperature <= 0 is greedy. At most
+    every row's logits are masked by its own GrammarState: the grammar, and grasp tags limited to the
+    scene's block tags (GrammarState.scene_tags_only); a list of num_samples bools says it per row, so
+    constrained and free samples share one batch. temperature <= 0 is greedy. At most
     `max_new_tokens` are written (default and cap: what the model's block size leaves).
 
     `sync(still_running) -> any_rank_running` keeps ranks in lock-step for ZeRO-3, whose
@@ -206,10 +210,13 @@ def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_ne
         raise GenerateError(f"top_k must be >= 1 (or unset), got {top_k}")
     room = block - T + 1  # the last new token is never fed back
     max_new = room if max_new_tokens is None else max(0, min(int(max_new_tokens), room))
+    per_row = [bool(constrained)] * num_samples if isinstance(constrained, bool) else [bool(c) for c in constrained]
+    if len(per_row) != num_samples:
+        raise GenerateError(f"constrained lists {len(per_row)} rows but num_samples is {num_samples}; give one per row")
     states = None
-    if constrained:
-        state = prompt_state(prompt, vocab)
-        states = [state.copy() for _ in range(num_samples)]
+    if any(per_row):
+        state = prompt_state(prompt, vocab, scene_tags_only=True)
+        states = [state.copy() if c else None for c in per_row]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(int(seed))
     was_training = model.training
@@ -232,7 +239,7 @@ def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_ne
                 for b, t in enumerate(tok.tolist()):
                     if not ended[b]:
                         rows[b].append(t)
-                        if states is not None:
+                        if states is not None and states[b] is not None:
                             states[b].advance(t)
                         ended[b] = t == vocab.end
                 steps += 1

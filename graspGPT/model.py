@@ -78,6 +78,9 @@ class ModelConfig:
     init_std: float = 0.02
     activation_checkpointing: bool = False
     loss_chunk_size: int = 4096  # rows of logits alive at once in the loss
+    # (X, Y, Z) of the voxel grid whose cells are the last X*Y*Z token ids: their embeddings then get
+    # learned per-axis terms (TokenEmbedding). None: a plain embedding table.
+    voxel_grid: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "loss_chunk_size"):
@@ -103,6 +106,14 @@ class ModelConfig:
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ModelConfigError(f"model.{name}={getattr(self, name)!r} must be > 0; set a positive value")
+        if self.voxel_grid is not None:
+            self.voxel_grid = tuple(self.voxel_grid)
+            cells = 1
+            for d in self.voxel_grid:
+                cells *= d if isinstance(d, int) and d > 0 else 0
+            if len(self.voxel_grid) != 3 or not 0 < cells <= self.vocab_size:
+                raise ModelConfigError(f"voxel_grid={self.voxel_grid} must be 3 positive sizes whose product is "
+                                       f"at most vocab_size={self.vocab_size}; pass the data's (X, Y, Z) or None")
 
     @property
     def head_dim(self) -> int:
@@ -368,12 +379,65 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     return loss, count
 
 
+class TokenEmbedding(nn.Module):
+    """The token embedding table, shared with the output layer; for voxel tokens optionally factored.
+
+    With ``voxel_grid`` = (X, Y, Z), the row of voxel (x, y, z) is ``weight[id] + x_axis[x] + y_axis[y] +
+    z_axis[z]``. Every voxel id is otherwise a separate class among ~147k that would each have to learn
+    where it lies from its own few occurrences; the axis terms are shared by all cells of a plane, so
+    what is learned about one position carries over to its neighbours, for reading the scene and for
+    predicting grasp cells alike. The table is still a plain (V, C) matrix (``table()``): export folds
+    the axis terms into ``weight``, giving an ordinary Qwen2 embedding.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.n_embd))
+        self.grid = cfg.voxel_grid
+        if self.grid is not None:
+            self.x_axis, self.y_axis, self.z_axis = (nn.Parameter(torch.empty(n, cfg.n_embd)) for n in self.grid)
+
+    def table(self) -> torch.Tensor:
+        """The (V, C) embedding matrix."""
+        if self.grid is None:
+            return self.weight
+        return embedding_table(self.weight, self.x_axis, self.y_axis, self.z_axis)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.table())
+
+
+AXIS_KEYS = tuple(f"model.embed_tokens.{a}_axis" for a in "xyz")  # state-dict keys of the axis terms
+
+
+def embedding_table(weight: torch.Tensor, x_axis: torch.Tensor, y_axis: torch.Tensor,
+                    z_axis: torch.Tensor) -> torch.Tensor:
+    """weight with the axis terms added to the voxel rows (the last X*Y*Z ids, x-major: they reshape to
+    (X, Y, Z, C), so the sum is a broadcast)."""
+    cells = x_axis[:, None, None] + y_axis[None, :, None] + z_axis[None, None, :]
+    cells = cells.reshape(-1, weight.size(1))
+    first = weight.size(0) - cells.size(0)
+    return torch.cat([weight[:first], weight[first:] + cells])
+
+
+def fold_axes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with the axis terms folded into model.embed_tokens.weight: a plain Qwen2 embedding."""
+    if AXIS_KEYS[0] not in state_dict:
+        return state_dict
+    out = {k: v for k, v in state_dict.items() if k not in AXIS_KEYS}
+    table = embedding_table(state_dict["model.embed_tokens.weight"], *(state_dict[k] for k in AXIS_KEYS))
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):  # the tied copy too, where the dict holds one
+        if key in out:
+            out[key] = table
+    return out
+
+
 class GraspGPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            embed_tokens=TokenEmbedding(cfg),
             layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
             norm=RMSNorm(cfg.n_embd, cfg.rms_norm_eps),
         ))
@@ -383,8 +447,11 @@ class GraspGPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, TokenEmbedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+        if isinstance(module, TokenEmbedding) and module.grid is not None:
+            for axis in (module.x_axis, module.y_axis, module.z_axis):
+                nn.init.normal_(axis, mean=0.0, std=self.cfg.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
         if isinstance(module, RMSNorm):
@@ -410,18 +477,32 @@ class GraspGPT(nn.Module):
                     x = block(x, cos, sin, cache, start_pos)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                start_pos: int = 0, last_only: bool = False):
         """Logits (B, T, V) in the compute dtype, or with targets (loss_sum fp32, num_targets long).
 
         The loss is a sum, not a mean: the trainer divides by the target count of the whole global batch.
+        With a `cache` (decoding, see forward_cached) the positions start at start_pos; last_only keeps
+        the last position's logits only. Decoding runs through here too, so that under ZeRO-3 the
+        parameters are gathered the same way as in training.
         """
-        h = self._hidden(input_ids)
+        if cache is not None:
+            B, T = input_ids.shape
+            if B != cache.batch_size or start_pos + T > cache.max_len:
+                raise ModelInputError(f"batch {B}, positions up to {start_pos + T} do not fit a cache of batch "
+                                      f"{cache.batch_size}, max_len {cache.max_len}; make a larger cache")
+        h = self._hidden(input_ids, cache, start_pos)
         if targets is None:
-            return self.lm_head(h)
+            return F.linear(h[:, -1:] if last_only else h, self.output_weight())
         if targets.shape != input_ids.shape:
             raise ModelInputError(f"targets shape {tuple(targets.shape)} != input_ids shape "
                                   f"{tuple(input_ids.shape)}; pass one target per input position")
-        return chunked_cross_entropy(h, self.lm_head.weight, targets, self.cfg.loss_chunk_size)
+        return chunked_cross_entropy(h, self.output_weight(), targets, self.cfg.loss_chunk_size)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output layer's (V, C) weight: the embedding table (tied), axis terms included."""
+        emb = self.model.embed_tokens
+        return self.lm_head.weight if emb.grid is None else emb.table()
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache on the model's device and dtype (max_len defaults to block_size)."""
@@ -436,12 +517,7 @@ class GraspGPT(nn.Module):
         Feed the prompt with start_pos=0, then each new token with start_pos = tokens seen so far.
         last_only returns (B, 1, V) so a long prompt never materializes its full logits.
         """
-        B, T = input_ids.shape
-        if B != cache.batch_size or start_pos + T > cache.max_len:
-            raise ModelInputError(f"batch {B}, positions up to {start_pos + T} do not fit a cache of batch "
-                                  f"{cache.batch_size}, max_len {cache.max_len}; make a larger cache")
-        h = self._hidden(input_ids, cache, start_pos)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        return self(input_ids, cache=cache, start_pos=start_pos, last_only=last_only)
 
     def num_params(self) -> int:
         """Parameter count, the tied embedding counted once (full sizes also when ZeRO-3 partitions them)."""

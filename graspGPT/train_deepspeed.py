@@ -32,6 +32,7 @@ from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, Tra
 from graspGPT.data.source import DataSourceError, resolve_data_dir
 from graspGPT.data.storage import TokenStore
 from graspGPT.data.synth import SynthError
+from graspGPT.data.vocab import Vocab
 from graspGPT.evaluate import TrainingEvaluator
 from graspGPT.ds_config import DeepSpeedConfigError, load_deepspeed_json, resolve_deepspeed_config, save_resolved
 from graspGPT.model import GraspGPT, ModelConfig, ModelConfigError
@@ -76,21 +77,23 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def model_config(cfg: Config, vocab_size: int) -> ModelConfig:
+def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
     m = cfg.model
     return ModelConfig.from_shape(model_type=m.model_type, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
-                                  n_kv_head=m.n_kv_head, vocab_size=vocab_size,
+                                  n_kv_head=m.n_kv_head, vocab_size=vocab.size,
                                   block_size=cfg.dataset.max_sequence_length, dropout=m.dropout,
-                                  rope_theta=m.rope_theta, activation_checkpointing=m.activation_checkpointing)
+                                  rope_theta=m.rope_theta, activation_checkpointing=m.activation_checkpointing,
+                                  voxel_grid=tuple(vocab.dims) if m.coordinate_embedding else None)
 
 
 def model_shape(mcfg: ModelConfig) -> dict:
     """What a checkpoint must share with the run that resumes it."""
-    return {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "vocab_size")}
+    shape = {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "vocab_size")}
+    return {**shape, "coordinate_embedding": mcfg.voxel_grid is not None}
 
 
-def build_model(cfg: Config, vocab_size: int, ds_config: dict, zero_stage: int) -> GraspGPT:
-    mcfg = model_config(cfg, vocab_size)
+def build_model(cfg: Config, vocab: Vocab, ds_config: dict, zero_stage: int) -> GraspGPT:
+    mcfg = model_config(cfg, vocab)
     if zero_stage == 3:  # parameters are partitioned as they are created, so a model larger than one GPU fits
         import deepspeed
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
@@ -253,7 +256,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
     batch = ds.batch
     for note in ds.notes:
         log.info(f"note: {note}")
-    mcfg = model_config(cfg, vocab.size)
+    mcfg = model_config(cfg, vocab)
     plan = checkpoint.agree(device, checkpoint.plan_resume, cfg.trainer.resume, out, world, ds.zero_stage,
                             model_shape(mcfg), vocab.to_meta())
     checkpoint.check_same_plan(device, plan)
@@ -263,7 +266,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
         save_resolved(ds, out / "deepspeed_config.resolved.json")
 
     # Model and engine; then the resumed state, or the weights of --init_from.
-    model = build_model(cfg, vocab.size, ds.config, ds.zero_stage)
+    model = build_model(cfg, vocab, ds.config, ds.zero_stage)
     if plan is None and cfg.trainer.init_from:
         from graspGPT.export import load_hf_weights
         checkpoint.agree(device, load_hf_weights, model, cfg.trainer.init_from, vocab.to_meta())

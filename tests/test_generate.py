@@ -89,9 +89,10 @@ def test_constrained_decoding_of_untrained_model_is_always_valid(scenes):
         start = prompt_state(prompt, VOCAB)
         assert len(out.new) == 20 and out.ended.all()
         assert all(accepts(start, new) and new[-1] == VOCAB.end for new in out.new)
-        for new in out.new:  # exactly 3 in-grid cells per grasp; the whole sequence parses strictly
+        scene_tags = {b.tag for b in truth.scene}
+        for new in out.new:  # exactly 3 in-grid cells per grasp, tags of the scene; parses strictly
             sample = parse(np.concatenate([prompt, new]), VOCAB, strict=True)
-            assert all(len(g.cells) == 3 for g in sample.grasps or [])
+            assert all(len(g.cells) == 3 and g.tag in scene_tags for g in sample.grasps or [])
         assert len({tuple(n.tolist()) for n in out.new}) > 1, "the rows of the batch are sampled independently"
 
 
@@ -120,7 +121,7 @@ def test_greedy_cached_decoding_equals_full_recomputation(scenes):
     prompt = task_prompt(scenes[1], VOCAB, "grasp")
     out = decode(model, prompt, VOCAB, num_samples=3, max_new_tokens=25, temperature=0.0)
     assert all((n == out.new[0]).all() for n in out.new)
-    state, seq = prompt_state(prompt, VOCAB), list(prompt)
+    state, seq = prompt_state(prompt, VOCAB, scene_tags_only=True), list(prompt)
     with torch.no_grad():
         for _ in range(len(out.new[0])):
             logits = state.apply_mask(model(torch.tensor([seq]))[0, -1])

@@ -302,6 +302,29 @@ def test_state_rejects(prefix, bad, match):
             st.advance(i)
 
 
+def test_scene_tags_only_limits_grasp_tags_to_the_scene():
+    v = SMALL
+    prompt = ids_of(["scene", "object05", C0, "object01", C1, "object05", C2, "detectgrasp", "grasp"])
+    strict = GrammarState(v, scene_tags_only=True).feed(prompt)
+    assert strict.scene_tags == (v.id_of("object01"), v.id_of("object05"))
+    allowed = strict.allowed()
+    assert names(allowed.nonvoxel_ids()) == {"object01", "object05"} and v.id_of("object02") not in allowed
+    mask = allowed.mask()
+    assert mask.sum() == 2 and bool(mask[v.id_of("object05")])
+    logits = allowed.apply_mask(torch.zeros(v.size))
+    assert torch.isfinite(logits).sum() == 2
+    with pytest.raises(GrammarError, match="one of the scene's block tags") as info:
+        strict.copy().advance(v.id_of("object02"))
+    assert info.value.position == len(prompt)
+    strict.feed(ids_of(["object05", C0, C1, C2, "grasp"]))  # a scene tag is fine, and the limit holds on
+    assert names(strict.allowed_ids_nonvoxel()) == {"object01", "object05"}
+    # the plain grammar (and parse) takes any tag; tags seen in later sections are not scene tags
+    assert names(GrammarState(v).feed(prompt).allowed_ids_nonvoxel()) == TAGS
+    seg = GrammarState(v, scene_tags_only=True).feed(
+        ids_of(["scene", "unlabel", C0, "segment", "object03", C0, "endunseg", "detectgrasp", "grasp"]))
+    assert names(seg.allowed_ids_nonvoxel()) == {"unlabel"}
+
+
 def test_state_copy_and_feed_types():
     prompt = ids_of(["scene", "object01", C0, C2, "detectgrasp", "grasp"])
     a = GrammarState(SMALL).feed(prompt)

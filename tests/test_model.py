@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graspGPT.model import (IGNORE_INDEX, MODEL_PRESETS, GraspGPT, LinearCrossEntropy, ModelConfig, ModelConfigError,
-                            ModelInputError, chunked_cross_entropy, default_kv_heads)
+from graspGPT.model import (AXIS_KEYS, IGNORE_INDEX, MODEL_PRESETS, GraspGPT, LinearCrossEntropy, ModelConfig,
+                            ModelConfigError, ModelInputError, chunked_cross_entropy, default_kv_heads, fold_axes)
 
 V = 500
 
@@ -136,6 +136,56 @@ def test_state_dict_keys_and_tying():
     assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() == 0
     assert torch.all(model.model.norm.weight == 1)
     assert abs(model.model.embed_tokens.weight.std().item() - 0.02) < 0.002
+
+
+# ---- coordinate embedding -------------------------------------------------------------------------
+
+GRID = (5, 4, 3)  # 60 voxel ids at the end of the V = 500 vocabulary
+
+
+def test_coordinate_embedding_rows_are_own_vector_plus_axis_terms():
+    model = tiny(voxel_grid=GRID)
+    emb = model.model.embed_tokens
+    table = emb.table()
+    first = V - 60
+    for x, y, z in [(0, 0, 0), (4, 3, 2), (2, 1, 0)]:
+        i = first + (x * GRID[1] + y) * GRID[2] + z  # the vocabulary's x-major voxel id
+        torch.testing.assert_close(table[i], emb.weight[i] + emb.x_axis[x] + emb.y_axis[y] + emb.z_axis[z])
+    assert torch.equal(table[:first], emb.weight[:first])  # non-voxel tokens are untouched
+    assert {k for k in model.state_dict() if "axis" in k} == set(AXIS_KEYS)
+    assert emb.x_axis.std() > 0.01
+    with pytest.raises(ModelConfigError, match="voxel_grid"):
+        tiny(voxel_grid=(10, 10, 10))  # 1000 cells > V
+
+
+def test_coordinate_embedding_folds_into_a_plain_model_with_the_same_logits():
+    model = tiny(voxel_grid=GRID).eval()
+    ids, targets = batch()
+    ids[0, :5] = torch.tensor([V - 1, V - 60, V - 7, 3, V - 30])
+    plain = tiny().eval()
+    plain.load_state_dict(fold_axes(model.state_dict()), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids), model(ids), atol=1e-6, rtol=0)
+        torch.testing.assert_close(plain(ids, targets)[0], model(ids, targets)[0])
+    sd = plain.state_dict()
+    assert fold_axes(sd) is sd and AXIS_KEYS[0] not in fold_axes(model.state_dict())  # plain dicts pass through
+
+
+def test_coordinate_embedding_axis_terms_learn_from_every_voxel():
+    """A voxel target trains the axis rows of its coordinates (through input and output), not others."""
+    model = tiny(voxel_grid=GRID)
+    ids = torch.full((1, 6), 3)
+    targets = torch.full((1, 6), IGNORE_INDEX)
+    targets[0, 2] = V - 60 + (2 * GRID[1] + 1) * GRID[2] + 0  # voxel (2, 1, 0)
+    loss, _ = model(ids, targets)
+    loss.backward()
+    emb = model.model.embed_tokens
+    for axis in (emb.x_axis, emb.y_axis, emb.z_axis):
+        assert axis.grad is not None and axis.grad.abs().sum() > 0
+    # the softmax pushes every voxel's logit, but the target's coordinates get the extra pull
+    assert emb.x_axis.grad[2].norm() > emb.x_axis.grad[0].norm()
+    decay = model.configure_param_groups(0.1)[0]["params"]
+    assert not any(p is emb.x_axis for p in decay)  # embeddings are never decayed
 
 
 # ---- chunked loss ----------------------------------------------------------------------------------

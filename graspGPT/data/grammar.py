@@ -331,13 +331,21 @@ class _Tables:
                     self.masks.append(m)
         self._torch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def torch_masks(self, key: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def nonvoxel(self, key: int, only: tuple[int, ...] | None = None) -> np.ndarray:
+        """The non-voxel mask of `key`, restricted to the ids `only` when given."""
+        if only is None:
+            return self.masks[key]
+        m = np.zeros_like(self.masks[key])
+        m[list(only)] = True
+        return m & self.masks[key]
+
+    def torch_masks(self, key: int, device, only: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(allowed, forbidden) non-voxel masks as bool tensors on `device`, cached."""
         device = torch.device(device if device is not None else "cpu")
-        hit = self._torch.get((key, device))
+        hit = self._torch.get((key, device, only))
         if hit is None:
-            allowed = torch.from_numpy(self.masks[key].copy()).to(device)
-            hit = self._torch[(key, device)] = (allowed, ~allowed)
+            allowed = torch.from_numpy(self.nonvoxel(key, only).copy()).to(device)
+            hit = self._torch[(key, device, only)] = (allowed, ~allowed)
         return hit
 
 
@@ -355,6 +363,7 @@ class AllowedSet:
     hi: int
     tables: _Tables = field(repr=False, compare=False)
     key: int = field(repr=False, compare=False)
+    only: tuple[int, ...] | None = field(default=None, repr=False, compare=False)  # see GrammarState.scene_tags_only
 
     def __contains__(self, token_id: int) -> bool:
         t = int(token_id)
@@ -370,7 +379,7 @@ class AllowedSet:
         """(V,) bool tensor, True where allowed."""
         nv = len(self.nonvoxel)
         m = torch.zeros(self.tables.vocab.size, dtype=torch.bool, device=device)
-        m[:nv] = self.tables.torch_masks(self.key, m.device)[0]
+        m[:nv] = self.tables.torch_masks(self.key, m.device, self.only)[0]
         m[self.lo: self.hi] = True
         return m
 
@@ -381,7 +390,7 @@ class AllowedSet:
                              "pass logits over the whole vocabulary")
         out = logits if inplace else logits.clone()
         nv = len(self.nonvoxel)
-        out[..., :nv].masked_fill_(self.tables.torch_masks(self.key, out.device)[1], float("-inf"))
+        out[..., :nv].masked_fill_(self.tables.torch_masks(self.key, out.device, self.only)[1], float("-inf"))
         out[..., nv: self.lo] = float("-inf")
         out[..., self.hi:] = float("-inf")
         return out
@@ -395,14 +404,21 @@ class GrammarState:
     checks with strict=True); `allow_segment` permits the segment section; `allow_serials`
     permits a serial token after a voxel (never in the amodal block, which `parse` rejects).
 
+    `scene_tags_only` makes a second restriction, of meaning rather than syntax: a grasp's tag must
+    be one of the scene's block tags. A grasp belongs to an object the scene shows (or to its one
+    `incomplete`/`unlabel` block), so any other tag is certainly wrong.
+
     `advance` is O(1); the allowed set is a cached non-voxel mask plus one voxel id range,
     so `mask()` is a vectorized O(V) fill and no per-voxel Python set is ever built.
     """
 
-    def __init__(self, vocab: Vocab, sorted_cells: bool = True, allow_segment: bool = True, allow_serials: bool = False):
+    def __init__(self, vocab: Vocab, sorted_cells: bool = True, allow_segment: bool = True, allow_serials: bool = False,
+                 scene_tags_only: bool = False):
         self.vocab = vocab
         self.sorted_cells = sorted_cells
         self.allow_serials = allow_serials
+        self.scene_tags_only = scene_tags_only
+        self.scene_tags: tuple[int, ...] = ()  # block tags of the scene section, sorted (immutable: copies share it)
         self._tables = _tables(vocab, allow_segment, allow_serials)
         self.mode = START
         self.cells = 0  # voxel cells in the current block
@@ -434,10 +450,11 @@ class GrammarState:
     def allowed(self) -> AllowedSet:
         key = self._key()
         lo, hi = self._voxels()
-        return AllowedSet(self._tables.masks[key], lo, hi, self._tables, key)
+        only = self.scene_tags if self.scene_tags_only and self.mode == GRASP_TAG and self.scene_tags else None
+        return AllowedSet(self._tables.nonvoxel(key, only), lo, hi, self._tables, key, only)
 
     def allowed_ids_nonvoxel(self) -> np.ndarray:
-        return np.flatnonzero(self._tables.masks[self._key()])
+        return self.allowed().nonvoxel_ids()
 
     def mask(self, device=None) -> torch.Tensor:
         """(V,) bool tensor of the tokens allowed next."""
@@ -458,10 +475,12 @@ class GrammarState:
             self.last = t
             self.after_voxel = True
         else:
-            if t < 0 or not self._tables.masks[self._key()][t]:
+            if t < 0 or t not in self.allowed():
                 self._reject(t, vocab.size, vocab.size)
             self.after_voxel = False
             if t < vocab.num_tags:
+                if self.mode in (SCENE, SCENE_BLOCK) and t not in self.scene_tags:
+                    self.scene_tags = tuple(sorted(self.scene_tags + (t,)))
                 self.mode = _TAG_NEXT[self.mode]
                 self.cells, self.last = 0, vocab.voxel_base - 1
             elif t < vocab.serial_base:
@@ -483,6 +502,8 @@ class GrammarState:
             why = "; cells of a block must be strictly increasing"
         elif vocab.is_voxel(t) and self.mode == GRASP_BLOCK:
             why = f"; a grasp takes exactly {GRASP_CELLS} cells"
+        elif self.mode == GRASP_TAG and t < vocab.num_tags and self.scene_tags_only:
+            why = "; a grasp's tag must be one of the scene's block tags (scene_tags_only)"
         elif vocab.is_serial(t):
             why = ("; serials are disabled (allow_serials=False)" if not self.allow_serials
                    else "; amodal cells take no serials" if self.mode == AMODAL_BLOCK
