@@ -11,6 +11,8 @@ grammar mask and without it. Reported, as a table and as JSON:
                            finished within the token cap); free_valid_rate: without the mask
   grasp_precision          predicted grasps matching a ground-truth grasp (grasp_metrics)
   grasp_coverage           objects with a correct predicted grasp / objects with grasps
+  any_tag_precision        predicted grasps whose cells match a ground-truth grasp of any object
+                           (a diagnostic: the gap to grasp_precision is grasps put under the wrong tag)
   baseline_*               the same for random grasps (grasp_metrics.random_grasps), as many per
                            sequence as the model predicted there
   amodal_iou               completion samples: IoU of the written amodal cells with the truth
@@ -39,7 +41,8 @@ from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab
 from .generate import (GenerateError, accepts, decode, default_device, default_max_new, grasp_list, load_checked,
                        prompt_state, read_output, task_of, task_prompt, truth_of)
-from .grasp_metrics import GraspScore, random_grasps, score_grasps, segmentation_counts, voxel_iou
+from .grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
+                            voxel_iou)
 from .model import ModelInputError
 
 # Sums kept per scene and added over scenes and ranks; every metric is a ratio of two of them.
@@ -47,6 +50,7 @@ COUNT_KEYS = (
     "scenes", "sequences", "valid", "predicted", "correct", "objects", "covered",
     "free_sequences", "free_valid", "free_predicted", "free_correct", "free_objects", "free_covered",
     "baseline_predicted", "baseline_correct", "baseline_objects", "baseline_covered",
+    "any_tag_correct", "free_any_tag_correct", "baseline_any_tag_correct",
     "amodal_sequences", "amodal_iou_sum", "seg_correct", "seg_cells", "new_tokens", "decode_seconds",
 )
 
@@ -88,9 +92,11 @@ def evaluate_scene(model, ids: np.ndarray, vocab: Vocab, num_samples: int = 1, t
             first = got.grasps or []
         if true_grasps is not None:
             _add(c, p, score_grasps(predicted, true_grasps))
+            c[p + "any_tag_correct"] += correct_grasps(untagged(predicted), untagged(true_grasps)).sum()
             if constrained:  # the baseline draws as many grasps as the model wrote
                 guesses = random_grasps(rng, scene, len(predicted), vocab.dims)
                 _add(c, "baseline_", score_grasps(guesses, true_grasps))
+                c["baseline_any_tag_correct"] += correct_grasps(untagged(guesses), untagged(true_grasps)).sum()
         if constrained and task == "amodal":
             c["amodal_sequences"] += 1
             c["amodal_iou_sum"] += voxel_iou(got.amodal if got.amodal is not None else [], truth.amodal)
@@ -116,11 +122,14 @@ def summarize(c: dict[str, float]) -> dict[str, float]:
         "grasps_per_sequence": _ratio(c["predicted"], c["sequences"]),
         "baseline_precision": _ratio(c["baseline_correct"], c["baseline_predicted"]),
         "baseline_coverage": _ratio(c["baseline_covered"], c["baseline_objects"]),
+        "any_tag_precision": _ratio(c["any_tag_correct"], c["predicted"]),
+        "baseline_any_tag_precision": _ratio(c["baseline_any_tag_correct"], c["baseline_predicted"]),
     }
     if c["free_sequences"]:
         m.update(free_valid_rate=_ratio(c["free_valid"], c["free_sequences"]),
                  free_grasp_precision=_ratio(c["free_correct"], c["free_predicted"]),
                  free_grasp_coverage=_ratio(c["free_covered"], c["free_objects"]),
+                 free_any_tag_precision=_ratio(c["free_any_tag_correct"], c["free_predicted"]),
                  free_grasps_per_sequence=_ratio(c["free_predicted"], c["free_sequences"]))
     if c["amodal_sequences"]:
         m["amodal_iou"] = c["amodal_iou_sum"] / c["amodal_sequences"]
@@ -257,6 +266,7 @@ ROWS = (  # label, constrained key, unconstrained key, baseline key, format
     ("grammar-valid rate", "valid_rate", "free_valid_rate", None, "{:.3f}"),
     ("grasp precision", "grasp_precision", "free_grasp_precision", "baseline_precision", "{:.3f}"),
     ("grasp coverage", "grasp_coverage", "free_grasp_coverage", "baseline_coverage", "{:.3f}"),
+    ("precision, any object", "any_tag_precision", "free_any_tag_precision", "baseline_any_tag_precision", "{:.3f}"),
     ("grasps per sequence", "grasps_per_sequence", "free_grasps_per_sequence", "grasps_per_sequence", "{:.1f}"),
     ("amodal IoU", "amodal_iou", None, None, "{:.3f}"),
     ("segmentation accuracy", "seg_accuracy", None, None, "{:.3f}"),

@@ -19,7 +19,7 @@ from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.evaluate import COUNT_KEYS, TrainingEvaluator, evaluate_scene, evaluate_scenes, summarize
 from graspGPT.generate import grasp_list, truth_of
-from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts,
+from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
                                     voxel_iou)
 from graspGPT.model import GraspGPT, ModelConfig
 
@@ -51,6 +51,9 @@ def test_grasp_matching_rule():
     assert correct_grasps(pred, truth).tolist() == [True, True, True, False, False, False, False, False, False]
     assert correct_grasps(pred[3:4], truth, tol=2).tolist() == [True]
     assert correct_grasps([], truth).tolist() == [] and correct_grasps(pred[:1], []).tolist() == [False]
+    # without tags the two grasps under a wrong or unknown tag count; cell counts and geometry still rule
+    assert correct_grasps(untagged(pred), untagged(truth)).tolist() == [True, True, True, False, False, True, True,
+                                                                       False, False]
     s = score_grasps(pred, truth)
     assert (s.predicted, s.correct, s.objects, s.covered) == (9, 3, 2, 1)
     assert s.precision == pytest.approx(3 / 9) and s.coverage == 0.5
@@ -145,8 +148,9 @@ def test_oracle_scores_perfectly_end_to_end(mixed, tmp_path):
     m = ev.run(oracle, step=7)
     assert m["scenes"] == 9
     for key in ("valid_rate", "grasp_precision", "grasp_coverage", "free_valid_rate", "free_grasp_precision",
-                "free_grasp_coverage", "amodal_iou", "seg_accuracy"):
+                "free_grasp_coverage", "amodal_iou", "seg_accuracy", "any_tag_precision", "free_any_tag_precision"):
         assert m[key] == 1.0, key
+    assert m["baseline_precision"] <= m["baseline_any_tag_precision"]
     assert m["baseline_precision"] < 0.5 and m["grasps_per_sequence"] > 1
     assert Path(m["picture"]) == tmp_path / "eval" / "step_7.png"
     assert Image.open(m["picture"]).format == "PNG"
