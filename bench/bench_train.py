@@ -12,7 +12,8 @@ Implementations (--impl, comma-separated):
   baseline   transformers Qwen2ForCausalLM, sdpa attention, cross-entropy on the full fp32-cast logits
   fast       graspGPT.model.GraspGPT as the trainer builds it
   fast+X     fast with a switch: +cudnn (cuDNN attention first instead of flash), +eager (no
-             torch.compile), +ckpt (activation checkpointing); switches combine (fast+cudnn+ckpt)
+             torch.compile), +ckpt (activation checkpointing), +plain (no coordinate embedding: a
+             plain embedding table, as the baseline has); switches combine (fast+cudnn+ckpt)
 Both use the same DeepSpeed config: the ZeRO section of deepspeed_config.json with the stage asked,
 bf16, gradient clipping 2.0, and torch's fused AdamW (lr 2e-4, betas 0.9/0.95, weight decay 0.01).
 
@@ -107,9 +108,12 @@ def ds_config(zero: int, micro: int, accum: int, world: int, bf16: bool, lr: flo
     return cfg
 
 
-def model_config(model_type: str, vocab_size: int, block_size: int, ckpt: bool = False) -> gm.ModelConfig:
+def model_config(model_type: str, vocab_size: int, block_size: int, ckpt: bool = False,
+                 coordinates: bool = False) -> gm.ModelConfig:
+    """coordinates: the trainer's default coordinate embedding over the real grid (only the fast model has it)."""
+    grid = Vocab.for_workspace(Workspace(voxel_size=VOXEL)).dims if coordinates else None
     return gm.ModelConfig.from_shape(model_type, vocab_size=vocab_size, block_size=block_size,
-                                     activation_checkpointing=ckpt)
+                                     activation_checkpointing=ckpt, voxel_grid=grid)
 
 
 def build_model(impl: str, mcfg: gm.ModelConfig, device: torch.device, seed: int = 0,
@@ -135,9 +139,10 @@ def build_model(impl: str, mcfg: gm.ModelConfig, device: torch.device, seed: int
 def apply_switches(impl: str) -> tuple[str, set[str]]:
     """("baseline"|"fast", switches), setting model.py's measuring switches for this case."""
     base, *switches = impl.split("+")
-    unknown = set(switches) - {"cudnn", "eager", "ckpt"}
+    unknown = set(switches) - {"cudnn", "eager", "ckpt", "plain"}
     if base not in ("baseline", "fast") or unknown or (base == "baseline" and switches):
-        raise SystemExit(f"error: unknown implementation {impl!r}; use baseline, fast, or fast+cudnn/+eager/+ckpt")
+        raise SystemExit(f"error: unknown implementation {impl!r}; use baseline, fast, or "
+                         f"fast+cudnn/+eager/+ckpt/+plain")
     gm.COMPILE = DEFAULTS["compile"] and "eager" not in switches
     gm.ATTENTION_BACKENDS = CUDNN_FIRST if "cudnn" in switches else DEFAULTS["attention"]
     torch._dynamo.reset()  # every case compiles afresh (the attention kernel is fixed when tracing)
@@ -228,7 +233,8 @@ def run_case(impl: str, model_type: str, seq: str, zero: int, args, pool: SceneP
     vocab_size = Vocab.for_workspace(Workspace(voxel_size=VOXEL)).size
     builtin = seq.startswith("builtin:")
     max_len = args.max_len if builtin else int(seq) + 1
-    mcfg = model_config(model_type, vocab_size, max_len, ckpt="ckpt" in switches)
+    mcfg = model_config(model_type, vocab_size, max_len, ckpt="ckpt" in switches,
+                        coordinates=base == "fast" and "plain" not in switches)
     cfg = ds_config(zero, args.micro_batch, args.grad_accum, world, bf16=on_gpu, overrides=tuple(args.ds))
 
     gc.collect()

@@ -60,6 +60,7 @@ def run_trainer(config: Path, output_dir: Path, flags: list[str], session_s: flo
         if m:
             arrived[int(m.group(1))] = time.perf_counter()
             losses[int(m.group(1))] = float(m.group(3))
+        stopping = stopping or line.startswith("done: ")  # finished: a signal now would only kill the exit
         if session_s is not None and not stopping and time.perf_counter() - t0 > session_s:
             proc.send_signal(signal.SIGTERM)  # the launcher script hands it to the rank: it saves and exits
             stopping = True
@@ -156,7 +157,7 @@ def main() -> int:
             config, train_dir, ["--max_iters", str(max_iters), "--save_every", str(every),
                                 "--eval_every", str(every), "--resume", "auto"],
             None if args.session_minutes is None else args.session_minutes * 60)
-        if status != 0:
+        if status != 0 and latest_step(train_dir) < max_iters:
             raise SystemExit(f"error: training failed (exit {status}); see the output above")
         plan["train_wall_s"] = round(plan["train_wall_s"] + time.perf_counter() - t0, 1)  # start-up included
         plan_file.write_text(json.dumps(plan, indent=1) + "\n")

@@ -457,7 +457,8 @@ class GraspGPT(nn.Module):
         if isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
-    def _hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def _hidden(self, input_ids: torch.Tensor, table: torch.Tensor, cache: KVCache | None = None,
+                start_pos: int = 0) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ModelInputError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}; "
                                   f"add a batch dimension")
@@ -467,7 +468,7 @@ class GraspGPT(nn.Module):
                                   f"{self.cfg.block_size}; shorten the sequence or raise block_size")
         positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        x = self.drop(self.model.embed_tokens(input_ids))
+        x = self.drop(F.embedding(input_ids, table))
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):  # also when a compiled block is traced
             for block in self.model.layers:
@@ -491,16 +492,17 @@ class GraspGPT(nn.Module):
             if B != cache.batch_size or start_pos + T > cache.max_len:
                 raise ModelInputError(f"batch {B}, positions up to {start_pos + T} do not fit a cache of batch "
                                       f"{cache.batch_size}, max_len {cache.max_len}; make a larger cache")
-        h = self._hidden(input_ids, cache, start_pos)
+        table = self.output_weight()  # built once per call: the input lookup and the tied output layer share it
+        h = self._hidden(input_ids, table, cache, start_pos)
         if targets is None:
-            return F.linear(h[:, -1:] if last_only else h, self.output_weight())
+            return F.linear(h[:, -1:] if last_only else h, table)
         if targets.shape != input_ids.shape:
             raise ModelInputError(f"targets shape {tuple(targets.shape)} != input_ids shape "
                                   f"{tuple(input_ids.shape)}; pass one target per input position")
-        return chunked_cross_entropy(h, self.output_weight(), targets, self.cfg.loss_chunk_size)
+        return chunked_cross_entropy(h, table, targets, self.cfg.loss_chunk_size)
 
     def output_weight(self) -> torch.Tensor:
-        """The output layer's (V, C) weight: the embedding table (tied), axis terms included."""
+        """The (V, C) embedding table, axis terms included: the input embedding and (tied) the output layer."""
         emb = self.model.embed_tokens
         return self.lm_head.weight if emb.grid is None else emb.table()
 

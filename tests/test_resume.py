@@ -339,7 +339,9 @@ def _run_with_hooks() -> int:
     nan_steps = {int(s) for s in hooks.get("HOOK_NAN_STEPS", "").split(",") if s}
     forward = GraspGPT.forward
 
-    def poisoned_forward(self, input_ids, targets=None):
+    def poisoned_forward(self, input_ids, targets=None, **decoding):
+        if targets is None:  # decoding (the in-training evaluation): untouched
+            return forward(self, input_ids, **decoding)
         s, n = forward(self, input_ids, targets)
         if self.training and current["step"] + 1 in nan_steps and rank == int(hooks.get("HOOK_NAN_RANK", -1)):
             s = s * float("nan")

@@ -74,7 +74,7 @@ def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
     seqs = [samples.get(int(k), epoch=0) for k in schedule.global_batch(0)]
     assert len({len(s) for s in seqs}) > 1, "the test needs padding: samples of different lengths"
     seed_everything(cfg.system.seed)
-    model = build_model(cfg, store.vocab.size, {}, zero_stage=1)
+    model = build_model(cfg, store.vocab, {}, zero_stage=1)
     w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     batch = collate(seqs, pad_id=store.vocab.end, max_len=L)
     loss_sum, n = model(batch.input_ids, batch.targets)
