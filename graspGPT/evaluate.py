@@ -29,7 +29,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,8 +39,8 @@ from .data.dataset import AugmentConfig, TrainingSamples, collate
 from .data.grammar import Sample
 from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab
-from .generate import (GenerateError, accepts, decode, default_device, default_max_new, grasp_list, load_checked,
-                       prompt_state, read_output, task_of, task_prompt, truth_of)
+from .generate import (GenerateError, accepts, decode, decode_many, default_device, default_max_new, grasp_list,
+                       load_checked, prompt_state, read_output, task_of, task_prompt, truth_of)
 from .grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
                             voxel_iou)
 from .model import ModelInputError
@@ -65,31 +65,48 @@ def evaluate_scene(model, ids: np.ndarray, vocab: Vocab, num_samples: int = 1, t
                    max_new_tokens: int | None = None, sync: Callable[[bool], bool] | None = None
                    ) -> tuple[dict[str, float], list, Sample]:
     """Counts (COUNT_KEYS) for one sample, the first constrained sequence's grasps, and the truth."""
-    ids = np.asarray(ids, dtype=np.int64)
-    truth = truth_of(ids, vocab)
+    return evaluate_batch(model, [ids], vocab, [seed], num_samples, temperature, top_k, unconstrained,
+                          max_new_tokens, sync)[0]
+
+
+def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, seeds: Sequence[int], num_samples: int = 1,
+                   temperature: float = 1.0, top_k: int | None = None, unconstrained: bool = True,
+                   max_new_tokens: int | None = None, sync: Callable[[bool], bool] | None = None
+                   ) -> list[tuple[dict[str, float], list, Sample]]:
+    """evaluate_scene for several samples decoded in one batch (decode_many): per sample, its counts, the
+    first constrained sequence's grasps and the truth. The decoding time is counted once, on the first."""
+    samples = [np.asarray(ids, dtype=np.int64) for ids in samples]
+    truths = [truth_of(ids, vocab) for ids in samples]
+    prompts = [task_prompt(ids, vocab, task_of(t)) for ids, t in zip(samples, truths)]
+    caps = [max_new_tokens if max_new_tokens is not None else default_max_new(ids, p) for ids, p in zip(samples, prompts)]
+    # per sample: constrained rows first, then as many unconstrained ones
+    rows = [True] * num_samples + [False] * (num_samples if unconstrained else 0)
+    outs = decode_many(model, prompts, vocab, len(rows), caps, temperature, top_k, constrained=rows, seeds=seeds,
+                       sync=sync)
+    results = []
+    for i, (out, truth, prompt, seed) in enumerate(zip(outs, truths, prompts, seeds)):
+        c = _score(out, truth, prompt, rows, vocab, np.random.default_rng([seed, 1]))
+        c["decode_seconds"] = out.seconds if i == 0 else 0.0
+        results.append((c, read_output(np.concatenate([prompt, out.new[0]]), vocab).grasps or [], truth))
+    return results
+
+
+def _score(out, truth: Sample, prompt: np.ndarray, rows: list[bool], vocab: Vocab,
+           rng: np.random.Generator) -> dict[str, float]:
+    """Counts (COUNT_KEYS) of one sample's decoded rows against its truth."""
     task = task_of(truth)
-    prompt = task_prompt(ids, vocab, task)
-    max_new = max_new_tokens if max_new_tokens is not None else default_max_new(ids, prompt)
     true_grasps = grasp_list(truth.grasps, vocab) if truth.grasps is not None else None
     scene = [(b.tag, vocab.cells_of(b.cells)) for b in truth.scene]
-    rng = np.random.default_rng([seed, 1])
     start = prompt_state(prompt, vocab)
     c = dict.fromkeys(COUNT_KEYS, 0.0)
     c["scenes"] = 1
-    first = []
-    # constrained rows first, then as many unconstrained ones, all decoded in one batch
-    rows = [True] * num_samples + [False] * (num_samples if unconstrained else 0)
-    out = decode(model, prompt, vocab, len(rows), max_new, temperature, top_k, constrained=rows, seed=seed, sync=sync)
-    c["new_tokens"] += out.new_tokens
-    c["decode_seconds"] += out.seconds
-    for row, (constrained, new) in enumerate(zip(rows, out.new)):
+    c["new_tokens"] = out.new_tokens
+    for constrained, new in zip(rows, out.new):
         p = "" if constrained else "free_"
         c[p + "sequences"] += 1
         c[p + "valid"] += accepts(start, new)
         got = read_output(np.concatenate([prompt, new]), vocab)
         predicted = grasp_list(got.grasps, vocab)
-        if row == 0:
-            first = got.grasps or []
         if true_grasps is not None:
             _add(c, p, score_grasps(predicted, true_grasps))
             c[p + "any_tag_correct"] += correct_grasps(untagged(predicted), untagged(true_grasps)).sum()
@@ -105,7 +122,7 @@ def evaluate_scene(model, ids: np.ndarray, vocab: Vocab, num_samples: int = 1, t
                                                [(b.tag, b.cells) for b in truth.unseg])
             c["seg_correct"] += right
             c["seg_cells"] += total
-    return c, first, truth
+    return c
 
 
 def _ratio(a: float, b: float) -> float:
@@ -181,20 +198,26 @@ def pick_scenes(indices: np.ndarray, num_scenes: int, seed: int, lengths: np.nda
 
 
 def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int | None = None,
-                    sync: Callable[[bool], bool] | None = None, **options) -> tuple[dict[str, float], tuple | None]:
+                    sync: Callable[[bool], bool] | None = None, scenes_per_batch: int = 8,
+                    **options) -> tuple[dict[str, float], tuple | None]:
     """Summed counts over `scenes` and (index, grasps, truth, counts) of the first, for a picture.
 
-    With `sync` (ZeRO-3), `rounds` >= len(scenes) scenes are run: the missing ones as one-token
-    dummy decodes, so that every rank makes the same forward calls.
+    Up to `scenes_per_batch` scenes decode together (a decoding step costs about the same for one row
+    as for many); scene i samples with seed + i wherever it is batched. With `sync` (ZeRO-3),
+    `rounds` >= len(scenes) is the scene count of the busiest rank: a rank with fewer makes up the
+    missing batches with one-token dummy decodes, so that every rank makes the same forward calls.
     """
     counts = dict.fromkeys(COUNT_KEYS, 0.0)
     first = None
-    for r in range(len(scenes) if rounds is None else rounds):
-        if r < len(scenes):
-            index = int(scenes[r])
-            c, grasps, truth = evaluate_scene(model, store[index], store.vocab, seed=seed + index, sync=sync, **options)
-            counts = {k: counts[k] + c[k] for k in COUNT_KEYS}
-            first = first or (index, grasps, truth, c)
+    total = len(scenes) if rounds is None else rounds
+    for lo in range(0, total, scenes_per_batch):
+        batch = [int(i) for i in scenes[lo: lo + scenes_per_batch]]
+        if batch:
+            results = evaluate_batch(model, [store[i] for i in batch], store.vocab, [seed + i for i in batch],
+                                     sync=sync, **options)
+            for index, (c, grasps, truth) in zip(batch, results):
+                counts = {k: counts[k] + c[k] for k in COUNT_KEYS}
+                first = first or (index, grasps, truth, c)
         elif sync is not None:
             decode(model, np.array([store.vocab.scene]), store.vocab, max_new_tokens=0, sync=sync)
     return counts, first

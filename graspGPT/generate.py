@@ -157,19 +157,27 @@ class Decoded:
         return sum(len(n) for n in self.new)
 
 
-def _widen(model, cache, batch_size: int):
-    """A cache of batch_size rows, each a copy of the one-row `cache`: the prompt is run once."""
-    wide = model.new_kv_cache(batch_size, cache.max_len)
-    wide.k.copy_(cache.k.expand_as(wide.k))
-    wide.v.copy_(cache.v.expand_as(wide.v))
+def _widen(model, cache, samples: int):
+    """A cache with each row of `cache` repeated `samples` times (rows of one prompt stay together)."""
+    wide = model.new_kv_cache(cache.batch_size * samples, cache.max_len)
+    wide.k.copy_(cache.k.repeat_interleave(samples, dim=1))
+    wide.v.copy_(cache.v.repeat_interleave(samples, dim=1))
     return wide
 
 
-def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None] | None, temperature: float,
-                   top_k: int | None, generator: torch.Generator) -> torch.Tensor:
-    """(K,) next tokens from last-position logits (K, V): grammar mask, temperature, top-k."""
+def _row_generators(seed: int, rows: int, device) -> list[torch.Generator]:
+    """One generator per sample row, seeded from (seed, row): a row's draws do not depend on what
+    else shares its batch, so batching scenes together changes nothing."""
+    seeds = np.random.SeedSequence(int(seed)).generate_state(rows, dtype=np.uint64) >> np.uint64(1)
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temperature: float,
+                   top_k: int | None, generators: list[torch.Generator]) -> torch.Tensor:
+    """(B,) next tokens from last-position logits (B, V): grammar mask (None rows are free), temperature,
+    top-k, each row sampled with its own generator."""
     logits = logits.float()
-    if states is not None and any(s is not None for s in states):  # a None row samples unconstrained
+    if any(s is not None for s in states):
         everything = torch.ones(logits.size(-1), dtype=torch.bool, device=logits.device)
         allowed = torch.stack([everything if s is None else s.allowed().mask(logits.device) for s in states])
         logits = logits.masked_fill(~allowed, float("-inf"))
@@ -179,83 +187,122 @@ def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None] | Non
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+    probs = torch.softmax(logits, -1)
+    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
 
 
 @torch.no_grad()
 def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_new_tokens: int | None = None,
            temperature: float = 1.0, top_k: int | None = None, constrained: bool | Sequence[bool] = True, seed: int = 0,
            sync: Callable[[bool], bool] | None = None) -> Decoded:
-    """Sample `num_samples` continuations of `prompt` together, stopping at `end`.
+    """Sample `num_samples` continuations of `prompt` together, stopping at `end` (decode_many of one prompt).
 
-    The prompt runs once; its KV cache is copied into one row per sample, and each step feeds
-    only the new tokens, so the cost per token does not grow with the prompt. With `constrained`
-    every row's logits are masked by its own GrammarState: the grammar, and grasp tags limited to the
-    scene's block tags (GrammarState.scene_tags_only); a list of num_samples bools says it per row, so
-    constrained and free samples share one batch. temperature <= 0 is greedy. At most
-    `max_new_tokens` are written (default and cap: what the model's block size leaves).
+    With `constrained` every row's logits are masked by its own GrammarState: the grammar, and grasp
+    tags limited to the scene's block tags (GrammarState.scene_tags_only); a list of num_samples bools
+    says it per row, so constrained and free samples share one batch. temperature <= 0 is greedy. At
+    most `max_new_tokens` are written (default and cap: what the model's block size leaves).
+    """
+    return decode_many(model, [prompt], vocab, num_samples, max_new_tokens, temperature, top_k, constrained,
+                       [seed], sync)[0]
+
+
+@torch.no_grad()
+def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples: int = 1,
+                max_new_tokens: int | Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
+                constrained: bool | Sequence[bool] = True, seeds: Sequence[int] | None = None,
+                sync: Callable[[bool], bool] | None = None) -> list[Decoded]:
+    """`num_samples` continuations of each prompt, all prompts in one batch; one Decoded per prompt.
+
+    The prompts run once, left-padded to the longest with a key mask, and their KV cache is copied
+    into one row per sample; each step then feeds only the new tokens, so the cost per token does not
+    grow with the prompt, and a step costs about the same for one row or many. `max_new_tokens` may
+    be one cap per prompt; `constrained` as in `decode`, the same pattern for every prompt; `seeds`
+    one per prompt (default 0, 1, ...); the rows' random draws depend only on their seed and row.
+    Every Decoded reports the batch's forward calls and seconds.
 
     `sync(still_running) -> any_rank_running` keeps ranks in lock-step for ZeRO-3, whose
     forward passes gather parameters collectively: a rank that has finished keeps running a
     one-token dummy forward until every rank has, so all ranks make the same calls.
     """
-    prompt = np.asarray(prompt, dtype=np.int64)
-    T, block = len(prompt), model.cfg.block_size
-    if T == 0 or T > block:
-        raise GenerateError(f"the prompt has {T} tokens; the model takes 1 to {block} (its block size): "
-                            f"use a model trained with a longer max_sequence_length, or a smaller scene")
-    if num_samples < 1:
-        raise GenerateError(f"num_samples must be >= 1, got {num_samples}")
+    prompts = [np.asarray(p, dtype=np.int64) for p in prompts]
+    P, K, block = len(prompts), num_samples, model.cfg.block_size
+    lengths = [len(p) for p in prompts]
+    T = max(lengths, default=0)
+    for n in lengths:
+        if n == 0 or n > block:
+            raise GenerateError(f"the prompt has {n} tokens; the model takes 1 to {block} (its block size): "
+                                f"use a model trained with a longer max_sequence_length, or a smaller scene")
+    if P == 0 or K < 1:
+        raise GenerateError(f"need at least one prompt and num_samples >= 1, got {P} prompts, {K} samples")
     if top_k is not None and top_k < 1:
         raise GenerateError(f"top_k must be >= 1 (or unset), got {top_k}")
     room = block - T + 1  # the last new token is never fed back
-    max_new = room if max_new_tokens is None else max(0, min(int(max_new_tokens), room))
-    per_row = [bool(constrained)] * num_samples if isinstance(constrained, bool) else [bool(c) for c in constrained]
-    if len(per_row) != num_samples:
-        raise GenerateError(f"constrained lists {len(per_row)} rows but num_samples is {num_samples}; give one per row")
-    states = None
-    if any(per_row):
-        state = prompt_state(prompt, vocab, scene_tags_only=True)
-        states = [state.copy() if c else None for c in per_row]
+    caps = [max_new_tokens] * P if max_new_tokens is None or isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(caps) != P:
+        raise GenerateError(f"max_new_tokens lists {len(caps)} caps for {P} prompts; give one per prompt")
+    caps = [room if c is None else max(0, min(int(c), room)) for c in caps]
+    per_row = [bool(constrained)] * K if isinstance(constrained, bool) else [bool(c) for c in constrained]
+    if len(per_row) != K:
+        raise GenerateError(f"constrained lists {len(per_row)} rows but num_samples is {K}; give one per row")
+    seeds = list(range(P)) if seeds is None else list(seeds)
+    states: list[GrammarState | None] = []
+    for p in prompts:
+        start = prompt_state(p, vocab, scene_tags_only=True) if any(per_row) else None
+        states += [start.copy() if c else None for c in per_row]
+    B = P * K
+    cap = np.repeat(caps, K)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(int(seed))
+    generators = [g for s in seeds for g in _row_generators(s, K, device)]
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
-        cache = model.new_kv_cache(1, max(T, T + max_new - 1))
-        logits = model.forward_cached(torch.as_tensor(prompt, device=device)[None], cache, 0, last_only=True)[:, -1]
-        if num_samples > 1:
-            cache = _widen(model, cache, num_samples)
-            logits = logits.expand(num_samples, -1)
-        rows: list[list[int]] = [[] for _ in range(num_samples)]
-        ended = np.zeros(num_samples, dtype=bool)
-        end = torch.full((num_samples,), vocab.end, device=device)
-        dummy, forwards, steps, active = None, 0, 0, max_new > 0
+        max_len = max(T, T + int(cap.max()) - 1)
+        batch = np.full((P, T), vocab.end, dtype=np.int64)
+        key_mask = torch.ones(P, max_len, dtype=torch.bool)
+        for r, p in enumerate(prompts):
+            batch[r, T - len(p):] = p
+            key_mask[r, :T - len(p)] = False
+        key_mask = None if min(lengths) == T else key_mask.to(device)  # no padding, no mask
+        cache = model.new_kv_cache(P, max_len)
+        logits = model.forward_cached(torch.as_tensor(batch, device=device), cache, 0, last_only=True,
+                                      key_mask=key_mask)[:, -1]
+        if K > 1:  # one cache row per sample
+            cache = _widen(model, cache, K)
+            logits = logits.repeat_interleave(K, dim=0)
+            key_mask = None if key_mask is None else key_mask.repeat_interleave(K, dim=0)
+        rows: list[list[int]] = [[] for _ in range(B)]
+        ended = np.zeros(B, dtype=bool)
+        done = cap == 0  # wrote `end` or reached its cap
+        end = torch.full((B,), vocab.end, device=device)
+        dummy, forwards, steps, active = None, 0, 0, not done.all()
         while True:
             if active:
-                tok = _sample_tokens(logits, states, temperature, top_k, generator)
-                tok = torch.where(torch.as_tensor(ended, device=device), end, tok)  # finished rows repeat `end`
+                tok = _sample_tokens(logits, states, temperature, top_k, generators)
+                tok = torch.where(torch.as_tensor(done, device=device), end, tok)  # finished rows repeat `end`
                 for b, t in enumerate(tok.tolist()):
-                    if not ended[b]:
+                    if not done[b]:
                         rows[b].append(t)
-                        if states is not None and states[b] is not None:
+                        if states[b] is not None:
                             states[b].advance(t)
                         ended[b] = t == vocab.end
+                        done[b] = ended[b] or len(rows[b]) >= cap[b]
                 steps += 1
-                active = not ended.all() and steps < max_new
+                active = not done.all()
             if not (sync(active) if sync is not None else active):
                 break
             forwards += 1
             if active:
-                logits = model.forward_cached(tok[:, None], cache, T + steps - 1, last_only=True)[:, -1]
+                logits = model.forward_cached(tok[:, None], cache, T + steps - 1, last_only=True,
+                                              key_mask=key_mask)[:, -1]
             else:  # lock-step filler: this rank is done, another is not
                 dummy = dummy or model.new_kv_cache(1, 1)
                 model.forward_cached(end[:1, None], dummy, 0, last_only=True)
     finally:
         model.train(was_training)
-    new = [np.asarray(r, dtype=np.int64) for r in rows]
-    return Decoded(prompt, new, ended, forwards, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return [Decoded(p, [np.asarray(r, dtype=np.int64) for r in rows[i * K:(i + 1) * K]], ended[i * K:(i + 1) * K],
+                    forwards, seconds) for i, p in enumerate(prompts)]
 
 
 # -- the command line -----------------------------------------------------------------------

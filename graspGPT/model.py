@@ -217,7 +217,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
+                key_mask: torch.Tensor | None = None):
         B, T, C = x.shape
         # kept in (B, T, heads, hd) memory and seen as (B, heads, T, hd): the layout the fused attention
         # kernels read without a copy
@@ -228,11 +229,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)
         mask, causal = None, True
-        if start_pos > 0:  # queries sit at the end of a longer key range: SDPA's is_causal aligns top-left
+        if start_pos > 0 or key_mask is not None:  # SDPA's is_causal aligns top-left: build the mask here
             causal = False
-            if T > 1:
-                q_pos = torch.arange(start_pos, start_pos + T, device=x.device)
-                mask = torch.arange(k.size(2), device=x.device)[None, :] <= q_pos[:, None]
+            q_pos = torch.arange(start_pos, start_pos + T, device=x.device)[:, None]
+            k_pos = torch.arange(k.size(2), device=x.device)[None, :]
+            if key_mask is not None:  # (B, keys): left padding of a batch of prompts; a query always sees
+                # itself, so a padding query has one key and stays finite
+                mask = ((k_pos <= q_pos) & key_mask[:, None, :k.size(2)] | (k_pos == q_pos))[:, None]
+            elif T > 1:
+                mask = k_pos <= q_pos
         # Expanded k/v rather than enable_gqa=True: SDPA's GQA path runs only on the flash and math kernels,
         # so a shape or dtype flash refuses would drop to the O(T^2)-memory math kernel instead of the
         # memory-efficient one; the expanded copy costs only T*n_embd per tensor.
@@ -269,16 +274,18 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
+                key_mask: torch.Tensor | None = None):
         # One compiled region per block: its norms, RoPE, SwiGLU and residual adds fuse into a few
         # kernels, and the whole block costs one Python call instead of dozens of kernel launches.
         # Not under ZeRO-3, whose per-module hooks gather the parameters (they carry a ds_id there).
         if cache is None and not hasattr(self.mlp.up_proj.weight, "ds_id"):
             return compiled_block_body(self, x, cos, sin)
-        return self.body(x, cos, sin, cache, start_pos)
+        return self.body(x, cos, sin, cache, start_pos, key_mask)
 
-    def body(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos))
+    def body(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
+             key_mask: torch.Tensor | None = None):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_mask))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -458,7 +465,7 @@ class GraspGPT(nn.Module):
             nn.init.ones_(module.weight)
 
     def _hidden(self, input_ids: torch.Tensor, table: torch.Tensor, cache: KVCache | None = None,
-                start_pos: int = 0) -> torch.Tensor:
+                start_pos: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ModelInputError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}; "
                                   f"add a batch dimension")
@@ -475,16 +482,17 @@ class GraspGPT(nn.Module):
                 if recompute:
                     x = checkpoint(block, x, cos, sin, use_reentrant=False)
                 else:
-                    x = block(x, cos, sin, cache, start_pos)
+                    x = block(x, cos, sin, cache, start_pos, key_mask)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                start_pos: int = 0, last_only: bool = False):
+                start_pos: int = 0, last_only: bool = False, key_mask: torch.Tensor | None = None):
         """Logits (B, T, V) in the compute dtype, or with targets (loss_sum fp32, num_targets long).
 
         The loss is a sum, not a mean: the trainer divides by the target count of the whole global batch.
         With a `cache` (decoding, see forward_cached) the positions start at start_pos; last_only keeps
-        the last position's logits only. Decoding runs through here too, so that under ZeRO-3 the
+        the last position's logits only; key_mask (B, cache positions) bool marks the keys each row may
+        attend to (False: left padding of a batch of prompts of different lengths). Decoding runs through here too, so that under ZeRO-3 the
         parameters are gathered the same way as in training.
         """
         if cache is not None:
@@ -493,7 +501,7 @@ class GraspGPT(nn.Module):
                 raise ModelInputError(f"batch {B}, positions up to {start_pos + T} do not fit a cache of batch "
                                       f"{cache.batch_size}, max_len {cache.max_len}; make a larger cache")
         table = self.output_weight()  # built once per call: the input lookup and the tied output layer share it
-        h = self._hidden(input_ids, table, cache, start_pos)
+        h = self._hidden(input_ids, table, cache, start_pos, key_mask)
         if targets is None:
             return F.linear(h[:, -1:] if last_only else h, table)
         if targets.shape != input_ids.shape:
@@ -513,13 +521,15 @@ class GraspGPT(nn.Module):
 
     @torch.no_grad()
     def forward_cached(self, input_ids: torch.Tensor, cache: KVCache, start_pos: int,
-                       last_only: bool = False) -> torch.Tensor:
+                       last_only: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for positions start_pos.. of input_ids (B, T), reusing and extending the cache.
 
         Feed the prompt with start_pos=0, then each new token with start_pos = tokens seen so far.
-        last_only returns (B, 1, V) so a long prompt never materializes its full logits.
+        last_only returns (B, 1, V) so a long prompt never materializes its full logits. Prompts of
+        different lengths go in left-padded, with key_mask (B, cache.max_len) False at the padding:
+        RoPE depends only on distances, so each row computes what it would alone.
         """
-        return self(input_ids, cache=cache, start_pos=start_pos, last_only=last_only)
+        return self(input_ids, cache=cache, start_pos=start_pos, last_only=last_only, key_mask=key_mask)
 
     def num_params(self) -> int:
         """Parameter count, the tied embedding counted once (full sizes also when ZeRO-3 partitions them)."""

@@ -121,12 +121,20 @@ class Oracle(torch.nn.Module):
         k = torch.zeros(1, batch_size, 1, max_len, 1)
         return SimpleNamespace(k=k, v=k.clone(), batch_size=batch_size, max_len=max_len)
 
-    def forward_cached(self, ids: torch.Tensor, cache, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        if start_pos == 0 and ids.shape[1] > 1:
-            prompt = ids[0].tolist()
-            self.current = next(s for s in self.samples if s[: len(prompt)].tolist() == prompt)
+    def forward_cached(self, ids: torch.Tensor, cache, start_pos: int, last_only: bool = False,
+                       key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if start_pos == 0 and ids.shape[1] > 1:  # a batch of left-padded prompts: find each one's sample
+            self.current, self.pad = [], []
+            for row in range(ids.shape[0]):
+                pad = 0 if key_mask is None else int((~key_mask[row, :ids.shape[1]]).sum())
+                prompt = ids[row, pad:].tolist()
+                self.current.append(next(s for s in self.samples if s[: len(prompt)].tolist() == prompt))
+                self.pad.append(pad)
+        rows_per_prompt = max(1, ids.shape[0] // len(self.current))
         logits = torch.full((ids.shape[0], 1, self.vocab_size), -30.0)
-        logits[..., int(self.current[start_pos + ids.shape[1]])] = 30.0
+        for b in range(ids.shape[0]):
+            sample, pad = self.current[b // rows_per_prompt], self.pad[b // rows_per_prompt]
+            logits[b, 0, int(sample[min(start_pos + ids.shape[1] - pad, len(sample) - 1)])] = 30.0
         return logits
 
 
@@ -166,9 +174,10 @@ def test_untrained_model_and_split_scenes_add_up(mixed):
     whole, first = evaluate_scenes(model, mixed, scenes, seed=1, max_new_tokens=40)
     a, _ = evaluate_scenes(model, mixed, scenes[0::2], seed=1, max_new_tokens=40)
     b, _ = evaluate_scenes(model, mixed, scenes[1::2], seed=1, max_new_tokens=40)
-    for k in COUNT_KEYS:
+    alone, _ = evaluate_scenes(model, mixed, scenes, seed=1, max_new_tokens=40, scenes_per_batch=1)
+    for k in COUNT_KEYS:  # a scene's samples do not depend on which scenes share its batch
         if k != "decode_seconds":
-            assert whole[k] == a[k] + b[k], k
+            assert whole[k] == a[k] + b[k] == alone[k], k
     assert first[0] == 0
     m = summarize(whole)
     assert whole["sequences"] == whole["free_sequences"] == 6 and m["scenes"] == 6

@@ -351,6 +351,31 @@ def test_kv_cache_decoding_matches_full_forward(n_kv_head):
         model.forward_cached(ids[:, :13], cache, 20)
 
 
+def test_left_padded_prompts_decode_as_each_would_alone():
+    """Prompts of lengths 9, 4 and 12, left-padded into one batch with a key mask: the last-position logits
+    of the prompt and of every later step equal what each prompt gives on its own (RoPE is relative)."""
+    model = tiny(voxel_grid=GRID, n_kv_head=2).eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in (9, 4, 12)]
+    follow = torch.randint(0, V, (3, 6), generator=g)  # the tokens fed after the prompt, per row
+    T, L = 12, 20
+    ids = torch.zeros(3, T, dtype=torch.long)
+    key_mask = torch.ones(3, L, dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        ids[r, T - len(p):] = p
+        key_mask[r, :T - len(p)] = False
+    cache = model.new_kv_cache(3, L)
+    got = [model.forward_cached(ids, cache, 0, last_only=True, key_mask=key_mask)]
+    for t in range(follow.size(1)):
+        got.append(model.forward_cached(follow[:, t:t + 1], cache, T + t, key_mask=key_mask))
+    got = torch.cat(got, 1)
+    assert torch.isfinite(got).all()
+    for r, p in enumerate(prompts):
+        with torch.no_grad():
+            alone = model(torch.cat([p, follow[r]])[None])[0, len(p) - 1:]
+        torch.testing.assert_close(got[r], alone, atol=1e-5, rtol=0)
+
+
 # ---- optimizer groups ------------------------------------------------------------------------------
 
 def test_param_groups():
