@@ -172,15 +172,28 @@ def _row_generators(seed: int, rows: int, device) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
+def _allowed_masks(states: list[GrammarState | None], vocab_size: int, device) -> torch.Tensor:
+    """(B, V) bool: what each row's grammar state allows (a None row: everything).
+
+    Built in a few kernels whatever B: each allowed set is a small non-voxel mask plus one voxel id
+    range, so only those go to the device (a per-row (V,) mask would cost several launches per row)."""
+    sets = [s.allowed() if s is not None else None for s in states]
+    nv = next(a for a in sets if a is not None).nonvoxel.size
+    heads = np.stack([a.nonvoxel if a is not None else np.ones(nv, dtype=bool) for a in sets])
+    ranges = torch.tensor([(a.lo, a.hi) if a is not None else (nv, vocab_size) for a in sets]).to(device)
+    ids = torch.arange(vocab_size, device=device)
+    mask = (ids >= ranges[:, :1]) & (ids < ranges[:, 1:])
+    mask[:, :nv] = torch.from_numpy(heads).to(device)
+    return mask
+
+
 def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temperature: float,
                    top_k: int | None, generators: list[torch.Generator]) -> torch.Tensor:
     """(B,) next tokens from last-position logits (B, V): grammar mask (None rows are free), temperature,
     top-k, each row sampled with its own generator."""
     logits = logits.float()
     if any(s is not None for s in states):
-        everything = torch.ones(logits.size(-1), dtype=torch.bool, device=logits.device)
-        allowed = torch.stack([everything if s is None else s.allowed().mask(logits.device) for s in states])
-        logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = logits.masked_fill(~_allowed_masks(states, logits.size(-1), logits.device), float("-inf"))
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature

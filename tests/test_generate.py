@@ -261,3 +261,20 @@ def test_cli_bad_inputs_exit_2(trained, tmp_path):
     proc = cli("--checkpoint", str(ckpt), "--data", str(other), "--index", "0", "--device", "cpu")
     assert proc.returncode == 2 and "vocabulary" in proc.stderr
     assert "[20, 14, 9]" in proc.stderr and "[30, 20, 13]" in proc.stderr
+
+
+def test_batched_grammar_masks_equal_each_states_own_mask(scenes):
+    """The (B, V) mask decoding builds at once equals each row's GrammarState mask; None rows allow all."""
+    from graspGPT.generate import _allowed_masks
+
+    states = []
+    for ids in scenes[:4]:
+        prompt = task_prompt(ids, VOCAB, task_of(truth_of(ids, VOCAB)))
+        states.append(prompt_state(prompt, VOCAB, scene_tags_only=True))
+        states.append(prompt_state(ids[: len(prompt) + 7], VOCAB, scene_tags_only=True))  # inside the answer
+    states.append(None)
+    got = _allowed_masks(states, VOCAB.size, "cpu")
+    for row, s in zip(got, states):
+        expected = torch.ones(VOCAB.size, dtype=torch.bool) if s is None else s.allowed().mask()
+        assert torch.equal(row, expected)
+    assert len({tuple(r.nonzero().flatten().tolist()[:5]) for r in got}) > 2  # the rows really differ
