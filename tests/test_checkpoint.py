@@ -286,6 +286,7 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
         except CheckpointError as exc:
             seen.append(str(exc))
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()  # no rank tears gloo down while another still reads its last collective
     dist.destroy_process_group()
 
 
