@@ -14,6 +14,7 @@ the very same Python code runs eagerly. ``GRASPGPT_COMPILE=0`` turns compilation
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -107,11 +108,9 @@ class ModelConfig:
             if not getattr(self, name) > 0:
                 raise ModelConfigError(f"model.{name}={getattr(self, name)!r} must be > 0; set a positive value")
         if self.voxel_grid is not None:
-            self.voxel_grid = tuple(self.voxel_grid)
-            cells = 1
-            for d in self.voxel_grid:
-                cells *= d if isinstance(d, int) and d > 0 else 0
-            if len(self.voxel_grid) != 3 or not 0 < cells <= self.vocab_size:
+            grid = self.voxel_grid = tuple(self.voxel_grid)
+            if (len(grid) != 3 or not all(isinstance(d, int) and d > 0 for d in grid)
+                    or math.prod(grid) > self.vocab_size):
                 raise ModelConfigError(f"voxel_grid={self.voxel_grid} must be 3 positive sizes whose product is "
                                        f"at most vocab_size={self.vocab_size}; pass the data's (X, Y, Z) or None")
 
@@ -410,9 +409,6 @@ class TokenEmbedding(nn.Module):
             return self.weight
         return embedding_table(self.weight, self.x_axis, self.y_axis, self.z_axis)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.table())
-
 
 AXIS_KEYS = tuple(f"model.embed_tokens.{a}_axis" for a in "xyz")  # state-dict keys of the axis terms
 
@@ -511,8 +507,7 @@ class GraspGPT(nn.Module):
 
     def output_weight(self) -> torch.Tensor:
         """The (V, C) embedding table, axis terms included: the input embedding and (tied) the output layer."""
-        emb = self.model.embed_tokens
-        return self.lm_head.weight if emb.grid is None else emb.table()
+        return self.model.embed_tokens.table()
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty cache on the model's device and dtype (max_len defaults to block_size)."""
