@@ -17,6 +17,9 @@ grammar mask and without it. Reported, as a table and as JSON:
                            sequence as the model predicted there
   amodal_iou               completion samples: IoU of the written amodal cells with the truth
   seg_accuracy             segmentation samples: ground-truth cells given their own tag
+  tf_<slot>_loss/top1/near each token of the true grasps (tag, cell1-3) predicted from the true
+                           prefix: loss, most likely token right (cells: within a voxel), probability
+                           within a voxel (teacher_forced_grasps): which part of a grasp is not learned
 
 Inside the trainer, `TrainingEvaluator` does the same on a fixed set of validation scenes,
 split over ranks. User errors print one `error: ...` line and exit with status 2.
@@ -177,6 +180,93 @@ def validation_loss(model, store, indices: np.ndarray, batch_size: int = 4) -> t
     return total / max(count, 1), count
 
 
+GRASP_SLOTS = ("tag", "cell1", "cell2", "cell3")  # the tokens of a grasp block after `grasp`
+# The 27 cells within one step (Chebyshev) of a cell, as offsets.
+_NEAR = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3)
+
+
+def grasp_slots(ids: np.ndarray, vocab: Vocab) -> np.ndarray:
+    """Per position, the index in GRASP_SLOTS of the token there (tag, first, second, third cell of a
+    grasp block), or -1 outside grasp blocks (a fourth cell or later counts as cell3)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    slots = np.full(len(ids), -1, np.int64)
+    start = np.flatnonzero(ids == vocab.detectgrasp)
+    k = -1  # tokens since the last `grasp`, -1: not in a grasp block
+    for t in range(int(start[0]) + 1 if len(start) else len(ids), len(ids)):
+        tok = int(ids[t])
+        if tok == vocab.grasp:
+            k = 0
+        elif k == 0 and vocab.is_tag(tok):
+            slots[t], k = 0, 1
+        elif k >= 1 and vocab.is_voxel(tok):
+            slots[t], k = min(k, 3), k + 1
+        elif not vocab.is_serial(tok):
+            k = -1
+    return slots
+
+
+def _slot_scores(logits: torch.Tensor, target: np.ndarray, vocab: Vocab) -> tuple[np.ndarray, ...]:
+    """Per row of logits (n, V) with true next token `target` (n,): loss, top-1 hit and `near` mass
+    (for cells: within one voxel of the true cell; else: of the true token)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    t = torch.from_numpy(target).to(logits.device)
+    loss = -logp.gather(1, t[:, None])[:, 0]
+    near = torch.exp(-loss)
+    best = logp.argmax(dim=1).cpu().numpy()
+    top1 = best == target
+    cell = target >= vocab.voxel_base
+    if cell.any():
+        dims = np.array(vocab.dims)
+        around = vocab.cells_of(target[cell])[:, None] + _NEAR  # (n, 27, 3)
+        inside = torch.from_numpy(np.all((around >= 0) & (around < dims), axis=2)).to(logits.device)
+        ids = vocab.cell_ids(np.clip(around, 0, dims - 1).reshape(-1, 3)).reshape(around.shape[:2])
+        rows = torch.from_numpy(cell).to(logits.device)
+        near[rows] = (logp[rows].exp().gather(1, torch.from_numpy(ids).to(logits.device)) * inside).sum(dim=1)
+        guess = best[cell]
+        hit = guess >= vocab.voxel_base
+        gap = np.abs(vocab.cells_of(guess[hit]) - vocab.cells_of(target[cell][hit])).max(axis=1)
+        hit[hit] = gap <= 1
+        top1[cell] = hit
+    return loss.cpu().numpy(), top1.astype(np.float64), near.cpu().numpy()
+
+
+@torch.no_grad()
+def teacher_forced_grasps(model, store, indices: np.ndarray) -> dict[str, float]:
+    """How well the model predicts each token of the true grasp blocks, given the true sequence before it.
+
+    Per slot (GRASP_SLOTS): tf_<slot>_loss (mean next-token loss), tf_<slot>_top1 (the most likely token
+    is right; for cells: within one voxel of the true cell) and tf_<slot>_near (probability of the true
+    tag; for cells: of the 27 cells within one voxel). The product of the four `near` values is the chance
+    that sampling at temperature 1 along a true prefix writes that grasp to within a voxel: it tells
+    which part of a grasp the model has not learned when the decoded precision is low."""
+    vocab = store.vocab
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sums = np.zeros((len(GRASP_SLOTS), 4))  # loss, top1, near, count
+    chunk = 512
+    try:
+        for i in indices:
+            ids = np.asarray(store[int(i)], dtype=np.int64)[: model.cfg.block_size]
+            slots = grasp_slots(ids, vocab)
+            where = np.flatnonzero(slots[1:] >= 0) + 1  # positions whose token is predicted from t - 1
+            if len(where) == 0:
+                continue
+            chunks = model.logits_at(torch.from_numpy(ids[None]).to(device),
+                                     torch.from_numpy(where - 1).to(device), chunk)
+            for lo, logits in zip(range(0, len(where), chunk), chunks):
+                at = where[lo: lo + chunk]
+                scores = np.stack(_slot_scores(logits, ids[at], vocab) + (np.ones(len(at)),), axis=1)
+                np.add.at(sums, slots[at], scores)
+    finally:
+        model.train(was_training)
+    out = {}
+    for k, name in enumerate(GRASP_SLOTS):
+        if sums[k, 3]:
+            out.update({f"tf_{name}_{m}": float(sums[k, j] / sums[k, 3]) for j, m in enumerate(("loss", "top1", "near"))})
+    return out
+
+
 def lockstep_sync(device) -> Callable[[bool], bool]:
     """decode()'s `sync` for ZeRO-3: whether any rank is still decoding (one all-reduce per step)."""
     def any_running(active: bool) -> bool:
@@ -305,6 +395,11 @@ def format_table(m: dict) -> str:
         lines.append(f"{label:<24}{cells[0]:>14}{cells[1]:>16}{cells[2]:>18}")
     if "val_loss" in m:
         lines.append(f"{'validation loss (ppl)':<24}{m['val_loss']:>14.4f}  ({m['val_ppl']:.3f})")
+    if any(f"tf_{slot}_loss" in m for slot in GRASP_SLOTS):
+        lines.append(f"{'true grasps, given the true prefix:':<40}{'loss':>8}{'top-1':>8}{'near':>8}")
+        for slot in GRASP_SLOTS:
+            if f"tf_{slot}_loss" in m:
+                lines.append(f"  {slot:<38}" + "".join(f"{m[f'tf_{slot}_{k}']:>8.3f}" for k in ("loss", "top1", "near")))
     lines.append(f"{m['scenes']} scenes, {m['decode_tokens_per_s']:.0f} decoded tokens/s")
     return "\n".join(lines)
 
@@ -363,6 +458,7 @@ def evaluate(model, store: TokenStore, indices: np.ndarray, num_scenes: int, see
     metrics = summarize(counts)
     loss, _ = validation_loss(model, store, scenes, batch_size)
     metrics.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
+    metrics.update(teacher_forced_grasps(model, store, scenes))
     return metrics
 
 

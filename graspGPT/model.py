@@ -505,6 +505,14 @@ class GraspGPT(nn.Module):
                                   f"{tuple(input_ids.shape)}; pass one target per input position")
         return chunked_cross_entropy(h, table, targets, self.cfg.loss_chunk_size)
 
+    @torch.no_grad()
+    def logits_at(self, input_ids: torch.Tensor, positions: torch.Tensor, chunk: int = 512) -> list[torch.Tensor]:
+        """Logits of one sequence (1, T) at `positions` (K,) only, as fp32 chunks of up to `chunk` rows,
+        so that a long sequence never holds (T, V) logits. For evaluation, not for ZeRO-3 training."""
+        table = self.output_weight()
+        h = self._hidden(input_ids, table)[0, positions]
+        return [F.linear(h[lo: lo + chunk], table).float() for lo in range(0, len(positions), chunk)]
+
     def output_weight(self) -> torch.Tensor:
         """The (V, C) embedding table, axis terms included: the input embedding and (tied) the output layer."""
         return self.model.embed_tokens.table()

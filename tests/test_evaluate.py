@@ -17,7 +17,8 @@ from conftest import REPO, launch, run_ok
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.evaluate import COUNT_KEYS, TrainingEvaluator, evaluate_scene, evaluate_scenes, summarize
+from graspGPT.evaluate import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evaluate_scene, evaluate_scenes, grasp_slots,
+                               summarize, teacher_forced_grasps)
 from graspGPT.generate import grasp_list, truth_of
 from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
                                     voxel_iou)
@@ -317,3 +318,73 @@ def test_quality_configs_keep_a_ground_truth_dense_enough_for_the_bar():
     for name in ("gpt-mini", "gpt2"):
         cfg = load_config(["--config", str(REPO / "configs" / f"quality_{name}.json")])
         assert cfg.dataset.max_grasps_per_object >= 100 and cfg.dataset.synthetic_voxel_size == 0.0075
+
+
+# -- teacher-forced diagnostics of the grasp tokens -------------------------------------------
+
+def test_grasp_slots_label_each_token_of_a_grasp_block():
+    vocab = Vocab.for_workspace(COARSE)
+    c = [vocab.cell_id(1, 2, 3), vocab.cell_id(4, 2, 3), vocab.cell_id(2, 2, 6), vocab.cell_id(5, 5, 5)]
+    o5, o9 = vocab.object_tag(5), vocab.object_tag(9)
+    ids = np.array([vocab.scene, o5, c[0], c[1], vocab.detectgrasp, vocab.grasp, o5, c[0], c[1], c[2],
+                    vocab.grasp, o9, c[1], c[3], vocab.end])
+    assert grasp_slots(ids, vocab).tolist() == [-1, -1, -1, -1, -1, -1, 0, 1, 2, 3, -1, 0, 1, 2, -1]
+    assert (grasp_slots(ids[:4], vocab) == -1).all()  # no grasp section
+
+
+class ShiftedOracle(torch.nn.Module):
+    """Puts probability `p` on the true next token moved by `shift` cells along x (tags: the true tag),
+    the rest spread evenly over the vocabulary: teacher-forced scores then have closed forms."""
+
+    def __init__(self, vocab: Vocab, shift: int, p: float = 1.0):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.cfg = SimpleNamespace(block_size=4096)
+        self.vocab, self.shift, self.p = vocab, shift, p
+
+    def logits_at(self, ids: torch.Tensor, positions: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+        V = self.vocab.size
+        probs = torch.full((len(positions), V), (1 - self.p) / V, dtype=torch.float64)
+        for row, t in enumerate(positions.tolist()):
+            target = int(ids[0, t + 1])
+            if self.vocab.is_voxel(target):
+                x, y, z = self.vocab.cells_of([target])[0]
+                target = self.vocab.cell_id(min(x + self.shift, self.vocab.dims[0] - 1), y, z)
+            probs[row, target] += self.p
+        logits = probs.log().float()
+        return [logits[lo: lo + chunk] for lo in range(0, len(positions), chunk)]
+
+
+def test_teacher_forced_scores_have_their_closed_forms(mixed):
+    vocab, scenes = mixed.vocab, np.arange(3)  # grasp-task samples among them
+    exact = teacher_forced_grasps(ShiftedOracle(vocab, 0), mixed, scenes)
+    for slot in GRASP_SLOTS:
+        assert exact[f"tf_{slot}_top1"] == 1.0 and exact[f"tf_{slot}_near"] == pytest.approx(1.0)
+        assert exact[f"tf_{slot}_loss"] < 1e-4
+    one_off = teacher_forced_grasps(ShiftedOracle(vocab, 1), mixed, scenes)
+    assert one_off["tf_tag_top1"] == 1.0 and one_off["tf_cell1_top1"] == 1.0  # within a voxel counts
+    assert one_off["tf_cell2_near"] == pytest.approx(1.0) and one_off["tf_cell2_loss"] > 10
+    two_off = teacher_forced_grasps(ShiftedOracle(vocab, 2), mixed, scenes)
+    # only cells at the grid's far x edge (clamped to within a voxel) still count
+    assert two_off["tf_cell1_top1"] < 0.5 and two_off["tf_cell1_near"] < 0.5
+    uniform = teacher_forced_grasps(ShiftedOracle(vocab, 0, p=0.0), mixed, scenes)
+    V = vocab.size
+    assert uniform["tf_tag_loss"] == pytest.approx(np.log(V), rel=1e-5)
+    assert uniform["tf_tag_near"] == pytest.approx(1 / V, rel=1e-4)
+    assert 8 / V <= uniform["tf_cell3_near"] <= 27 / V  # the in-grid neighbours of each true cell
+
+
+def test_logits_at_equals_the_full_logits_there(mixed):
+    torch.manual_seed(0)
+    model = GraspGPT(ModelConfig(vocab_size=mixed.vocab.size, block_size=1024, n_layer=2, n_head=2, n_embd=32,
+                                 voxel_grid=mixed.vocab.dims)).eval()
+    ids = torch.from_numpy(np.asarray(mixed[0], dtype=np.int64))[None]
+    T = ids.shape[1]
+    positions = torch.tensor([0, 5, T - 1, 17, T // 2])
+    got = torch.cat(model.logits_at(ids, positions, chunk=2))
+    with torch.no_grad():
+        full = model(ids)[0, positions]
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    m = teacher_forced_grasps(model, mixed, np.arange(3))  # an untrained model: about uniform
+    assert set(m) == {f"tf_{s}_{k}" for s in GRASP_SLOTS for k in ("loss", "top1", "near")}
+    assert all(abs(m[f"tf_{s}_loss"] - np.log(mixed.vocab.size)) < 1.0 for s in GRASP_SLOTS)
