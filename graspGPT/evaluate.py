@@ -17,6 +17,9 @@ grammar mask and without it. Reported, as a table and as JSON:
                            sequence as the model predicted there
   amodal_iou               completion samples: IoU of the written amodal cells with the truth
   seg_accuracy             segmentation samples: ground-truth cells given their own tag
+  prefix_precision         one grasp sampled after a true prefix (evenly spaced true grasps, 8 per
+                           scene), scored like grasp_precision: what decoding loses by continuing
+                           its own output is the gap between the two (prefix_precision)
   tf_<slot>_loss/top1/near each token of the true grasps (tag, cell1-3) predicted from the true
                            prefix: loss, most likely token right (cells: within a voxel), probability
                            within a voxel (teacher_forced_grasps): which part of a grasp is not learned
@@ -267,6 +270,40 @@ def teacher_forced_grasps(model, store, indices: np.ndarray) -> dict[str, float]
     return out
 
 
+def prefix_precision(model, store, scenes: np.ndarray, per_scene: int = 8, temperature: float = 1.0,
+                     top_k: int | None = None, seed: int = 0) -> dict[str, float]:
+    """One grasp sampled (with the grammar mask) right after each of `per_scene` evenly spaced true
+    `grasp` tokens of each scene, given the true sequence before it, and scored like grasp_precision.
+
+    prefix_precision beside grasp_precision separates what the model knows about one grasp from what
+    it loses by continuing its own output over hundreds of grasps (the decoded sequences). Also
+    prefix_any_tag_precision (cells matching any object's grasp) and prefix_grasps (how many)."""
+    vocab = store.vocab
+    predicted, correct, any_tag = 0, 0, 0
+    for i in scenes:
+        ids = np.asarray(store[int(i)], dtype=np.int64)[: model.cfg.block_size]
+        truth = truth_of(ids, vocab)
+        true = grasp_list(truth.grasps, vocab)
+        starts = np.flatnonzero(ids[:-4] == vocab.grasp)  # room for the tag and three cells after it
+        if not true or len(starts) == 0:
+            continue
+        picked = starts[np.unique(np.linspace(0, len(starts) - 1, per_scene).round().astype(int))]
+        prompts = [ids[: s + 1] for s in picked]
+        outs = decode_many(model, prompts, vocab, 1, 4, temperature, top_k, constrained=True,
+                           seeds=[seed + 1000 * int(i) + k for k in range(len(prompts))])
+        guesses = []
+        for out in outs:
+            new = out.new[0]
+            cells = new[1:]
+            if len(new) == 4 and vocab.is_tag(int(new[0])) and (cells >= vocab.voxel_base).all():
+                guesses.append((int(new[0]), vocab.cells_of(cells)))
+        predicted += len(prompts)  # a grasp that is not a tag and three cells counts as wrong
+        correct += int(correct_grasps(guesses, true).sum())
+        any_tag += int(correct_grasps(untagged(guesses), untagged(true)).sum())
+    return {"prefix_precision": _ratio(correct, predicted), "prefix_any_tag_precision": _ratio(any_tag, predicted),
+            "prefix_grasps": predicted}
+
+
 def lockstep_sync(device) -> Callable[[bool], bool]:
     """decode()'s `sync` for ZeRO-3: whether any rank is still decoding (one all-reduce per step)."""
     def any_running(active: bool) -> bool:
@@ -380,6 +417,7 @@ ROWS = (  # label, constrained key, unconstrained key, baseline key, format
     ("grasp precision", "grasp_precision", "free_grasp_precision", "baseline_precision", "{:.3f}"),
     ("grasp coverage", "grasp_coverage", "free_grasp_coverage", "baseline_coverage", "{:.3f}"),
     ("precision, any object", "any_tag_precision", "free_any_tag_precision", "baseline_any_tag_precision", "{:.3f}"),
+    ("precision after a true prefix", "prefix_precision", None, None, "{:.3f}"),
     ("grasps per sequence", "grasps_per_sequence", "free_grasps_per_sequence", "grasps_per_sequence", "{:.1f}"),
     ("amodal IoU", "amodal_iou", None, None, "{:.3f}"),
     ("segmentation accuracy", "seg_accuracy", None, None, "{:.3f}"),
@@ -387,19 +425,19 @@ ROWS = (  # label, constrained key, unconstrained key, baseline key, format
 
 
 def format_table(m: dict) -> str:
-    lines = [f"{'metric':<24}{'constrained':>14}{'unconstrained':>16}{'random baseline':>18}"]
+    lines = [f"{'metric':<30}{'constrained':>14}{'unconstrained':>16}{'random baseline':>18}"]
     for label, a, b, c, fmt in ROWS:
         if a not in m:
             continue
         cells = [fmt.format(m[k]) if k in m else "-" for k in (a, b, c)]
-        lines.append(f"{label:<24}{cells[0]:>14}{cells[1]:>16}{cells[2]:>18}")
+        lines.append(f"{label:<30}{cells[0]:>14}{cells[1]:>16}{cells[2]:>18}")
     if "val_loss" in m:
-        lines.append(f"{'validation loss (ppl)':<24}{m['val_loss']:>14.4f}  ({m['val_ppl']:.3f})")
+        lines.append(f"{'validation loss (ppl)':<30}{m['val_loss']:>14.4f}  ({m['val_ppl']:.3f})")
     if any(f"tf_{slot}_loss" in m for slot in GRASP_SLOTS):
-        lines.append(f"{'true grasps, given the true prefix:':<40}{'loss':>8}{'top-1':>8}{'near':>8}")
+        lines.append(f"{'true grasp tokens after a true prefix:':<44}{'loss':>8}{'top-1':>8}{'near':>8}")
         for slot in GRASP_SLOTS:
             if f"tf_{slot}_loss" in m:
-                lines.append(f"  {slot:<38}" + "".join(f"{m[f'tf_{slot}_{k}']:>8.3f}" for k in ("loss", "top1", "near")))
+                lines.append(f"  {slot:<42}" + "".join(f"{m[f'tf_{slot}_{k}']:>8.3f}" for k in ("loss", "top1", "near")))
     lines.append(f"{m['scenes']} scenes, {m['decode_tokens_per_s']:.0f} decoded tokens/s")
     return "\n".join(lines)
 
@@ -459,6 +497,8 @@ def evaluate(model, store: TokenStore, indices: np.ndarray, num_scenes: int, see
     loss, _ = validation_loss(model, store, scenes, batch_size)
     metrics.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
     metrics.update(teacher_forced_grasps(model, store, scenes))
+    metrics.update(prefix_precision(model, store, scenes, temperature=options.get("temperature", 1.0),
+                                    top_k=options.get("top_k"), seed=seed))
     return metrics
 
 

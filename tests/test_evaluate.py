@@ -18,7 +18,7 @@ from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.evaluate import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evaluate_scene, evaluate_scenes, grasp_slots,
-                               summarize, teacher_forced_grasps)
+                               prefix_precision, summarize, teacher_forced_grasps)
 from graspGPT.generate import grasp_list, truth_of
 from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
                                     voxel_iou)
@@ -282,8 +282,10 @@ def test_cli_table_json_and_errors(mixed, tmp_path):
                "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "grasp precision" in proc.stdout and "random baseline" in proc.stdout and "validation loss" in proc.stdout
+    assert "precision after a true prefix" in proc.stdout and "cell3" in proc.stdout
     m = json.loads(out.read_text())
     assert m["scenes"] == 2 and m["split"] == "val" and 0 <= m["free_valid_rate"] <= 1
+    assert 0 <= m["prefix_precision"] <= 1 and m["prefix_grasps"] > 0 and 0 <= m["tf_cell1_near"] <= 1
     assert 4 < m["val_loss"] < 12 and m["val_ppl"] == pytest.approx(np.exp(m["val_loss"]))
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == m
     _, val = mixed.split(0.3, 4)  # the checkpoint's training split
@@ -388,3 +390,44 @@ def test_logits_at_equals_the_full_logits_there(mixed):
     m = teacher_forced_grasps(model, mixed, np.arange(3))  # an untrained model: about uniform
     assert set(m) == {f"tf_{s}_{k}" for s in GRASP_SLOTS for k in ("loss", "top1", "near")}
     assert all(abs(m[f"tf_{s}_loss"] - np.log(mixed.vocab.size)) < 1.0 for s in GRASP_SLOTS)
+
+
+class MisplacingOracle(Oracle):
+    """The oracle, but every voxel it writes is moved two cells along x (kept on the grid)."""
+
+    def __init__(self, samples, vocab: Vocab):
+        super().__init__(samples, vocab.size)
+        self.vocab = vocab
+
+    def forward_cached(self, ids, cache, start_pos, last_only=False, key_mask=None):
+        logits = super().forward_cached(ids, cache, start_pos, last_only, key_mask)
+        for b, t in enumerate(logits[:, 0].argmax(-1).tolist()):
+            if self.vocab.is_voxel(t):
+                x, y, z = self.vocab.cells_of([t])[0]
+                moved = self.vocab.cell_id(x + 2 if x + 2 < self.vocab.dims[0] else x - 2, y, z)
+                logits[b, 0, t], logits[b, 0, moved] = -30.0, 30.0
+        return logits
+
+
+def test_prefix_precision_scores_one_grasp_after_true_prefixes(mixed):
+    samples = [mixed[i] for i in range(len(mixed))]
+    grasp_scenes = np.array([i for i in range(len(mixed)) if truth_of(mixed[i], mixed.vocab).grasps])
+    m = prefix_precision(Oracle(samples, mixed.vocab.size), mixed, grasp_scenes, per_scene=3)
+    assert m["prefix_precision"] == m["prefix_any_tag_precision"] == 1.0
+    assert m["prefix_grasps"] == 3 * len(grasp_scenes)
+    off = prefix_precision(MisplacingOracle(samples, mixed.vocab), mixed, grasp_scenes, per_scene=3)
+    # each sampled grasp is the true next one moved two cells: right only where that lands on another true grasp
+    expected = []
+    for i in grasp_scenes:
+        true = grasp_list(truth_of(mixed[i], mixed.vocab).grasps, mixed.vocab)
+        for j in np.unique(np.linspace(0, len(true) - 1, 3).round().astype(int)):
+            tag, cells = true[j]
+            moved = cells.copy()
+            moved[:, 0] = np.where(cells[:, 0] + 2 < mixed.vocab.dims[0], cells[:, 0] + 2, cells[:, 0] - 2)
+            expected.append(correct_grasps([(tag, moved)], true)[0])
+    assert off["prefix_precision"] == pytest.approx(np.mean(expected)) and off["prefix_precision"] < 0.5
+    torch.manual_seed(0)
+    model = GraspGPT(ModelConfig(vocab_size=mixed.vocab.size, block_size=1024, n_layer=2, n_head=2, n_embd=32))
+    a = prefix_precision(model, mixed, grasp_scenes, per_scene=2, seed=4)
+    assert a == prefix_precision(model, mixed, grasp_scenes, per_scene=2, seed=4)  # seeded
+    assert a["prefix_grasps"] == 2 * len(grasp_scenes) and 0.0 <= a["prefix_precision"] <= a["prefix_any_tag_precision"]
