@@ -18,8 +18,8 @@ grammar mask and without it. Reported, as a table and as JSON:
   amodal_iou               completion samples: IoU of the written amodal cells with the truth
   seg_accuracy             segmentation samples: ground-truth cells given their own tag
   prefix_precision         one grasp sampled after a true prefix (evenly spaced true grasps, 8 per
-                           scene), scored like grasp_precision: what decoding loses by continuing
-                           its own output is the gap between the two (prefix_precision)
+                           scene), scored like grasp_precision; the gap between the two is what
+                           decoding loses by continuing its own output
   tf_<slot>_loss/top1/near each token of the true grasps (tag, cell1-3) predicted from the true
                            prefix: loss, most likely token right (cells: within a voxel), probability
                            within a voxel (teacher_forced_grasps): which part of a grasp is not learned
@@ -47,7 +47,7 @@ from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab
 from .generate import (GenerateError, accepts, decode, decode_many, default_device, default_max_new, grasp_list,
                        load_checked, prompt_state, read_output, task_of, task_prompt, truth_of)
-from .grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
+from .grasp_metrics import (NEIGHBOURHOOD, GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
                             voxel_iou)
 from .model import ModelInputError
 
@@ -184,8 +184,6 @@ def validation_loss(model, store, indices: np.ndarray, batch_size: int = 4) -> t
 
 
 GRASP_SLOTS = ("tag", "cell1", "cell2", "cell3")  # the tokens of a grasp block after `grasp`
-# The 27 cells within one step (Chebyshev) of a cell, as offsets.
-_NEAR = np.stack(np.meshgrid(*[[-1, 0, 1]] * 3, indexing="ij"), -1).reshape(-1, 3)
 
 
 def grasp_slots(ids: np.ndarray, vocab: Vocab) -> np.ndarray:
@@ -220,7 +218,7 @@ def _slot_scores(logits: torch.Tensor, target: np.ndarray, vocab: Vocab) -> tupl
     cell = target >= vocab.voxel_base
     if cell.any():
         dims = np.array(vocab.dims)
-        around = vocab.cells_of(target[cell])[:, None] + _NEAR  # (n, 27, 3)
+        around = vocab.cells_of(target[cell])[:, None] + NEIGHBOURHOOD  # (n, 27, 3)
         inside = torch.from_numpy(np.all((around >= 0) & (around < dims), axis=2)).to(logits.device)
         ids = vocab.cell_ids(np.clip(around, 0, dims - 1).reshape(-1, 3)).reshape(around.shape[:2])
         rows = torch.from_numpy(cell).to(logits.device)
@@ -239,9 +237,9 @@ def teacher_forced_grasps(model, store, indices: np.ndarray) -> dict[str, float]
 
     Per slot (GRASP_SLOTS): tf_<slot>_loss (mean next-token loss), tf_<slot>_top1 (the most likely token
     is right; for cells: within one voxel of the true cell) and tf_<slot>_near (probability of the true
-    tag; for cells: of the 27 cells within one voxel). The product of the four `near` values is the chance
-    that sampling at temperature 1 along a true prefix writes that grasp to within a voxel: it tells
-    which part of a grasp the model has not learned when the decoded precision is low."""
+    tag; for cells: of the 27 cells within one voxel). The product of the four `near` values is roughly the
+    chance that sampling at temperature 1 along a true prefix writes that very grasp to within a voxel: it
+    tells which part of a grasp the model has not learned when the decoded precision is low."""
     vocab = store.vocab
     device = next(model.parameters()).device
     was_training = model.training

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -506,12 +507,13 @@ class GraspGPT(nn.Module):
         return chunked_cross_entropy(h, table, targets, self.cfg.loss_chunk_size)
 
     @torch.no_grad()
-    def logits_at(self, input_ids: torch.Tensor, positions: torch.Tensor, chunk: int = 512) -> list[torch.Tensor]:
-        """Logits of one sequence (1, T) at `positions` (K,) only, as fp32 chunks of up to `chunk` rows,
-        so that a long sequence never holds (T, V) logits. For evaluation, not for ZeRO-3 training."""
+    def logits_at(self, input_ids: torch.Tensor, positions: torch.Tensor, chunk: int = 512) -> Iterator[torch.Tensor]:
+        """Logits of one sequence (1, T) at `positions` (K,) only, yielded as fp32 chunks of up to `chunk`
+        rows, so that a long sequence never holds (T, V) or (K, V) logits. For evaluation (not ZeRO-3)."""
         table = self.output_weight()
         h = self._hidden(input_ids, table)[0, positions]
-        return [F.linear(h[lo: lo + chunk], table).float() for lo in range(0, len(positions), chunk)]
+        for lo in range(0, len(positions), chunk):
+            yield F.linear(h[lo: lo + chunk], table).float()
 
     def output_weight(self) -> torch.Tensor:
         """The (V, C) embedding table, axis terms included: the input embedding and (tied) the output layer."""

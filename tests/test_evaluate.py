@@ -383,7 +383,7 @@ def test_logits_at_equals_the_full_logits_there(mixed):
     ids = torch.from_numpy(np.asarray(mixed[0], dtype=np.int64))[None]
     T = ids.shape[1]
     positions = torch.tensor([0, 5, T - 1, 17, T // 2])
-    got = torch.cat(model.logits_at(ids, positions, chunk=2))
+    got = torch.cat(list(model.logits_at(ids, positions, chunk=2)))
     with torch.no_grad():
         full = model(ids)[0, positions]
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
