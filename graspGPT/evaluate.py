@@ -47,8 +47,8 @@ from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab
 from .generate import (GenerateError, accepts, decode, decode_many, default_device, default_max_new, grasp_list,
                        load_checked, prompt_state, read_output, task_of, task_prompt, truth_of)
-from .grasp_metrics import (NEIGHBOURHOOD, GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
-                            voxel_iou)
+from .grasp_metrics import (NEIGHBOURHOOD, GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts,
+                            untagged, voxel_iou)
 from .model import ModelInputError
 
 # Sums kept per scene and added over scenes and ranks; every metric is a ratio of two of them.
@@ -84,7 +84,8 @@ def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, seeds: Se
     samples = [np.asarray(ids, dtype=np.int64) for ids in samples]
     truths = [truth_of(ids, vocab) for ids in samples]
     prompts = [task_prompt(ids, vocab, task_of(t)) for ids, t in zip(samples, truths)]
-    caps = [max_new_tokens if max_new_tokens is not None else default_max_new(ids, p) for ids, p in zip(samples, prompts)]
+    caps = [max_new_tokens if max_new_tokens is not None else default_max_new(ids, p)
+            for ids, p in zip(samples, prompts)]
     # per sample: constrained rows first, then as many unconstrained ones
     rows = [True] * num_samples + [False] * (num_samples if unconstrained else 0)
     outs = decode_many(model, prompts, vocab, len(rows), caps, temperature, top_k, constrained=rows, seeds=seeds,
@@ -264,7 +265,8 @@ def teacher_forced_grasps(model, store, indices: np.ndarray) -> dict[str, float]
     out = {}
     for k, name in enumerate(GRASP_SLOTS):
         if sums[k, 3]:
-            out.update({f"tf_{name}_{m}": float(sums[k, j] / sums[k, 3]) for j, m in enumerate(("loss", "top1", "near"))})
+            out.update({f"tf_{name}_{m}": float(sums[k, j] / sums[k, 3])
+                        for j, m in enumerate(("loss", "top1", "near"))})
     return out
 
 
@@ -435,7 +437,8 @@ def format_table(m: dict) -> str:
         lines.append(f"{'true grasp tokens after a true prefix:':<44}{'loss':>8}{'top-1':>8}{'near':>8}")
         for slot in GRASP_SLOTS:
             if f"tf_{slot}_loss" in m:
-                lines.append(f"  {slot:<42}" + "".join(f"{m[f'tf_{slot}_{k}']:>8.3f}" for k in ("loss", "top1", "near")))
+                values = "".join(f"{m[f'tf_{slot}_{k}']:>8.3f}" for k in ("loss", "top1", "near"))
+                lines.append(f"  {slot:<42}{values}")
     lines.append(f"{m['scenes']} scenes, {m['decode_tokens_per_s']:.0f} decoded tokens/s")
     return "\n".join(lines)
 

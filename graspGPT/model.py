@@ -489,8 +489,8 @@ class GraspGPT(nn.Module):
         The loss is a sum, not a mean: the trainer divides by the target count of the whole global batch.
         With a `cache` (decoding, see forward_cached) the positions start at start_pos; last_only keeps
         the last position's logits only; key_mask (B, cache positions) bool marks the keys each row may
-        attend to (False: left padding of a batch of prompts of different lengths). Decoding runs through here too, so that under ZeRO-3 the
-        parameters are gathered the same way as in training.
+        attend to (False: left padding of a batch of prompts of different lengths). Decoding runs through
+        here too, so that under ZeRO-3 the parameters are gathered the same way as in training.
         """
         if cache is not None:
             B, T = input_ids.shape
