@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import free_port
+from conftest import end_worker, free_port
 from graspGPT import checkpoint
 from graspGPT.checkpoint import CheckpointError, ResumePlan, Saver
 from graspGPT.train_deepspeed import MetricsFile, NonFiniteError, NonFiniteSteps, guard_nonfinite
@@ -286,8 +286,7 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
         except CheckpointError as exc:
             seen.append(str(exc))
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
-    dist.barrier()  # no rank tears gloo down while another still reads its last collective
-    dist.destroy_process_group()
+    end_worker()
 
 
 def test_disagreeing_ranks_all_raise(tmp_path):

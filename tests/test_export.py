@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, launch, run_ok, train_env, write_config
+from conftest import REPO, end_worker, launch, run_ok, train_env, write_config
 from graspGPT.export import ExportError, export, load_hf_weights, load_model, main, model_config, read_meta
 from graspGPT.model import GraspGPT, ModelConfig
 
@@ -202,8 +202,7 @@ def _zero3_worker(directory: Path, result: Path) -> None:
             equal &= torch.equal(p.data, ref[name])
     result.with_name(f"{result.name}{dist.get_rank()}.json").write_text(
         json.dumps({"partitioned": partitioned, "equal": equal}))
-    dist.barrier()  # no rank tears gloo down while another still reads its last gather (that aborts it)
-    dist.destroy_process_group()
+    end_worker()
 
 
 if __name__ == "__main__":
