@@ -76,6 +76,8 @@ class DatasetConfig:
     shuffle_blocks: bool = True
     drop_cell_prob: float = 0.05
     max_grasps_per_object: int = 100
+    # sorted: by first cell, as the format stores grasps; random: a new order per sample and epoch
+    grasp_order: str = choice("sorted", "random")
     amodal_prob: float = 0.0
     unseg_prob: float = 0.0
     synthetic_scenes: int = 2000

@@ -17,7 +17,8 @@ NOAUG = AugmentConfig.none()
 
 
 def aug(**kw) -> AugmentConfig:
-    base = dict(shuffle_blocks=True, drop_cell_prob=0.05, max_grasps_per_object=100, amodal_prob=0.0, unseg_prob=0.0)
+    base = dict(shuffle_blocks=True, drop_cell_prob=0.05, max_grasps_per_object=100, grasp_order="sorted",
+                amodal_prob=0.0, unseg_prob=0.0)
     return AugmentConfig(**{**base, **kw})
 
 
@@ -111,6 +112,26 @@ def test_grasps_capped_per_object_and_sorted():
     assert len(picks) == 5  # a different random subset each epoch
 
 
+@pytest.mark.parametrize("shuffle,cap", [(True, 5), (False, None)])
+def test_random_grasp_order_is_a_fresh_permutation_per_epoch(shuffle, cap):
+    rng = np.random.default_rng(3)
+    orig = make_sample(rng, n_obj=3, grasps=(12, 13))
+    s = TrainingSamples(Store([serialize(orig, V)]), [0], 10_000,
+                        aug(shuffle_blocks=shuffle, max_grasps_per_object=cap, grasp_order="random"), seed=0)
+    originals = [(g.tag, tuple(g.cells.tolist())) for g in orig.grasps]
+    orders = set()
+    for epoch in range(6):
+        x = s.get(0, epoch)
+        np.testing.assert_array_equal(x, s.get(0, epoch))
+        got = [(g.tag, tuple(g.cells.tolist())) for g in parse(x, V).grasps]
+        counts = np.unique([t for t, _ in got], return_counts=True)[1]
+        assert set(got) <= set(originals) and len(set(got)) == len(got)
+        assert (counts == (cap or 12)).all()
+        assert [c[0] for _, c in got] != sorted(c[0] for _, c in got)
+        orders.add(tuple(got))
+    assert len(orders) == 6
+
+
 def test_cell_drop_rate_sorted_and_never_empties_a_block():
     rng = np.random.default_rng(3)
     orig = make_sample(rng, n_obj=3, cells=(100, 100))
@@ -186,9 +207,11 @@ def test_augment_config_checks():
         aug(amodal_prob=0.7, unseg_prob=0.5)
     with pytest.raises(DatasetError, match="max_grasps_per_object"):
         aug(max_grasps_per_object=0)
+    with pytest.raises(DatasetError, match="grasp_order must be 'sorted' or 'random', got 'shuffled'"):
+        aug(grasp_order="shuffled")
     section = types.SimpleNamespace(shuffle_blocks=False, drop_cell_prob=0.1, max_grasps_per_object=3,
-                                    amodal_prob=0.2, unseg_prob=0.1, overlong="cut")
-    assert AugmentConfig.of(section) == AugmentConfig(False, 0.1, 3, 0.2, 0.1)
+                                    grasp_order="random", amodal_prob=0.2, unseg_prob=0.1, overlong="cut")
+    assert AugmentConfig.of(section) == AugmentConfig(False, 0.1, 3, "random", 0.2, 0.1)
 
 
 def test_unparsable_sample_returned_unaugmented_and_counted():

@@ -46,6 +46,7 @@ class AugmentConfig:
     shuffle_blocks: bool  # scene block order and grasp order (before the stable re-sort)
     drop_cell_prob: float  # per scene cell, in blocks of 2+ cells
     max_grasps_per_object: int | None  # per grasp tag; None: no cap
+    grasp_order: str  # "sorted" by first cell (the format's order) or "random"
     amodal_prob: float  # labelled scene -> amodal task
     unseg_prob: float  # labelled scene -> unseg task
 
@@ -56,13 +57,15 @@ class AugmentConfig:
         if self.amodal_prob + self.unseg_prob > 1.0:
             raise DatasetError(f"amodal_prob + unseg_prob must be <= 1 (a sample gets at most one), "
                                f"got {self.amodal_prob} + {self.unseg_prob}")
+        if self.grasp_order not in ("sorted", "random"):
+            raise DatasetError(f"grasp_order must be 'sorted' or 'random', got {self.grasp_order!r}")
         if self.max_grasps_per_object is not None and self.max_grasps_per_object < 1:
             raise DatasetError(f"max_grasps_per_object must be >= 1 (or None for no cap), got {self.max_grasps_per_object}")
 
     @classmethod
     def none(cls) -> "AugmentConfig":
         """No augmentation (validation)."""
-        return cls(False, 0.0, None, 0.0, 0.0)
+        return cls(False, 0.0, None, "sorted", 0.0, 0.0)
 
     @classmethod
     def of(cls, section) -> "AugmentConfig":
@@ -88,8 +91,11 @@ def _drop_cells(blocks: list[Block], p: float, rng: np.random.Generator) -> list
     return out
 
 
-def _pick_grasps(grasps: list[Block], shuffle: bool, cap: int | None, rng: np.random.Generator) -> list[Block]:
-    """Shuffle, keep at most `cap` per tag, re-sort by first cell (stable, so ties stay shuffled)."""
+def _pick_grasps(grasps: list[Block], shuffle: bool, cap: int | None, grasp_order: str,
+                 rng: np.random.Generator) -> list[Block]:
+    """Shuffle, keep at most `cap` per tag, then re-sort by first cell (stable, so ties stay shuffled)
+    or keep the random order."""
+    shuffle = shuffle or grasp_order == "random"
     order = rng.permutation(len(grasps)) if shuffle else np.arange(len(grasps))
     if cap is not None:
         seen: dict[int, int] = {}
@@ -100,6 +106,8 @@ def _pick_grasps(grasps: list[Block], shuffle: bool, cap: int | None, rng: np.ra
                 seen[t] = seen.get(t, 0) + 1
                 kept.append(i)
         order = np.asarray(kept, dtype=np.int64)
+    if grasp_order == "random":
+        return [grasps[i] for i in order]
     firsts = np.array([grasps[i].cells[0] for i in order], dtype=np.int64)
     return [grasps[i] for i in order[np.argsort(firsts, kind="stable")]]
 
@@ -214,8 +222,9 @@ class TrainingSamples:
         a, vocab = self.augment, self.vocab
         if a.shuffle_blocks:
             sample.scene = [sample.scene[i] for i in rng.permutation(len(sample.scene))]
-        if sample.grasps and (a.shuffle_blocks or a.max_grasps_per_object is not None):
-            sample.grasps = _pick_grasps(sample.grasps, a.shuffle_blocks, a.max_grasps_per_object, rng)
+        if sample.grasps and (a.shuffle_blocks or a.max_grasps_per_object is not None or a.grasp_order == "random"):
+            sample.grasps = _pick_grasps(sample.grasps, a.shuffle_blocks, a.max_grasps_per_object, a.grasp_order,
+                                         rng)
         u = rng.random()
         task = None
         if _convertible(sample, vocab):
