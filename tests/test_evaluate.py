@@ -317,9 +317,15 @@ def test_quality_configs_keep_a_ground_truth_dense_enough_for_the_bar():
     spec.loader.exec_module(bench)
     assert bench.ceiling(0.0075, 100, scenes=10).precision > 0.85
     assert bench.ceiling(0.0075, 32, scenes=10).precision < 0.8
-    for name in ("gpt-mini", "gpt2"):
-        cfg = load_config(["--config", str(REPO / "configs" / f"quality_{name}.json")])
+    cfgs = {name: load_config(["--config", str(REPO / "configs" / f"quality_{name}.json")])
+            for name in ("gpt-mini", "gpt-mini-random", "gpt2")}
+    for cfg in cfgs.values():
         assert cfg.dataset.max_grasps_per_object >= 100 and cfg.dataset.synthetic_voxel_size == 0.0075
+    # The random-order run differs from the gpt-mini run in the grasp order only, so the two compare.
+    plain, shuffled = cfgs["gpt-mini"].to_dict(), cfgs["gpt-mini-random"].to_dict()
+    assert (plain["dataset"].pop("grasp_order"), shuffled["dataset"].pop("grasp_order")) == ("sorted", "random")
+    plain["system"].pop("output_dir"), shuffled["system"].pop("output_dir")
+    assert plain == shuffled
 
 
 # -- teacher-forced diagnostics of the grasp tokens -------------------------------------------
