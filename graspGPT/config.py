@@ -78,6 +78,9 @@ class DatasetConfig:
     max_grasps_per_object: int = 100
     # sorted: by first cell, as the format stores grasps; random: a new order per sample and epoch
     grasp_order: str = choice("sorted", "random")
+    # all: every token is a target; answer: only what follows the scene (the scene is context, as a
+    # prompt is in instruction tuning)
+    loss_on: str = choice("all", "answer")
     amodal_prob: float = 0.0
     unseg_prob: float = 0.0
     synthetic_scenes: int = 2000

@@ -311,6 +311,34 @@ def test_collate_caps_at_max_len_and_handles_all_dropped():
     assert empty.input_ids.shape == (1, 8) and empty.num_targets == 0 and (empty.targets == IGNORE_INDEX).all()
 
 
+def test_loss_on_answer_makes_the_scene_context_only():
+    rng = np.random.default_rng(3)
+    store = Store([serialize(make_sample(rng, amodal=k == 1), V) for k in range(3)])
+    everything = TrainingSamples(store, np.arange(3), 4096, NOAUG, seed=0)
+    answer = TrainingSamples(store, np.arange(3), 4096, NOAUG, seed=0, loss_on="answer")
+    full, part = everything.batch(np.arange(3), epoch=0), answer.batch(np.arange(3), epoch=0)
+    assert torch.equal(full.input_ids, part.input_ids)
+    for row in range(3):
+        ids = np.asarray(store[row], dtype=np.int64)
+        opener = V.amodal if row == 1 else V.detectgrasp
+        first = int(np.flatnonzero(ids == opener)[0])  # the scene is ids[:first]
+        kept = (part.targets[row] != IGNORE_INDEX).nonzero()[:, 0]
+        assert kept.tolist() == list(range(first - 1, len(ids) - 1))  # position t predicts ids[t + 1]
+        assert part.targets[row, first - 1] == opener and part.targets[row, len(ids) - 2] == V.end
+        assert torch.equal(part.targets[row, kept], full.targets[row, kept])
+    assert part.num_targets == int((part.targets != IGNORE_INDEX).sum()) < full.num_targets
+    with pytest.raises(DatasetError, match="loss_on must be one of all, answer"):
+        TrainingSamples(store, np.arange(3), 4096, NOAUG, seed=0, loss_on="grasps")
+
+
+def test_collate_first_targets():
+    s = np.append(np.arange(V.voxel_base, V.voxel_base + 9), V.end)
+    b = collate([s, None, s], V.end, first_targets=[4, None, 1])
+    assert b.targets[0].tolist()[:9] == [IGNORE_INDEX] * 3 + s[4:].tolist()
+    assert b.targets[1].tolist()[:9] == s[1:].tolist()
+    assert b.num_targets == 6 + 9
+
+
 # -- schedule -----------------------------------------------------------------------------
 
 def test_global_batch_independent_of_world_size():

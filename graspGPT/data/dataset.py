@@ -23,6 +23,7 @@ from .grammar import Block, GrammarError, Sample, parse, serialize
 from .vocab import Vocab
 
 IGNORE_INDEX = -100  # target of a padded position; cross-entropy skips it
+LOSS_ON = ("all", "answer")  # which tokens are targets: the whole sequence, or what follows the scene
 
 
 class DatasetError(ValueError):
@@ -178,9 +179,11 @@ class TrainingSamples:
     """The samples `indices` of a store, augmented per (seed, epoch, index) and fitted to max_len."""
 
     def __init__(self, store: SampleStore, indices: np.ndarray, max_len: int, augment: AugmentConfig,
-                 seed: int, overlong: str = "cut"):
+                 seed: int, overlong: str = "cut", loss_on: str = "all"):
         if overlong not in ("cut", "drop"):
             raise DatasetError(f"overlong must be 'cut' or 'drop', got {overlong!r}")
+        if loss_on not in LOSS_ON:
+            raise DatasetError(f"loss_on must be one of {', '.join(LOSS_ON)}, got {loss_on!r}")
         if max_len < 2:
             raise DatasetError(f"max_len must be >= 2 (scene + end), got {max_len}")
         self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -188,6 +191,9 @@ class TrainingSamples:
             raise DatasetError(f"sample indices must be in [0, {len(store)}); the split does not match this data set")
         self.store, self.vocab = store, store.vocab
         self.max_len, self.augment, self.seed, self.overlong = max_len, augment, seed, overlong
+        self.loss_on = loss_on
+        v = self.vocab
+        self._openers = np.array([v.amodal, v.segment, v.detectgrasp, v.end])
         # Length estimate for batching: augmentation changes lengths a little, cutting caps them.
         self.lengths = np.minimum(np.asarray(store.lengths, dtype=np.int64)[self.indices], max_len)
         self.stats = {"cut": 0, "dropped": 0, "unparsable": 0, "amodal": 0, "unseg": 0}
@@ -217,6 +223,19 @@ class TrainingSamples:
                 return None
             self.stats["cut"] += 1
         return serialize(sample, self.vocab)
+
+    def first_target(self, ids: np.ndarray) -> int:
+        """Index of the first token of `ids` that is a training target: 1 (every token after `scene`),
+        or with loss_on "answer" the first section opener after the scene (the scene is context only)."""
+        if self.loss_on == "all":
+            return 1
+        return int(np.flatnonzero(np.isin(ids, self._openers))[0])  # every sample ends in `end`
+
+    def batch(self, positions: np.ndarray, epoch: int, pad_to_multiple: int = 8) -> Batch:
+        """The next-token batch of the samples at `positions` (into this list) in `epoch`."""
+        seqs = [self.get(int(k), epoch) for k in positions]
+        return collate(seqs, self.vocab.end, pad_to_multiple, self.max_len,
+                       [None if s is None else self.first_target(s) for s in seqs])
 
     def _augment(self, sample: Sample, rng: np.random.Generator) -> None:
         a, vocab = self.augment, self.vocab
@@ -321,14 +340,21 @@ class Batch:
                      self.targets.to(device, non_blocking=non_blocking), self.num_targets, self.num_tokens)
 
 
-def collate(seqs: list[np.ndarray | None], pad_id: int, pad_to_multiple: int = 8, max_len: int | None = None) -> Batch:
+def collate(seqs: list[np.ndarray | None], pad_id: int, pad_to_multiple: int = 8, max_len: int | None = None,
+            first_targets: list[int | None] | None = None) -> Batch:
     """Next-token batch: input seq[:-1], target seq[1:], right-padded; dropped (None) samples skipped.
+
+    first_targets: per sequence, the index of its first token that is a target (default 1: all);
+    the tokens before it are context only (their targets are IGNORE_INDEX).
 
     Inputs and targets are separate fresh tensors, so padding can never leak into the
     targets (pitfall 2), and `end` is always a target (pitfall 3). T is the longest input
     rounded up to pad_to_multiple, capped at max_len - 1. With nothing left, one padded row
     with zero targets keeps the shapes valid.
     """
+    if first_targets is None:
+        first_targets = [1] * len(seqs)
+    firsts = [max(1, int(f)) for s, f in zip(seqs, first_targets) if s is not None]
     seqs = [s for s in seqs if s is not None]
     longest = max((len(s) - 1 for s in seqs), default=1)
     T = -(-max(longest, 1) // pad_to_multiple) * pad_to_multiple
@@ -343,8 +369,8 @@ def collate(seqs: list[np.ndarray | None], pad_id: int, pad_to_multiple: int = 8
     for row, s in enumerate(seqs):
         s = torch.from_numpy(np.asarray(s, dtype=np.int64))
         input_ids[row, : len(s) - 1] = s[:-1]
-        targets[row, : len(s) - 1] = s[1:]
-    return Batch(input_ids, targets, sum(len(s) - 1 for s in seqs), B * T)
+        targets[row, firsts[row] - 1: len(s) - 1] = s[firsts[row]:]
+    return Batch(input_ids, targets, sum(max(0, len(s) - f) for s, f in zip(seqs, firsts)), B * T)
 
 
 def val_batches(lengths: np.ndarray, micro_batch: int, world_size: int = 1, rank: int = 0,
@@ -414,8 +440,7 @@ class BatchLoader:
 
     def build(self, step: int) -> StepBatches:
         epoch = self.schedule.epoch_of(step)
-        micro = [collate([self.samples.get(int(k), epoch) for k in positions], self.pad_id,
-                         self.pad_to_multiple, self.max_len)
+        micro = [self.samples.batch(positions, epoch, self.pad_to_multiple)
                  for positions in self.schedule.micro_batches(step, self.rank)]
         return StepBatches(step, epoch, micro, sum(b.num_targets for b in micro), sum(b.num_tokens for b in micro))
 
