@@ -13,6 +13,9 @@ grammar mask and without it. Reported, as a table and as JSON:
   grasp_coverage           objects with a correct predicted grasp / objects with grasps
   any_tag_precision        predicted grasps whose cells match a ground-truth grasp of any object
                            (a diagnostic: the gap to grasp_precision is grasps put under the wrong tag)
+  grasp_validity           predicted grasps a parallel-jaw gripper could execute in the scene, judged
+                           from its voxels (grasp_metrics.valid_grasps: fingers on the named object,
+                           opening, gripper shape, no collision); needs no ground-truth grasp
   baseline_*               the same for random grasps (grasp_metrics.random_grasps), as many per
                            sequence as the model predicted there
   amodal_iou               completion samples: IoU of the written amodal cells with the truth
@@ -41,22 +44,27 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .data.dataset import AugmentConfig, TrainingSamples, collate
+from .data.dataset import AugmentConfig, TrainingSamples
 from .data.grammar import Sample
 from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab
 from .generate import (GenerateError, accepts, decode, decode_many, default_device, default_max_new, grasp_list,
                        load_checked, prompt_state, read_output, task_of, task_prompt, truth_of)
 from .grasp_metrics import (NEIGHBOURHOOD, GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts,
-                            untagged, voxel_iou)
+                            untagged, valid_grasps, voxel_iou)
 from .model import ModelInputError
 
+# Each scene is decoded in up to three ways, in one batch; counts of each carry its prefix:
+#   ""          constrained, as generation does it: the grammar, and (grounded) each grasp's fingers on
+#               the object its tag names
+#   "grammar_"  the grammar alone, where grounding is on: which object the model binds a tag to by itself
+#   "free_"     no mask: what the model learned of the grammar
+DECODINGS = ("", "grammar_", "free_")
+ROW_COUNTS = ("sequences", "valid", "predicted", "correct", "objects", "covered", "any_tag_correct", "feasible")
+BASELINE_COUNTS = ("predicted", "correct", "objects", "covered", "any_tag_correct", "feasible")
 # Sums kept per scene and added over scenes and ranks; every metric is a ratio of two of them.
 COUNT_KEYS = (
-    "scenes", "sequences", "valid", "predicted", "correct", "objects", "covered",
-    "free_sequences", "free_valid", "free_predicted", "free_correct", "free_objects", "free_covered",
-    "baseline_predicted", "baseline_correct", "baseline_objects", "baseline_covered",
-    "any_tag_correct", "free_any_tag_correct", "baseline_any_tag_correct",
+    "scenes", *(p + k for p in DECODINGS for k in ROW_COUNTS), *("baseline_" + k for k in BASELINE_COUNTS),
     "amodal_sequences", "amodal_iou_sum", "seg_correct", "seg_cells", "new_tokens", "decode_seconds",
 )
 
@@ -66,41 +74,46 @@ def _add(counts: dict[str, float], prefix: str, score: GraspScore) -> None:
         counts[prefix + key] += getattr(score, key)
 
 
-def evaluate_scene(model, ids: np.ndarray, vocab: Vocab, num_samples: int = 1, temperature: float = 1.0,
-                   top_k: int | None = None, seed: int = 0, unconstrained: bool = True,
-                   max_new_tokens: int | None = None, sync: Callable[[bool], bool] | None = None
-                   ) -> tuple[dict[str, float], list, Sample]:
+def evaluate_scene(model, ids: np.ndarray, vocab: Vocab, voxel_size: float, num_samples: int = 1,
+                   temperature: float = 1.0, top_k: int | None = None, seed: int = 0, unconstrained: bool = True,
+                   max_new_tokens: int | None = None, sync: Callable[[bool], bool] | None = None,
+                   grounded: bool = True) -> tuple[dict[str, float], list, Sample]:
     """Counts (COUNT_KEYS) for one sample, the first constrained sequence's grasps, and the truth."""
-    return evaluate_batch(model, [ids], vocab, [seed], num_samples, temperature, top_k, unconstrained,
-                          max_new_tokens, sync)[0]
+    return evaluate_batch(model, [ids], vocab, voxel_size, [seed], num_samples, temperature, top_k, unconstrained,
+                          max_new_tokens, sync, grounded)[0]
 
 
-def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, seeds: Sequence[int], num_samples: int = 1,
-                   temperature: float = 1.0, top_k: int | None = None, unconstrained: bool = True,
-                   max_new_tokens: int | None = None, sync: Callable[[bool], bool] | None = None
+def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, voxel_size: float, seeds: Sequence[int],
+                   num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
+                   unconstrained: bool = True, max_new_tokens: int | None = None,
+                   sync: Callable[[bool], bool] | None = None, grounded: bool = True
                    ) -> list[tuple[dict[str, float], list, Sample]]:
     """evaluate_scene for several samples decoded in one batch (decode_many): per sample, its counts, the
-    first constrained sequence's grasps and the truth. The decoding time is counted once, on the first."""
+    first constrained sequence's grasps and the truth. `voxel_size` (metres) is the data's, for the
+    physical check. `grounded`: constrained decoding puts each grasp's fingers on the object it names
+    (decode_many), and the grammar-only rows are decoded beside it. The decoding time is counted once,
+    on the first sample."""
     samples = [np.asarray(ids, dtype=np.int64) for ids in samples]
     truths = [truth_of(ids, vocab) for ids in samples]
     prompts = [task_prompt(ids, vocab, task_of(t)) for ids, t in zip(samples, truths)]
     caps = [max_new_tokens if max_new_tokens is not None else default_max_new(ids, p)
             for ids, p in zip(samples, prompts)]
-    # per sample: constrained rows first, then as many unconstrained ones
-    rows = [True] * num_samples + [False] * (num_samples if unconstrained else 0)
-    outs = decode_many(model, prompts, vocab, len(rows), caps, temperature, top_k, constrained=rows, seeds=seeds,
-                       sync=sync)
+    kinds = [""] + (["grammar_"] if grounded else []) + (["free_"] if unconstrained else [])
+    rows = [k for k in kinds for _ in range(num_samples)]  # the prefix of each row of a sample
+    outs = decode_many(model, prompts, vocab, len(rows), caps, temperature, top_k,
+                       constrained=[k != "free_" for k in rows], seeds=seeds, sync=sync,
+                       grounded=[k == "" and grounded for k in rows])
     results = []
     for i, (out, truth, prompt, seed) in enumerate(zip(outs, truths, prompts, seeds)):
-        c = _score(out, truth, prompt, rows, vocab, np.random.default_rng([seed, 1]))
+        c = _score(out, truth, prompt, rows, vocab, voxel_size, np.random.default_rng([seed, 1]))
         c["decode_seconds"] = out.seconds if i == 0 else 0.0
         results.append((c, read_output(np.concatenate([prompt, out.new[0]]), vocab).grasps or [], truth))
     return results
 
 
-def _score(out, truth: Sample, prompt: np.ndarray, rows: list[bool], vocab: Vocab,
+def _score(out, truth: Sample, prompt: np.ndarray, rows: list[str], vocab: Vocab, voxel_size: float,
            rng: np.random.Generator) -> dict[str, float]:
-    """Counts (COUNT_KEYS) of one sample's decoded rows against its truth."""
+    """Counts (COUNT_KEYS) of one sample's decoded rows (`rows`: each one's prefix) against its truth."""
     task = task_of(truth)
     true_grasps = grasp_list(truth.grasps, vocab) if truth.grasps is not None else None
     scene = [(b.tag, vocab.cells_of(b.cells)) for b in truth.scene]
@@ -108,23 +121,24 @@ def _score(out, truth: Sample, prompt: np.ndarray, rows: list[bool], vocab: Voca
     c = dict.fromkeys(COUNT_KEYS, 0.0)
     c["scenes"] = 1
     c["new_tokens"] = out.new_tokens
-    for constrained, new in zip(rows, out.new):
-        p = "" if constrained else "free_"
+    for p, new in zip(rows, out.new):
         c[p + "sequences"] += 1
         c[p + "valid"] += accepts(start, new)
         got = read_output(np.concatenate([prompt, new]), vocab)
         predicted = grasp_list(got.grasps, vocab)
+        c[p + "feasible"] += valid_grasps(predicted, scene, vocab.dims, voxel_size).sum()
         if true_grasps is not None:
             _add(c, p, score_grasps(predicted, true_grasps))
             c[p + "any_tag_correct"] += correct_grasps(untagged(predicted), untagged(true_grasps)).sum()
-            if constrained:  # the baseline draws as many grasps as the model wrote
+            if p == "":  # the baseline draws as many grasps as the model wrote
                 guesses = random_grasps(rng, scene, len(predicted), vocab.dims)
                 _add(c, "baseline_", score_grasps(guesses, true_grasps))
+                c["baseline_feasible"] += valid_grasps(guesses, scene, vocab.dims, voxel_size).sum()
                 c["baseline_any_tag_correct"] += correct_grasps(untagged(guesses), untagged(true_grasps)).sum()
-        if constrained and task == "amodal":
+        if p == "" and task == "amodal":
             c["amodal_sequences"] += 1
             c["amodal_iou_sum"] += voxel_iou(got.amodal if got.amodal is not None else [], truth.amodal)
-        if constrained and task == "unseg":
+        if p == "" and task == "unseg":
             right, total = segmentation_counts([(b.tag, b.cells) for b in got.unseg or []],
                                                [(b.tag, b.cells) for b in truth.unseg])
             c["seg_correct"] += right
@@ -137,24 +151,22 @@ def _ratio(a: float, b: float) -> float:
 
 
 def summarize(c: dict[str, float]) -> dict[str, float]:
-    """Metrics from summed counts."""
-    m = {
-        "scenes": int(c["scenes"]),
-        "valid_rate": _ratio(c["valid"], c["sequences"]),
-        "grasp_precision": _ratio(c["correct"], c["predicted"]),
-        "grasp_coverage": _ratio(c["covered"], c["objects"]),
-        "grasps_per_sequence": _ratio(c["predicted"], c["sequences"]),
-        "baseline_precision": _ratio(c["baseline_correct"], c["baseline_predicted"]),
-        "baseline_coverage": _ratio(c["baseline_covered"], c["baseline_objects"]),
-        "any_tag_precision": _ratio(c["any_tag_correct"], c["predicted"]),
-        "baseline_any_tag_precision": _ratio(c["baseline_any_tag_correct"], c["baseline_predicted"]),
-    }
-    if c["free_sequences"]:
-        m.update(free_valid_rate=_ratio(c["free_valid"], c["free_sequences"]),
-                 free_grasp_precision=_ratio(c["free_correct"], c["free_predicted"]),
-                 free_grasp_coverage=_ratio(c["free_covered"], c["free_objects"]),
-                 free_any_tag_precision=_ratio(c["free_any_tag_correct"], c["free_predicted"]),
-                 free_grasps_per_sequence=_ratio(c["free_predicted"], c["free_sequences"]))
+    """Metrics from summed counts: per decoding (DECODINGS: no prefix, grammar_, free_, where decoded)
+    and for the random baseline."""
+    m: dict[str, float] = {"scenes": int(c["scenes"])}
+    for p in DECODINGS:
+        if p and not c[p + "sequences"]:
+            continue
+        m.update({p + "valid_rate": _ratio(c[p + "valid"], c[p + "sequences"]),
+                  p + "grasp_precision": _ratio(c[p + "correct"], c[p + "predicted"]),
+                  p + "grasp_coverage": _ratio(c[p + "covered"], c[p + "objects"]),
+                  p + "any_tag_precision": _ratio(c[p + "any_tag_correct"], c[p + "predicted"]),
+                  p + "grasp_validity": _ratio(c[p + "feasible"], c[p + "predicted"]),
+                  p + "grasps_per_sequence": _ratio(c[p + "predicted"], c[p + "sequences"])})
+    m.update(baseline_precision=_ratio(c["baseline_correct"], c["baseline_predicted"]),
+             baseline_coverage=_ratio(c["baseline_covered"], c["baseline_objects"]),
+             baseline_any_tag_precision=_ratio(c["baseline_any_tag_correct"], c["baseline_predicted"]),
+             baseline_validity=_ratio(c["baseline_feasible"], c["baseline_predicted"]))
     if c["amodal_sequences"]:
         m["amodal_iou"] = c["amodal_iou_sum"] / c["amodal_sequences"]
     if c["seg_cells"]:
@@ -164,10 +176,10 @@ def summarize(c: dict[str, float]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def validation_loss(model, store, indices: np.ndarray, batch_size: int = 4) -> tuple[float, int]:
+def validation_loss(model, store, indices: np.ndarray, batch_size: int = 4, loss_on: str = "all") -> tuple[float, int]:
     """(mean next-token loss, number of target tokens) over the samples `indices`, unaugmented,
-    cut to the model's block size as in training."""
-    samples = TrainingSamples(store, indices, model.cfg.block_size, AugmentConfig.none(), seed=0)
+    cut to the model's block size as in training; loss_on as in training (dataset.loss_on)."""
+    samples = TrainingSamples(store, indices, model.cfg.block_size, AugmentConfig.none(), seed=0, loss_on=loss_on)
     order = np.argsort(samples.lengths, kind="stable")
     device = next(model.parameters()).device
     was_training = model.training
@@ -175,8 +187,7 @@ def validation_loss(model, store, indices: np.ndarray, batch_size: int = 4) -> t
     total, count = 0.0, 0
     try:
         for lo in range(0, len(order), batch_size):
-            batch = collate([samples.get(int(k), epoch=0) for k in order[lo: lo + batch_size]], pad_id=store.vocab.end,
-                            max_len=model.cfg.block_size)
+            batch = samples.batch(order[lo: lo + batch_size], epoch=0)
             s, n = model(batch.input_ids.to(device), batch.targets.to(device))
             total, count = total + float(s), count + int(n)
     finally:
@@ -340,7 +351,8 @@ def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int
     for lo in range(0, total, scenes_per_batch):
         batch = [int(i) for i in scenes[lo: lo + scenes_per_batch]]
         if batch:
-            results = evaluate_batch(model, [store[i] for i in batch], store.vocab, [seed + i for i in batch],
+            results = evaluate_batch(model, [store[i] for i in batch], store.vocab, store.workspace.voxel_size,
+                                     [seed + i for i in batch],
                                      sync=sync, **options)
             for index, (c, grasps, truth) in zip(batch, results):
                 counts = {k: counts[k] + c[k] for k in COUNT_KEYS}
@@ -369,12 +381,13 @@ class TrainingEvaluator:
 
     def __init__(self, store: TokenStore, val_indices: np.ndarray, num_scenes: int, output_dir: str | Path,
                  seed: int = 0, max_len: int | None = None, num_samples: int = 1, temperature: float = 1.0,
-                 top_k: int | None = None, unconstrained: bool = True, max_new_tokens: int | None = None):
+                 top_k: int | None = None, unconstrained: bool = True, max_new_tokens: int | None = None,
+                 grounded: bool = True):
         self.store, self.seed = store, seed
         self.scenes = pick_scenes(val_indices, num_scenes, seed, store.lengths, max_len)
         self.output_dir = Path(output_dir)
         self.options = dict(num_samples=num_samples, temperature=temperature, top_k=top_k,
-                            unconstrained=unconstrained, max_new_tokens=max_new_tokens)
+                            unconstrained=unconstrained, max_new_tokens=max_new_tokens, grounded=grounded)
 
     def run(self, model, step: int, rank: int = 0, world: int = 1, lockstep: bool = False) -> dict:
         """Metrics (see `summarize`, plus eval_seconds) and, on rank 0, "picture": the PNG's path.
@@ -412,25 +425,28 @@ class TrainingEvaluator:
 
 # -- the command line -------------------------------------------------------------------------
 
-ROWS = (  # label, constrained key, unconstrained key, baseline key, format
-    ("grammar-valid rate", "valid_rate", "free_valid_rate", None, "{:.3f}"),
-    ("grasp precision", "grasp_precision", "free_grasp_precision", "baseline_precision", "{:.3f}"),
-    ("grasp coverage", "grasp_coverage", "free_grasp_coverage", "baseline_coverage", "{:.3f}"),
-    ("precision, any object", "any_tag_precision", "free_any_tag_precision", "baseline_any_tag_precision", "{:.3f}"),
-    ("precision after a true prefix", "prefix_precision", None, None, "{:.3f}"),
-    ("grasps per sequence", "grasps_per_sequence", "free_grasps_per_sequence", "grasps_per_sequence", "{:.1f}"),
-    ("amodal IoU", "amodal_iou", None, None, "{:.3f}"),
-    ("segmentation accuracy", "seg_accuracy", None, None, "{:.3f}"),
+TABLE = (  # label, metric name (each decoding's key is its prefix + the name), baseline key, format
+    ("grammar-valid rate", "valid_rate", None, "{:.3f}"),
+    ("grasp precision", "grasp_precision", "baseline_precision", "{:.3f}"),
+    ("precision, any object", "any_tag_precision", "baseline_any_tag_precision", "{:.3f}"),
+    ("grasp validity (physical)", "grasp_validity", "baseline_validity", "{:.3f}"),
+    ("grasp coverage", "grasp_coverage", "baseline_coverage", "{:.3f}"),
+    ("precision after a true prefix", "prefix_precision", None, "{:.3f}"),
+    ("grasps per sequence", "grasps_per_sequence", "grasps_per_sequence", "{:.1f}"),
+    ("amodal IoU", "amodal_iou", None, "{:.3f}"),
+    ("segmentation accuracy", "seg_accuracy", None, "{:.3f}"),
 )
 
 
 def format_table(m: dict) -> str:
-    lines = [f"{'metric':<30}{'constrained':>14}{'unconstrained':>16}{'random baseline':>18}"]
-    for label, a, b, c, fmt in ROWS:
-        if a not in m:
+    """The metrics as a table: a column per decoding (constrained, grammar only, unconstrained) and the
+    random baseline."""
+    lines = [f"{'metric':<30}{'constrained':>13}{'grammar only':>14}{'unconstrained':>15}{'random':>9}"]
+    for label, name, baseline, fmt in TABLE:
+        if name not in m:
             continue
-        cells = [fmt.format(m[k]) if k in m else "-" for k in (a, b, c)]
-        lines.append(f"{label:<30}{cells[0]:>14}{cells[1]:>16}{cells[2]:>18}")
+        cells = [fmt.format(m[k]) if k in m else "-" for k in (*(p + name for p in DECODINGS), baseline)]
+        lines.append(f"{label:<30}{cells[0]:>13}{cells[1]:>14}{cells[2]:>15}{cells[3]:>9}")
     if "val_loss" in m:
         lines.append(f"{'validation loss (ppl)':<30}{m['val_loss']:>14.4f}  ({m['val_ppl']:.3f})")
     if any(f"tf_{slot}_loss" in m for slot in GRASP_SLOTS):
@@ -476,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="scene choice and sampling seed")
     p.add_argument("--no_free", action="store_true", help="skip the unconstrained run")
+    p.add_argument("--no_grounding", action="store_true",
+                   help="constrained decoding keeps to the grammar only; by default it also puts each grasp's fingers "
+                        "on the object its tag names (the grammar-only figures are then reported beside)")
     p.add_argument("--batch_size", type=int, default=4, help="samples per forward for the loss")
     p.add_argument("--val_fraction", type=float, default=None,
                    help="split of a data set without a recorded one (default: the checkpoint's training config)")
@@ -488,14 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(model, store: TokenStore, indices: np.ndarray, num_scenes: int, seed: int = 0, batch_size: int = 4,
-             **options) -> dict:
-    """Generation metrics and the loss on `num_scenes` of `indices` (picked with `seed`), in one process."""
+             loss_on: str = "all", **options) -> dict:
+    """Generation metrics and the loss on `num_scenes` of `indices` (picked with `seed`), in one process.
+    loss_on: the targets of the loss, as the model was trained (dataset.loss_on)."""
     scenes = pick_scenes(indices, num_scenes, seed, store.lengths, model.cfg.block_size)
     if len(scenes) == 0:
         raise GenerateError(f"no sample of the split fits the model's block size ({model.cfg.block_size} tokens)")
     counts, _ = evaluate_scenes(model, store, scenes, seed, **options)
     metrics = summarize(counts)
-    loss, _ = validation_loss(model, store, scenes, batch_size)
+    loss, _ = validation_loss(model, store, scenes, batch_size, loss_on)
     metrics.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
     metrics.update(teacher_forced_grasps(model, store, scenes))
     metrics.update(prefix_precision(model, store, scenes, temperature=options.get("temperature", 1.0),
@@ -512,9 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         model, meta = load_checked(args.checkpoint, store, args.device, args.dtype)
         indices = select_indices(store, args.split, meta, args.val_fraction, args.split_seed)
         t0 = time.perf_counter()
-        metrics = evaluate(model, store, indices, args.num_scenes, args.seed, args.batch_size,
+        loss_on = (meta.get("training_config") or {}).get("dataset", {}).get("loss_on", "all")
+        metrics = evaluate(model, store, indices, args.num_scenes, args.seed, args.batch_size, loss_on,
                            num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
-                           unconstrained=not args.no_free)
+                           unconstrained=not args.no_free, grounded=not args.no_grounding)
         metrics.update(split=args.split, checkpoint=str(args.checkpoint), data=str(args.data),
                        seconds=round(time.perf_counter() - t0, 2))
     except (GenerateError, StorageError, ModelInputError, OSError) as err:

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError
-from .data.grammar import Block, GrammarError, GrammarState, Sample, parse, section_starts
+from .data.grammar import GRASP_BLOCK, GRASP_TAG, Block, GrammarError, GrammarState, Sample, parse, section_starts
 from .data.render import PREDICTED, render_sample, tag_colours
 from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab, Workspace
-from .grasp_metrics import GraspScore, correct_grasps, score_grasps
+from .grasp_metrics import NEIGHBOURHOOD, GraspScore, correct_grasps, score_grasps
 from .model import ModelInputError
 
 
@@ -187,13 +187,36 @@ def _allowed_masks(states: list[GrammarState | None], vocab_size: int, device) -
     return mask
 
 
+def object_regions(prompt: np.ndarray, vocab: Vocab, device) -> dict[int, torch.Tensor]:
+    """{tag: (V,) bool} per block tag of the prompt's scene: the voxels within one cell (Chebyshev) of
+    that block's cells, where a finger touching the object can be. `incomplete` blocks (one camera's
+    view) get none: their objects go on where the camera does not see, and so may the fingers."""
+    dims = np.asarray(vocab.dims)
+    regions: dict[int, torch.Tensor] = {}
+    for block in read_output(prompt, vocab).scene:
+        if block.tag == vocab.incomplete:
+            continue
+        around = (vocab.cells_of(block.cells)[:, None, :] + NEIGHBOURHOOD).reshape(-1, 3)
+        around = around[np.all((around >= 0) & (around < dims), axis=1)]
+        mask = regions.get(block.tag)
+        if mask is None:
+            mask = regions[block.tag] = torch.zeros(vocab.size, dtype=torch.bool, device=device)
+        mask[torch.from_numpy(vocab.cell_ids(around)).to(device)] = True
+    return regions
+
+
 def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temperature: float,
-                   top_k: int | None, generators: list[torch.Generator]) -> torch.Tensor:
-    """(B,) next tokens from last-position logits (B, V): grammar mask (None rows are free), temperature,
-    top-k, each row sampled with its own generator."""
+                   top_k: int | None, generators: list[torch.Generator],
+                   fingers: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """(B,) next tokens from last-position logits (B, V): grammar mask (None rows are free), the finger
+    regions of grounded rows (a (V,) mask, or None), temperature, top-k, each row sampled with its own
+    generator."""
     logits = logits.float()
     if any(s is not None for s in states):
         logits = logits.masked_fill(~_allowed_masks(states, logits.size(-1), logits.device), float("-inf"))
+    for b, region in enumerate(fingers or []):
+        if region is not None:
+            logits[b].masked_fill_(~region, float("-inf"))
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -207,7 +230,7 @@ def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temp
 @torch.no_grad()
 def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_new_tokens: int | None = None,
            temperature: float = 1.0, top_k: int | None = None, constrained: bool | Sequence[bool] = True, seed: int = 0,
-           sync: Callable[[bool], bool] | None = None) -> Decoded:
+           sync: Callable[[bool], bool] | None = None, grounded: bool | Sequence[bool] = False) -> Decoded:
     """Sample `num_samples` continuations of `prompt` together, stopping at `end` (decode_many of one prompt).
 
     With `constrained` every row's logits are masked by its own GrammarState: the grammar, and grasp
@@ -216,14 +239,15 @@ def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_ne
     most `max_new_tokens` are written (default and cap: what the model's block size leaves).
     """
     return decode_many(model, [prompt], vocab, num_samples, max_new_tokens, temperature, top_k, constrained,
-                       [seed], sync)[0]
+                       [seed], sync, grounded)[0]
 
 
 @torch.no_grad()
 def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples: int = 1,
                 max_new_tokens: int | Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
                 constrained: bool | Sequence[bool] = True, seeds: Sequence[int] | None = None,
-                sync: Callable[[bool], bool] | None = None) -> list[Decoded]:
+                sync: Callable[[bool], bool] | None = None,
+                grounded: bool | Sequence[bool] = False) -> list[Decoded]:
     """`num_samples` continuations of each prompt, all prompts in one batch; one Decoded per prompt.
 
     The prompts run once, left-padded to the longest with a key mask, and their KV cache is copied
@@ -232,6 +256,10 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
     be one cap per prompt; `constrained` as in `decode`, the same pattern for every prompt; `seeds`
     one per prompt (default 0, 1, ...); the rows' random draws depend only on their seed and row.
     Every Decoded reports the batch's forward calls and seconds.
+
+    `grounded` (for all rows or, as a list, per row) also holds constrained rows to the object each grasp
+    names: its two finger cells must touch (lie within one cell of) a cell of the scene block with the
+    grasp's tag.
 
     `sync(still_running) -> any_rank_running` keeps ranks in lock-step for ZeRO-3, whose
     forward passes gather parameters collectively: a rank that has finished keeps running a
@@ -255,8 +283,11 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
         raise GenerateError(f"max_new_tokens lists {len(caps)} caps for {P} prompts; give one per prompt")
     caps = [room if c is None else max(0, min(int(c), room)) for c in caps]
     per_row = [bool(constrained)] * K if isinstance(constrained, bool) else [bool(c) for c in constrained]
-    if len(per_row) != K:
-        raise GenerateError(f"constrained lists {len(per_row)} rows but num_samples is {K}; give one per row")
+    ground = [bool(grounded)] * K if isinstance(grounded, bool) else [bool(g) for g in grounded]
+    if len(per_row) != K or len(ground) != K:
+        raise GenerateError(f"constrained and grounded list {len(per_row)} and {len(ground)} rows but num_samples "
+                            f"is {K}; give one per row")
+    ground = [g and c for g, c in zip(ground, per_row)]  # grounding is part of constrained decoding
     seeds = list(range(P)) if seeds is None else list(seeds)
     states: list[GrammarState | None] = []
     for p in prompts:
@@ -265,6 +296,8 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
     B = P * K
     cap = np.repeat(caps, K)
     device = next(model.parameters()).device
+    regions = [object_regions(p, vocab, device) if any(ground) else {} for p in prompts]
+    grasp_tag = [-1] * B  # per row: the tag of the grasp being written
     generators = [g for s in seeds for g in _row_generators(s, K, device)]
     was_training = model.training
     model.eval()
@@ -291,12 +324,16 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
         dummy, forwards, steps, active = None, 0, 0, not done.all()
         while True:
             if active:
-                tok = _sample_tokens(logits, states, temperature, top_k, generators)
+                fingers = [regions[b // K].get(grasp_tag[b]) if ground[b % K] and s.mode == GRASP_BLOCK and s.cells < 2
+                           else None for b, s in enumerate(states)] if any(ground) else None
+                tok = _sample_tokens(logits, states, temperature, top_k, generators, fingers)
                 tok = torch.where(torch.as_tensor(done, device=device), end, tok)  # finished rows repeat `end`
                 for b, t in enumerate(tok.tolist()):
                     if not done[b]:
                         rows[b].append(t)
                         if states[b] is not None:
+                            if states[b].mode == GRASP_TAG:
+                                grasp_tag[b] = t
                             states[b].advance(t)
                         ended[b] = t == vocab.end
                         done[b] = ended[b] or len(rows[b]) >= cap[b]
@@ -446,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help="cap on generated tokens (default: twice the sample's own continuation + 64)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_grounding", action="store_true",
+                   help="constrained decoding keeps to the grammar only (default: it also puts each grasp's two "
+                        "fingers on the object its tag names)")
     p.add_argument("--out", default="generated", help="output directory (default ./generated)")
     p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -469,7 +509,7 @@ def run(args) -> list[dict]:
     summaries = []
     for constrained, suffix in ((True, ""), (False, "_free")):
         decoded = decode(model, prompt, vocab, args.num_samples, max_new, args.temperature, args.top_k,
-                         constrained=constrained, seed=args.seed)
+                         constrained=constrained, seed=args.seed, grounded=not args.no_grounding)
         s = write_outputs(out, suffix, args.index, decoded, truth, vocab, store.workspace, constrained)
         s["tokens_per_s"] = round(decoded.new_tokens / max(decoded.seconds, 1e-9), 1)
         summaries.append(s)

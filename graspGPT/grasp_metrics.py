@@ -26,6 +26,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .data.synth import FINGER_LENGTH, GRIPPER_MAX_OPENING  # the gripper of the built-in grasps
+
 Grasp = tuple[int, np.ndarray]  # (tag id, (k, 3) cells)
 
 # The 27 offsets of a cell's Chebyshev-1 neighbourhood (itself included).
@@ -152,4 +154,77 @@ def random_grasps(rng: np.random.Generator, scene: Sequence[tuple[int, np.ndarra
     for k in rng.integers(len(regions), size=n):
         tag, region = regions[k]
         out.append((tag, region[rng.integers(len(region), size=3)]))
+    return out
+
+
+# -- physical validity ------------------------------------------------------------------------
+
+
+
+def _label_grid(scene: Sequence[tuple[int, np.ndarray]], dims: Sequence[int]) -> tuple[np.ndarray, dict[int, int]]:
+    """(X, Y, Z) int grid: 0 free, k + 1 the scene's k-th block; and {tag: k + 1} (first block of a tag)."""
+    grid = np.zeros(tuple(dims), np.int32)
+    label_of: dict[int, int] = {}
+    for k, (tag, cells) in enumerate(scene):
+        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
+        grid[cells[:, 0], cells[:, 1], cells[:, 2]] = k + 1
+        label_of.setdefault(int(tag), k + 1)
+    return grid, label_of
+
+
+def _labels_along(grid: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Labels of the cells that the segment a -> b (cell coordinates, a cell's centre at its index)
+    passes, sampled every quarter voxel; points off the grid read as free."""
+    n = max(2, int(np.ceil(4 * np.abs(b - a).max())) + 1)
+    points = a + np.linspace(0.0, 1.0, n)[:, None] * (b - a)
+    cells = np.rint(points).astype(np.int64)
+    inside = np.all((cells >= 0) & (cells < grid.shape), axis=1)
+    return grid[tuple(cells[inside].T)]
+
+
+def valid_grasps(predicted: Sequence[Grasp], scene: Sequence[tuple[int, np.ndarray]], dims: Sequence[int],
+                 voxel_size: float) -> np.ndarray:
+    """(P,) bool: which grasps a parallel-jaw gripper could execute in the scene, judged from its voxels.
+
+    A grasp (tag, [left finger, right finger, base]) is valid when
+      * its tag names a block of the scene (the object it claims to grasp),
+      * both finger cells touch that object (within one voxel of one of its cells) and are not
+        inside another object,
+      * the closing segment between the fingers passes through the object,
+      * the opening (finger distance) is at most GRIPPER_MAX_OPENING, plus one voxel diagonal for
+        the rounding of both points to cells, and
+      * the base is where the gripper's shape puts it: FINGER_LENGTH behind the contacts' midpoint,
+        along an approach perpendicular to the closing direction (within the rounding of the
+        points to cells), and
+      * the fingers (each contact swept to the base's level) and the palm between their ends stay
+        clear of every other object; the base cell itself is free.
+    Distances are between cell centres. Scenes of one block (amodal, unseg) have no "other" object.
+    """
+    grid, label_of = _label_grid(scene, dims)
+    padded = np.pad(grid, 1)
+    out = np.zeros(len(predicted), dtype=bool)
+    for i, (tag, cells) in enumerate(predicted):
+        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
+        own = label_of.get(int(tag))
+        if own is None or len(cells) != 3:
+            continue
+        left, right, base = cells.astype(np.float64)
+        finger_labels = grid[tuple(cells[:2].T)]
+        touching = [(padded[tuple((c + 1 + NEIGHBOURHOOD).T)] == own).any() for c in cells[:2]]
+        opening = np.linalg.norm(left - right) * voxel_size
+        if (not all(touching) or not np.isin(finger_labels, (0, own)).all() or grid[tuple(cells[2])] != 0
+                or opening > GRIPPER_MAX_OPENING + np.sqrt(3) * voxel_size
+                or not (_labels_along(grid, left, right) == own).any()):
+            continue
+        out_vec = base - (left + right) / 2
+        close = right - left
+        # The gripper's shape: the base sits FINGER_LENGTH behind the contacts' midpoint, along an
+        # approach perpendicular to the closing direction (up to each point's rounding to its cell).
+        slack = np.sqrt(3)  # voxels: the largest error of a distance between rounded points, per point pair
+        if abs(np.linalg.norm(out_vec) - FINGER_LENGTH / voxel_size) > slack or (
+                abs(out_vec @ close) > slack * (np.linalg.norm(out_vec) + np.linalg.norm(close)) + 3):
+            continue
+        swept = np.concatenate([_labels_along(grid, left, left + out_vec), _labels_along(grid, right, right + out_vec),
+                                _labels_along(grid, left + out_vec, right + out_vec)])
+        out[i] = bool(np.isin(swept, (0, own)).all())
     return out

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from graspGPT import checkpoint
 from graspGPT.config import Config, ConfigError, load_config
-from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, collate, val_batches
+from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, val_batches
 from graspGPT.data.source import DataSourceError, resolve_data_dir
 from graspGPT.data.storage import TokenStore
 from graspGPT.data.synth import SynthError
@@ -193,12 +193,12 @@ def train_step(engine, micro_batches, scale: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, samples: TrainingSamples, batches: list[np.ndarray], pad_id: int, max_len: int) -> float:
+def evaluate(engine, samples: TrainingSamples, batches: list[np.ndarray]) -> float:
     """Mean loss over every real target token of the validation set (each rank holds a slice)."""
     engine.eval()
     loss_sum = count = 0.0
     for positions in batches:  # the same number on every rank, so ZeRO-3 gathers stay in step
-        batch = collate([samples.get(int(k), epoch=0) for k in positions], pad_id=pad_id, max_len=max_len)
+        batch = samples.batch(positions, epoch=0)
         s, n = engine(batch.input_ids.to(engine.device), batch.targets.to(engine.device))
         loss_sum, count = loss_sum + float(s), count + int(n)
     engine.train()
@@ -222,8 +222,8 @@ def train(cfg: Config, stop: StopRequest) -> int:
     on_gpu = accel.device_name() == "cuda"
     if on_gpu:
         torch.cuda.set_device(local_rank)
-    else:  # CPU ranks share the cores of the machine
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_SIZE", world))))
+    else:  # CPU ranks share the cores this process may run on (taskset and cgroup cpusets included)
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_SIZE", world))))
     device = accel.current_device_name()
     if cfg.system.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -289,11 +289,11 @@ def train(cfg: Config, stop: StopRequest) -> int:
 
     max_len = cfg.dataset.max_sequence_length
     samples = TrainingSamples(store, train_idx, max_len, AugmentConfig.of(cfg.dataset), cfg.system.seed,
-                              overlong=cfg.dataset.overlong)
+                              overlong=cfg.dataset.overlong, loss_on=cfg.dataset.loss_on)
     schedule = BatchSchedule(samples.lengths, batch.micro_batch_size, batch.grad_accum, world, cfg.system.seed)
     loader = BatchLoader(samples, schedule, rank, start_step, pad_id=vocab.end, max_len=max_len)
     val_samples = TrainingSamples(store, val_idx, max_len, AugmentConfig.none(), cfg.system.seed,
-                                  overlong=cfg.dataset.overlong)
+                                  overlong=cfg.dataset.overlong, loss_on=cfg.dataset.loss_on)
     val = val_batches(val_samples.lengths, batch.micro_batch_size, world, rank,
                       limit=cfg.trainer.eval_iters * batch.micro_batch_size * world)
     grasp_eval = TrainingEvaluator(store, val_idx, cfg.trainer.eval_scenes, out, seed=cfg.system.seed, max_len=max_len)
@@ -355,7 +355,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
                            **{f"data/{k}": v for k, v in samples.stats.items()}}, step)
                 meter.reset()
             if step % cfg.trainer.eval_every == 0 or step == cfg.trainer.max_iters:
-                record["val_loss"] = val_loss = evaluate(engine, val_samples, val, vocab.end, max_len)
+                record["val_loss"] = val_loss = evaluate(engine, val_samples, val)
                 log.info(f"step {step} val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")
                 wandb.log({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, step)
                 grasp_metrics(grasp_eval, engine, step, rank, world, ds.zero_stage, record, log, wandb)
@@ -380,9 +380,12 @@ def grasp_metrics(grasp_eval: TrainingEvaluator, engine, step: int, rank: int, w
     picture = gen.pop("picture", None)
     # The metrics file holds what a resumed run must reproduce exactly; timings go to the log and wandb.
     record.update({f"eval/{k}": v for k, v in gen.items() if k not in ("eval_seconds", "decode_tokens_per_s")})
-    log.info(f"step {step} grasp precision {gen['grasp_precision']:.3f} coverage {gen['grasp_coverage']:.3f} "
-             f"(random {gen['baseline_precision']:.3f}/{gen['baseline_coverage']:.3f}), unmasked valid "
-             f"{gen.get('free_valid_rate', float('nan')):.3f}, {gen['scenes']} scenes in {gen['eval_seconds']:.0f}s"
+    log.info(f"step {step} grasps: precision {gen['grasp_precision']:.3f}, any object {gen['any_tag_precision']:.3f}, "
+             f"validity {gen['grasp_validity']:.3f}, coverage {gen['grasp_coverage']:.3f} (random "
+             f"{gen['baseline_precision']:.3f}, {gen['baseline_any_tag_precision']:.3f}, {gen['baseline_validity']:.3f}, "
+             f"{gen['baseline_coverage']:.3f}); grammar mask only: precision "
+             f"{gen.get('grammar_grasp_precision', float('nan')):.3f}; unmasked valid "
+             f"{gen.get('free_valid_rate', float('nan')):.3f}; {gen['scenes']} scenes in {gen['eval_seconds']:.0f}s"
              + (f", picture {picture}" if picture else ""))
     wandb.log({f"eval/{k}": v for k, v in gen.items()}, step)
     if picture:

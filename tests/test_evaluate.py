@@ -21,7 +21,7 @@ from graspGPT.evaluate import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evalu
                                grasp_slots, prefix_precision, summarize, teacher_forced_grasps)
 from graspGPT.generate import grasp_list, truth_of
 from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
-                                    voxel_iou)
+                                    valid_grasps, voxel_iou)
 from graspGPT.model import GraspGPT, ModelConfig
 
 COARSE = Workspace(voxel_size=0.03)
@@ -107,6 +107,56 @@ def test_random_baseline_is_poor_on_the_real_grid():
     assert total.predicted == 1200 and total.precision < 0.01
 
 
+def _box(lo, hi):
+    return np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)], indexing="ij"), -1).reshape(-1, 3)
+
+
+def test_physical_validity_of_hand_made_grasps():
+    """At 1 cm voxels the gripper's finger length is 5 cells and its opening at most 8.5 (+1.7 for rounding)."""
+    A, B, LONG = 3, 4, 5  # tags
+    scene = [(A, _box((5, 5, 0), (7, 7, 3))), (B, _box((14, 5, 0), (15, 7, 3))), (LONG, _box((30, 20, 0), (41, 20, 2)))]
+    dims, vox = (50, 30, 15), 0.01
+
+    def ok(tag, *cells):
+        return bool(valid_grasps([(tag, np.array(cells))], scene, dims, vox)[0])
+
+    # Across A's x extent from above: contacts beside it, opening 4 cells, base 5 cells up.
+    assert ok(A, (4, 6, 2), (8, 6, 2), (6, 6, 7))
+    assert ok(A, (8, 6, 2), (4, 6, 2), (6, 6, 7))  # the fingers' order does not matter
+    assert ok(A, (6, 4, 1), (6, 8, 1), (6, 6, 6))
+    assert not ok(B, (4, 6, 2), (8, 6, 2), (6, 6, 7))  # the fingers are on A, not on the object named
+    assert not ok(7, (4, 6, 2), (8, 6, 2), (6, 6, 7))  # a tag the scene does not hold
+    assert not ok(A, (2, 6, 2), (8, 6, 2), (5, 6, 7))  # the left finger does not touch A
+    assert not ok(A, (4, 5, 2), (4, 7, 2), (-1, 6, 2))  # both on one side: the closing segment misses A
+    assert not ok(A, (4, 6, 2), (8, 6, 2), (6, 6, 4))  # base 2 cells from the contacts, not 5
+    assert not ok(A, (4, 6, 2), (8, 6, 2), (11, 6, 2))  # approach along the closing direction
+    assert not ok(A, (4, 6, 2), (8, 6, 2))  # not three cells
+    assert not ok(LONG, (29, 20, 1), (42, 20, 1), (35, 20, 6))  # opening 13 cm
+    assert ok(LONG, (35, 19, 1), (35, 21, 1), (35, 20, 6))
+    grasp = [(A, np.array([(4, 6, 2), (8, 6, 2), (6, 6, 7)]))]
+    # The left finger, swept up to the base's level, runs into a cell of another object.
+    assert valid_grasps(grasp, scene + [(8, np.array([[4, 6, 5]]))], dims, vox).tolist() == [False]
+    # The left finger's cell lies inside another object.
+    assert valid_grasps(grasp, scene + [(9, _box((3, 6, 0), (4, 6, 3)))], dims, vox).tolist() == [False]
+
+
+@pytest.mark.parametrize("voxel,scenes", [(0.03, 40), (0.0075, 6)])
+def test_generator_grasps_are_valid_and_random_ones_mostly_not(voxel, scenes):
+    ws = Workspace(voxel_size=voxel)
+    vocab = Vocab.for_workspace(ws)
+    rng = np.random.default_rng(0)
+    good = bad = total = 0
+    for ids in generate_scenes(scenes, seed=7, workspace=ws, max_grasps_per_object=24):
+        truth = truth_of(ids, vocab)
+        scene = [(b.tag, vocab.cells_of(b.cells)) for b in truth.scene]
+        true = grasp_list(truth.grasps, vocab)
+        good += valid_grasps(true, scene, vocab.dims, voxel).sum()
+        bad += valid_grasps(random_grasps(rng, scene, len(true), vocab.dims), scene, vocab.dims, voxel).sum()
+        total += len(true)
+    assert total > 300 and good / total >= 0.95
+    assert bad / total < (0.6 if voxel > 0.02 else 0.25)
+
+
 # -- a model that knows the answers -----------------------------------------------------------
 
 class Oracle(torch.nn.Module):
@@ -157,8 +207,10 @@ def test_oracle_scores_perfectly_end_to_end(mixed, tmp_path):
     m = ev.run(oracle, step=7)
     assert m["scenes"] == 9
     for key in ("valid_rate", "grasp_precision", "grasp_coverage", "free_valid_rate", "free_grasp_precision",
-                "free_grasp_coverage", "amodal_iou", "seg_accuracy", "any_tag_precision", "free_any_tag_precision"):
+                "free_grasp_coverage", "amodal_iou", "seg_accuracy", "any_tag_precision", "free_any_tag_precision",
+                "grammar_valid_rate", "grammar_grasp_precision", "grammar_grasp_coverage"):
         assert m[key] == 1.0, key
+    assert m["grasp_validity"] >= 0.9 and m["baseline_validity"] < m["grasp_validity"]
     assert m["baseline_precision"] <= m["baseline_any_tag_precision"]
     assert m["baseline_precision"] < 0.5 and m["grasps_per_sequence"] > 1
     assert Path(m["picture"]) == tmp_path / "eval" / "step_7.png"
@@ -183,7 +235,8 @@ def test_untrained_model_and_split_scenes_add_up(mixed):
     m = summarize(whole)
     assert whole["sequences"] == whole["free_sequences"] == 6 and m["scenes"] == 6
     assert m["free_valid_rate"] <= 0.5 and 0.0 <= m["grasp_precision"] <= 1.0
-    c, grasps, truth = evaluate_scene(model, mixed[0], mixed.vocab, unconstrained=False, max_new_tokens=40)
+    c, grasps, truth = evaluate_scene(model, mixed[0], mixed.vocab, mixed.workspace.voxel_size, unconstrained=False,
+                                      max_new_tokens=40)
     assert c["free_sequences"] == 0 and "free_valid_rate" not in summarize(c)
 
 
@@ -281,7 +334,8 @@ def test_cli_table_json_and_errors(mixed, tmp_path):
     proc = cli("--checkpoint", str(ckpt), "--data", str(mixed.path), "--num_scenes", "2", "--out", str(out),
                "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
-    assert "grasp precision" in proc.stdout and "random baseline" in proc.stdout and "validation loss" in proc.stdout
+    for text in ("grasp precision", "grammar only", "random", "grasp validity (physical)", "validation loss"):
+        assert text in proc.stdout, text
     assert "precision after a true prefix" in proc.stdout and "cell3" in proc.stdout
     m = json.loads(out.read_text())
     assert m["scenes"] == 2 and m["split"] == "val" and 0 <= m["free_valid_rate"] <= 1

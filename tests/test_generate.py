@@ -96,6 +96,30 @@ def test_constrained_decoding_of_untrained_model_is_always_valid(scenes):
         assert len({tuple(n.tolist()) for n in out.new}) > 1, "the rows of the batch are sampled independently"
 
 
+def test_grounded_decoding_puts_every_finger_on_the_named_object(scenes):
+    model = tiny_model()
+    touching, plain, plain_near = 0, 0, 0
+    for ids in scenes[:3]:
+        prompt = task_prompt(ids, VOCAB, task_of(truth_of(ids, VOCAB)))
+        blocks = {}
+        for b in truth_of(ids, VOCAB).scene:
+            blocks.setdefault(b.tag, []).append(VOCAB.cells_of(b.cells))
+        for grounded in (True, False):
+            out = decode(model, prompt, VOCAB, num_samples=8, max_new_tokens=300, seed=4, grounded=grounded)
+            start = prompt_state(prompt, VOCAB)
+            assert all(accepts(start, new) for new in out.new if out.ended.all())
+            for new in out.new:
+                for g in read_output(np.concatenate([prompt, new]), VOCAB).grasps or []:
+                    cells = np.concatenate(blocks[g.tag])
+                    near = [bool((np.abs(cells - c).max(axis=1) <= 1).any()) for c in VOCAB.cells_of(g.cells[:2])]
+                    if grounded:
+                        assert all(near), "a grounded finger off the named object"
+                        touching += 1
+                    else:
+                        plain, plain_near = plain + 1, plain_near + all(near)
+    assert touching >= 15 and plain >= 15 and plain_near < 0.8 * plain  # alone, an untrained model often misses
+
+
 def test_unconstrained_decoding_of_untrained_model_is_mostly_invalid(scenes):
     model = tiny_model()
     prompt = task_prompt(scenes[0], VOCAB, "grasp")
