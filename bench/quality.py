@@ -3,8 +3,14 @@
     python bench/quality.py --model gpt-mini --minutes 12 --out runs/quality/gpt-mini
     python bench/quality.py --model gpt2 --minutes 12 --out runs/quality/gpt2
     python bench/quality.py --model cpu_smoke --minutes 0.3 --num_scenes 4 --out /tmp/quality  # CPU, < 1 min
+    python bench/quality.py --model lab --steps 300 --set dataset.loss_on=answer --out runs/lab/answer  # CPU lab
 
-configs/quality_<model>.json holds the run (real 0.0075 m grid, grasp task). Steps:
+The lab (configs/quality_lab.json: the quickstart's model and data on the coarse 0.03 m grid, more
+validation scenes) is the fast proxy for research on grasp quality: --steps fixes the run length (no
+calibration), so a run is a pure function of its settings and seed; --set SECTION.KEY=VALUE changes one
+setting (JSON value, e.g. --set dataset.grasp_order='"random"' or plain --set dataset.grasp_order=random).
+
+configs/quality_<model>.json holds the run (real 0.0075 m grid, grasp task, but for the lab). Steps:
   1. calibrate  a short run of the real trainer (one rank) measures seconds per optimizer step; the data
                 set is generated here once (cached in $GRASPGPT_CACHE or ~/.cache/graspgpt)
   2. train      max_iters = minutes * 60 / (seconds per step), so the LR schedule ends on time;
@@ -13,7 +19,8 @@ configs/quality_<model>.json holds the run (real 0.0075 m grid, grasp task). Ste
                 constrained and unconstrained decoding and the random baseline (graspGPT.evaluate)
 Calibration and training are skipped when OUT holds their result. --session_minutes M stops training
 gracefully (checkpoint, exit) after M minutes of this invocation; run the same command again to go on.
-Prints one JSON line per result and writes OUT/quality.json.
+Prints one JSON line per result, then one "summary" line (the headline figures beside the random
+baseline's, first temperature), and writes OUT/quality.json; --log FILE appends the summary line there.
 """
 from __future__ import annotations
 
@@ -43,6 +50,50 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def parse_setting(text: str) -> tuple[str, str, object]:
+    """"section.key=value" -> (section, key, value); the value is JSON, or else the plain string."""
+    name, eq, raw = text.partition("=")
+    section, dot, key = name.partition(".")
+    if not eq or not dot or not section or not key:
+        raise SystemExit(f"error: --set {text!r}: expected SECTION.KEY=VALUE, e.g. dataset.loss_on=answer")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return section, key, value
+
+
+def run_config(base: Path, settings: list[str], out: Path) -> Path:
+    """The run's config file: `base` with the --set changes, written to OUT/config.json and checked."""
+    from graspGPT.config import ConfigError, config_from_dict
+
+    data = json.loads(base.read_text())
+    for text in settings:
+        section, key, value = parse_setting(text)
+        data.setdefault(section, {})[key] = value
+    try:
+        config_from_dict(data, str(base))
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    path = out / "config.json"
+    if path.is_file() and json.loads(path.read_text()) != data:
+        raise SystemExit(f"error: {out} holds a run with other settings; use a new --out")
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+HEADLINE = ("grasp_precision", "any_tag_precision", "grasp_validity", "grasp_coverage", "grasps_per_sequence")
+
+
+def summary(results: list[dict]) -> dict:
+    """The headline figures of the first evaluated temperature: constrained decoding (grammar and
+    grounding), the grammar alone (grammar_*), and the random baseline's."""
+    r = results[0]
+    keys = (*HEADLINE, *("grammar_" + k for k in HEADLINE), "baseline_precision", "baseline_any_tag_precision",
+            "baseline_validity", "baseline_coverage", "prefix_precision", "val_loss", "valid_rate")
+    return {"step": r["step"], "temperature": r["temperature"], **{k: r.get(k) for k in keys}}
 
 
 def run_trainer(config: Path, output_dir: Path, flags: list[str], session_s: float | None = None
@@ -99,13 +150,14 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], d
     from graspGPT.evaluate import evaluate as evaluate_model
     from graspGPT.export import load_model
 
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this run was given (taskset)
     model, meta = load_model(train_dir, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
     store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
     _, val = store.split(cfg.dataset.val_fraction, cfg.system.seed)
     results = []
     for t in temperatures:
         t0 = time.perf_counter()
-        m = evaluate_model(model, store, val, num_scenes, seed=0, temperature=t)
+        m = evaluate_model(model, store, val, num_scenes, seed=0, loss_on=cfg.dataset.loss_on, temperature=t)
         m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
         seconds = round(time.perf_counter() - t0, 1)
         results.append({"step": meta["step"], "temperature": t, **m, "eval_seconds": seconds})
@@ -124,23 +176,35 @@ def main() -> int:
     ap.add_argument("--session_minutes", type=float, default=None,
                     help="stop training after this long in this invocation (checkpoint; rerun to continue)")
     ap.add_argument("--device", default=None, help="evaluation device (default: cuda if present)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train exactly this many optimizer steps (no calibration; --minutes is then ignored)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="change one setting of the config (repeatable)")
+    ap.add_argument("--log", default=None, help="append the summary line to this JSON-lines file")
     args = ap.parse_args()
 
     import torch
 
     from graspGPT.config import load_config
 
-    config = ROOT / "configs" / f"quality_{args.model}.json"
-    if not config.is_file():
-        raise SystemExit(f"error: {config} not found; --model takes gpt-mini, gpt2 or cpu_smoke")
+    base = ROOT / "configs" / f"quality_{args.model}.json"
+    if not base.is_file():
+        names = sorted(p.stem.removeprefix("quality_") for p in (ROOT / "configs").glob("quality_*.json"))
+        raise SystemExit(f"error: {base} not found; --model takes one of {', '.join(names)}")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"error: --steps must be >= 1, got {args.steps}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    config = run_config(base, args.set, out)
     cfg = load_config(["--config", str(config)])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     plan_file = out / "plan.json"
     if plan_file.is_file():
         plan = json.loads(plan_file.read_text())
+    elif args.steps is not None:
+        plan = {"model": args.model, "steps": args.steps, "max_iters": args.steps, "train_wall_s": 0.0}
+        plan_file.write_text(json.dumps(plan, indent=1) + "\n")
     else:
         step_s = calibrate(config, out / "calibrate", args.calibration_steps)
         max_iters = max(args.calibration_steps, int(args.minutes * 60 / step_s))
@@ -171,8 +235,15 @@ def main() -> int:
 
     results = evaluate(cfg, train_dir, args.num_scenes, [float(t) for t in args.temperatures.split(",")], device)
     for r in results:
-        emit({"model": args.model, "train_minutes": args.minutes, "train_wall_s": plan["train_wall_s"], **r})
+        budget = {"train_steps": plan["steps"]} if "steps" in plan else {"train_minutes": plan["minutes"]}
+        emit({"model": args.model, **budget, "train_wall_s": plan["train_wall_s"], **r})
     (out / "quality.json").write_text(json.dumps({"plan": plan, "results": results}, indent=1) + "\n")
+    line = {"summary": str(out), "model": args.model, "settings": args.set, "train_wall_s": plan["train_wall_s"],
+            **summary(results)}
+    emit(line)
+    if args.log:
+        with open(args.log, "a") as f:
+            f.write(json.dumps(line) + "\n")
     return 0
 
 

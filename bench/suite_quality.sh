@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Grasp quality (docs/BENCHMARKS.md, "Grasp quality"): the CPU lab sweep and the real-grid runs.
+#   OUT=dir bash bench/suite_quality.sh lab        the lab variants in parallel, 2 CPU cores each (no GPU)
+#   OUT=dir MIN=8 bash bench/suite_quality.sh real gpt-mini and gpt2 on the real grid, together on one GPU, each
+#                                                  with a budget of REAL_MINUTES (default 10) of training, of
+#                                                  which this call trains at most MIN minutes (default 8)
+# `real lab` runs both at once (the real runs on cores 0-5, the five lab runs on two cores each above them:
+# 16 cores in all). `real` resumes where an earlier call left OUT (run it again to go on); once a run has
+# trained its budget it is evaluated.
+# Every line of OUT/lab.jsonl and OUT/real.jsonl is one run's summary (bench/quality.py).
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-quality-results}
+mkdir -p "$OUT"
+export GRASPGPT_NO_PROGRESS=1 GRASPGPT_CACHE=${GRASPGPT_CACHE:-/tmp/graspgpt-cache} PYTHONUNBUFFERED=1
+cores=$(nproc)
+next_core=$((cores - 1))
+
+lab() {  # NAME [--set ...]: one lab run pinned to two cores, counted down from the last
+  local name=$1; shift
+  local cpus="$((next_core - 1)),$next_core"
+  next_core=$((next_core - 2))
+  CUDA_VISIBLE_DEVICES= taskset -c "$cpus" python3 bench/quality.py --model lab --steps 300 --num_scenes 50 \
+    --temperatures 1.0 --out "$OUT/lab/$name" --log "$OUT/lab.jsonl" "$@" > "$OUT/lab_$name.log" 2>&1 &
+}
+
+real() {  # NAME MODEL SCENES: one real-grid run of the recipe on the GPU
+  local name=$1 model=$2 scenes=$3
+  taskset -c 0-5 python3 bench/quality.py --model "$model" --minutes "${REAL_MINUTES:-10}" --session_minutes "$MIN" \
+    --num_scenes "$scenes" --temperatures 1.0 --out "$OUT/real/$name" --log "$OUT/real.jsonl" \
+    --set dataset.grasp_order=random --set dataset.loss_on=answer >> "$OUT/real_$name.log" 2>&1 &
+}
+
+for part in "${@:-lab}"; do
+  case $part in
+    lab)
+      lab base
+      lab answer --set dataset.loss_on=answer
+      lab random --set dataset.grasp_order=random
+      lab random_answer --set dataset.grasp_order=random --set dataset.loss_on=answer
+      lab random_answer_g16 --set dataset.grasp_order=random --set dataset.loss_on=answer \
+        --set dataset.max_grasps_per_object=16
+      ;;
+    real)
+      MIN=${MIN:-8}
+      # The runs share one data set: build it once before they start.
+      python3 -c "from graspGPT.config import load_config; from graspGPT.data.source import resolve_data_dir; \
+c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_data_dir(c.dataset, c.system.seed))"
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+      real gpt-mini gpt-mini 20
+      real gpt2 gpt2 12
+      ;;
+    *) echo "unknown part $part (lab, real)"; exit 2 ;;
+  esac
+done
+wait
+cat "$OUT"/*.jsonl 2>/dev/null
