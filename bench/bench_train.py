@@ -204,7 +204,7 @@ class BuiltinData:
         train_idx, _ = store.split(dcfg.val_fraction, seed)
         samples = TrainingSamples(store, train_idx, max_len, AugmentConfig.of(dcfg), seed, overlong=dcfg.overlong)
         schedule = BatchSchedule(samples.lengths, micro, accum, world, seed)
-        self.loader = BatchLoader(samples, schedule, rank, 0, pad_id=store.vocab.end, max_len=max_len)
+        self.loader = BatchLoader(samples, schedule, rank, 0)
         self.device = device
 
     def __next__(self) -> tuple[list[Batch], int | None, float]:

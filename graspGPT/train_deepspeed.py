@@ -291,7 +291,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
     samples = TrainingSamples(store, train_idx, max_len, AugmentConfig.of(cfg.dataset), cfg.system.seed,
                               overlong=cfg.dataset.overlong, loss_on=cfg.dataset.loss_on)
     schedule = BatchSchedule(samples.lengths, batch.micro_batch_size, batch.grad_accum, world, cfg.system.seed)
-    loader = BatchLoader(samples, schedule, rank, start_step, pad_id=vocab.end, max_len=max_len)
+    loader = BatchLoader(samples, schedule, rank, start_step)
     val_samples = TrainingSamples(store, val_idx, max_len, AugmentConfig.none(), cfg.system.seed,
                                   overlong=cfg.dataset.overlong, loss_on=cfg.dataset.loss_on)
     val = val_batches(val_samples.lengths, batch.micro_batch_size, world, rank,

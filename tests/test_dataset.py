@@ -426,7 +426,7 @@ def loader_setup(prefetch=2, start=0, store=None, rank=1):
     store = store or make_store(48, seed=12)
     samples = TrainingSamples(store, np.arange(len(store)), 200, aug(), seed=3)
     sched = BatchSchedule(samples.lengths, 2, 2, 2, seed=3)
-    return BatchLoader(samples, sched, rank=rank, start_step=start, pad_id=V.end, max_len=200, prefetch=prefetch)
+    return BatchLoader(samples, sched, rank=rank, start_step=start, prefetch=prefetch)
 
 
 def same_steps(xs, ys):

@@ -418,7 +418,7 @@ class BatchLoader:
     """
 
     def __init__(self, samples: TrainingSamples, schedule: BatchSchedule, rank: int, start_step: int,
-                 pad_id: int, max_len: int, prefetch: int = 2, pad_to_multiple: int = 8):
+                 prefetch: int = 2, pad_to_multiple: int = 8):
         if start_step < 0 or prefetch < 0:
             raise DatasetError(f"start_step and prefetch must be >= 0, got {start_step} and {prefetch}")
         if not 0 <= rank < schedule.world_size:
@@ -427,7 +427,7 @@ class BatchLoader:
             raise DatasetError(f"the schedule covers {len(schedule.lengths)} samples but there are {len(samples)}; "
                                f"build it from samples.lengths")
         self.samples, self.schedule, self.rank = samples, schedule, rank
-        self.pad_id, self.max_len, self.pad_to_multiple = pad_id, max_len, pad_to_multiple
+        self.pad_to_multiple = pad_to_multiple
         self._next_step = start_step
         self._targets = self._tokens = 0
         self._closed = threading.Event()
