@@ -121,7 +121,7 @@ def read_output(ids: np.ndarray, vocab: Vocab) -> Sample:
                     sample.scene.append(Block(t, cells))
                 elif section == "amodal" and t == vocab.unlabel:
                     sample.amodal = np.concatenate([sample.amodal, cells])
-                elif section == "segment" and vocab.is_object_tag(t):
+                elif section == "segment" and vocab.is_segment_tag(t):
                     sample.unseg.append(Block(t, cells))
                 elif section == "detectgrasp" and prev == vocab.grasp:
                     sample.grasps.append(Block(t, cells))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -96,6 +97,10 @@ class Vocab:
             setattr(self, name, self._ids[name])
         self.unknow, self.unlabel, self.incomplete = 0, 1, 2
         self.object_base = len(SPECIAL_TAGS)
+        # Segment blocks take object tags. The research parser tests the name ('object' + digits), so a
+        # dynamic tag named like one (e.g. 'object120') is a segment tag too.
+        named = [self._ids[t] for t in dynamic_tags if re.fullmatch(r"object\d+", t)]
+        self.segment_tags = tuple(range(self.object_base, self.object_base + NUM_OBJECT_TAGS)) + tuple(named)
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -135,6 +140,10 @@ class Vocab:
 
     def is_object_tag(self, i: int) -> bool:
         return self.object_base <= i < self.object_base + NUM_OBJECT_TAGS
+
+    def is_segment_tag(self, i: int) -> bool:
+        """A tag a segment block may carry: objectNN, or a dynamic tag named like one."""
+        return self.is_object_tag(i) or (i >= self.object_base + NUM_OBJECT_TAGS and i in self.segment_tags)
 
     def is_serial(self, i: int) -> bool:
         return self.serial_base <= i < self.voxel_base
