@@ -70,6 +70,7 @@ def test_import_keeps_ids_identical(tmp_path):
     for i, ids in enumerate(a + b):  # files in name order
         np.testing.assert_array_equal(store[i], ids)
     assert store.vocab == VOCAB and store.meta["bbox_max"] == [0.3, 0.2, 0.25] and store.meta["voxel_size"] == 0.0075
+    assert store.meta["grasp_cells"] == "upstream"  # the research code's grasp encoder, not the scene grid
     assert [f.name for f in report.files] == ["a_file.pth", "b_file.pth"]
     assert "imported 5 of 5 samples from 2 files" in report.summary()
     # One file may be given as the source too.

@@ -28,7 +28,7 @@ import numpy as np
 
 from .grammar import validate
 from .storage import DatasetWriter, check_out_dir
-from .vocab import Vocab, VocabError, Workspace
+from .vocab import UPSTREAM_GRID, Vocab, VocabError, Workspace
 
 REAL_FILTER_MODES = ("allow_all", "no_amodal_unseg", "amodal_only", "unseg_only", "skip")
 REQUIRED_KEYS = ("raw_tokens", "volume_dims", "bbox_min", "bbox_max", "voxel_size")
@@ -302,7 +302,8 @@ def import_upstream(src: str | Path, out_dir: str | Path, real_filter_mode: str 
                 if first is None:
                     first = geo, where
                     report.vocab = vocab = Vocab(geo.dims, dynamic_tags)
-                    writer = DatasetWriter(out_dir, vocab, geo.workspace, source="", overwrite=overwrite)
+                    writer = DatasetWriter(out_dir, vocab, geo.workspace, source="", overwrite=overwrite,
+                                           grasp_cells=UPSTREAM_GRID)  # the research code's grasp encoder
                 elif not geo.same(first[0]):
                     raise UpstreamError(f"{where}: {geo.describe()} disagrees with {first[1]} ({first[0].describe()}); "
                                         f"all files of a data set must share one grid")
