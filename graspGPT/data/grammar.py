@@ -270,6 +270,48 @@ def validate(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> GrammarError
     return None
 
 
+def read_output(ids: np.ndarray, vocab: Vocab) -> Sample:
+    """The sections of a sequence read leniently, for unfinished or invalid model output too.
+
+    Walks the structural tokens: a tag after `scene`, after `amodal`, inside `segment`, or right
+    after `grasp` (inside `detectgrasp`) opens a block taking the voxel cells that follow; anything
+    out of place is skipped, and reading stops at `end`. On a valid sequence this gives what
+    `parse(strict=False)` gives, without serials.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    structural = np.flatnonzero(ids < vocab.serial_base)
+    run_end = np.append(structural[1:], len(ids))
+    sample, section, prev = Sample(), None, -1
+    opens = {vocab.scene: "scene", vocab.amodal: "amodal", vocab.segment: "segment",
+             vocab.detectgrasp: "detectgrasp", vocab.endamodal: None, vocab.endunseg: None}
+    for k, p in enumerate(structural):
+        t = int(ids[p])
+        if t == vocab.end:
+            break
+        if t in opens:
+            section = opens[t]
+            if section == "amodal" and sample.amodal is None:
+                sample.amodal = np.zeros(0, np.int64)
+            elif section == "segment" and sample.unseg is None:
+                sample.unseg = []
+            elif section == "detectgrasp" and sample.grasps is None:
+                sample.grasps = []
+        elif vocab.is_tag(t):
+            run = ids[p + 1: run_end[k]]
+            cells = run[run >= vocab.voxel_base]
+            if len(cells):
+                if section == "scene":
+                    sample.scene.append(Block(t, cells))
+                elif section == "amodal" and t == vocab.unlabel:
+                    sample.amodal = np.concatenate([sample.amodal, cells])
+                elif section == "segment" and vocab.is_segment_tag(t):
+                    sample.unseg.append(Block(t, cells))
+                elif section == "detectgrasp" and prev == vocab.grasp:
+                    sample.grasps.append(Block(t, cells))
+        prev = t
+    return sample
+
+
 # -- grammar-constrained decoding ---------------------------------------------
 #
 # The decoder is in one of these modes. Between blocks: START, SCENE, AFTER_AMODAL,
