@@ -119,7 +119,8 @@ def inspect_store(store: TokenStore, samples: int, render_path: Path | None, ind
             raise CLIError(f"--index {index} is out of range for {len(store)} samples")
         from .render import render_tokens
 
-        render_tokens(np.asarray(store[index], dtype=np.int64), vocab, render_path)
+        render_tokens(np.asarray(store[index], dtype=np.int64), vocab, render_path, workspace=store.workspace,
+                      grasp_cells=store.grasp_cells)
         print(f"rendered sample {index % len(store)} to {render_path}")
 
 
