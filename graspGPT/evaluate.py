@@ -419,7 +419,8 @@ class TrainingEvaluator:
         title = f"step {step}, sample {index}: {len(grasps)} predicted grasps (red)"
         if c["predicted"]:
             title += f", precision {c['correct'] / c['predicted']:.2f}"
-        render_sample(truth, self.store.vocab, path, title=title, predicted=grasps)
+        render_sample(truth, self.store.vocab, path, title=title, predicted=grasps, workspace=self.store.workspace,
+                      grasp_cells=self.store.grasp_cells)  # the model is trained on this store: one convention
         return path
 
 

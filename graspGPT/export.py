@@ -4,7 +4,7 @@
 
 DIR holds `config.json` (Qwen2ForCausalLM), `model.safetensors` (the tied lm_head is stored once, as
 `model.embed_tokens.weight`), `generation_config.json` (eos = the `end` token) and `graspgpt_meta.json`
-(vocabulary, workspace, model shape, step, source), so `transformers.AutoModelForCausalLM.from_pretrained(DIR)`
+(vocabulary, workspace with the grasp-cell convention, model shape, step, source), so `transformers.AutoModelForCausalLM.from_pretrained(DIR)`
 loads it and the toolkit can fine-tune from it (`--init_from DIR`, see `load_hf_weights`).
 
 DeepSpeed shards are pickles: reading them can run code, so export only checkpoints from a trusted source.
@@ -27,7 +27,8 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from graspGPT import checkpoint
-from graspGPT.data.vocab import Vocab, VocabError, Workspace
+from graspGPT.data.storage import grasp_cells_of_meta
+from graspGPT.data.vocab import SCENE_GRID, UPSTREAM_GRID, Vocab, VocabError, Workspace
 from graspGPT.model import AXIS_KEYS, GraspGPT, ModelConfig, ModelConfigError, fold_axes
 
 META_FILE = "graspgpt_meta.json"
@@ -63,11 +64,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return checkpoint.resolve_resume(str(path), path)
 
 
+def _grasp_cells(ds: dict) -> str | None:
+    """The grasp-cell convention of the training data, for checkpoints written before it was recorded:
+    the built-in set is on the scene grid; a data set says so (or its source does); a directory of
+    upstream .pth files holds the research code's cells; None when the data can no longer be read."""
+    if ds.get("data_path") is None:
+        return SCENE_GRID
+    path = Path(ds["data_path"]).expanduser()
+    try:
+        return grasp_cells_of_meta(json.loads((path / "meta.json").read_text()))
+    except OSError:
+        return UPSTREAM_GRID if path.is_dir() and any(path.glob("*.pth")) else None
+    except (ValueError, TypeError, AttributeError):  # unreadable or edited meta.json
+        return None
+
+
 def _workspace(state: dict, vocab: Vocab) -> dict | None:
-    """The workspace box of the training data, if the checkpoint or its data set still tells it."""
-    if "workspace" in state:
-        return state["workspace"]
+    """The workspace box of the training data and how its grasp cells map to metres (`grasp_cells`),
+    if the checkpoint or its data set still tells it."""
     ds = state["config"].get("dataset", {})
+    if "workspace" in state:
+        ws = dict(state["workspace"])
+        ws.setdefault("grasp_cells", _grasp_cells(ds))  # recorded since issue 13
+        return ws
     if ds.get("data_path") is None:  # the built-in synthetic set: the real box at its voxel size
         ws = Workspace(voxel_size=ds["synthetic_voxel_size"])
     else:
@@ -78,7 +97,8 @@ def _workspace(state: dict, vocab: Vocab) -> dict | None:
             return None
     if ws.dims != vocab.dims:
         return None
-    return {"bbox_min": list(ws.bbox_min), "bbox_max": list(ws.bbox_max), "voxel_size": ws.voxel_size}
+    return {"bbox_min": list(ws.bbox_min), "bbox_max": list(ws.bbox_max), "voxel_size": ws.voxel_size,
+            "grasp_cells": _grasp_cells(ds)}
 
 
 def checkpoint_meta(ckpt: Path) -> dict:

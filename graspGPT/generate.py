@@ -10,9 +10,12 @@ samples are decoded together in one KV cache with K rows, each row masked by its
 GrammarState, so every sequence is grammar-valid; the same is done once more without the mask
 (files with the suffix _free) to see what the model learned on its own.
 
-OUTDIR gets tokens.json, grasps.json (cells and metric coordinates of both finger points and the
-base), scene.ply (the scene's cells coloured by tag, predicted grasp points in red) and
-scene.png (scene, ground-truth grasps dark, predicted grasps red), and the *_free versions.
+OUTDIR gets tokens.json, grasps.json (per grasp: cells, metric finger points and base, and the
+parallel-jaw gripper pose: centre, approach, closing, width, 4x4 transform, with the tolerance one
+grasp cell leaves; cells become metres with the grasp-cell convention of the model's training data,
+see graspGPT/grasp_pose.py), scene.ply (the scene's cells coloured by tag, predicted grasp points
+in red) and scene.png (scene, ground-truth grippers dark, predicted grippers red), and the *_free
+versions.
 User errors print one `error: ...` line and exit with status 2.
 """
 from __future__ import annotations
@@ -29,11 +32,13 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError
-from .data.grammar import GRASP_BLOCK, GRASP_TAG, Block, GrammarError, GrammarState, Sample, parse, section_starts
+from .data.grammar import (GRASP_BLOCK, GRASP_TAG, Block, GrammarError, GrammarState, Sample, parse, read_output,
+                           section_starts)
 from .data.render import PREDICTED, render_sample, tag_colours
 from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab, Workspace
 from .grasp_metrics import NEIGHBOURHOOD, GraspScore, correct_grasps, score_grasps
+from .grasp_pose import pose_from_cells, tolerance
 from .model import ModelInputError
 
 
@@ -85,48 +90,6 @@ def accepts(state: GrammarState, new: np.ndarray) -> bool:
     except GrammarError:
         return False
     return state.done
-
-
-def read_output(ids: np.ndarray, vocab: Vocab) -> Sample:
-    """The sections of a sequence read leniently, for unfinished or invalid model output too.
-
-    Walks the structural tokens: a tag after `scene`, after `amodal`, inside `segment`, or right
-    after `grasp` (inside `detectgrasp`) opens a block taking the voxel cells that follow; anything
-    out of place is skipped, and reading stops at `end`. On a valid sequence this gives what
-    `parse(strict=False)` gives, without serials.
-    """
-    ids = np.asarray(ids, dtype=np.int64)
-    structural = np.flatnonzero(ids < vocab.serial_base)
-    run_end = np.append(structural[1:], len(ids))
-    sample, section, prev = Sample(), None, -1
-    opens = {vocab.scene: "scene", vocab.amodal: "amodal", vocab.segment: "segment",
-             vocab.detectgrasp: "detectgrasp", vocab.endamodal: None, vocab.endunseg: None}
-    for k, p in enumerate(structural):
-        t = int(ids[p])
-        if t == vocab.end:
-            break
-        if t in opens:
-            section = opens[t]
-            if section == "amodal" and sample.amodal is None:
-                sample.amodal = np.zeros(0, np.int64)
-            elif section == "segment" and sample.unseg is None:
-                sample.unseg = []
-            elif section == "detectgrasp" and sample.grasps is None:
-                sample.grasps = []
-        elif vocab.is_tag(t):
-            run = ids[p + 1: run_end[k]]
-            cells = run[run >= vocab.voxel_base]
-            if len(cells):
-                if section == "scene":
-                    sample.scene.append(Block(t, cells))
-                elif section == "amodal" and t == vocab.unlabel:
-                    sample.amodal = np.concatenate([sample.amodal, cells])
-                elif section == "segment" and vocab.is_object_tag(t):
-                    sample.unseg.append(Block(t, cells))
-                elif section == "detectgrasp" and prev == vocab.grasp:
-                    sample.grasps.append(Block(t, cells))
-        prev = t
-    return sample
 
 
 def truth_of(ids: np.ndarray, vocab: Vocab) -> Sample:
@@ -399,7 +362,8 @@ def _token_text(vocab: Vocab, ids: np.ndarray) -> list[str]:
     return [f"({t[0]},{t[1]},{t[2]})" if isinstance(t, tuple) else t for t in vocab.decode(ids)]
 
 
-def write_ply(path: Path, workspace: Workspace, vocab: Vocab, scene: Sequence[Block], grasps: Sequence[Block]) -> None:
+def write_ply(path: Path, workspace: Workspace, vocab: Vocab, scene: Sequence[Block], grasps: Sequence[Block],
+              grasp_cells: str) -> None:
     """ASCII PLY point cloud: scene cell centres coloured by tag, predicted grasp points in red."""
     colours = tag_colours([b.tag for b in scene])
     points, rgb = [], []
@@ -407,7 +371,7 @@ def write_ply(path: Path, workspace: Workspace, vocab: Vocab, scene: Sequence[Bl
         points.append(workspace.cell_center(vocab.cells_of(b.cells)))
         rgb.append(np.tile(colours[b.tag], (len(b.cells), 1)))
     for g in grasps:
-        points.append(workspace.cell_center(vocab.cells_of(g.cells)))
+        points.append(workspace.grasp_point(vocab.cells_of(g.cells), grasp_cells))
         rgb.append(np.tile(PREDICTED, (len(g.cells), 1)))
     points = np.concatenate(points) if points else np.zeros((0, 3))
     rgb = np.concatenate(rgb) if rgb else np.zeros((0, 3), int)
@@ -418,27 +382,41 @@ def write_ply(path: Path, workspace: Workspace, vocab: Vocab, scene: Sequence[Bl
     path.write_text("\n".join(header + lines) + "\n")
 
 
+POSE_FRAME = ("metres in the workspace frame; transform = workspace <- gripper, columns: x = closing (left to "
+              "right finger, orthogonal to approach), y = approach x closing, z = approach (base towards the "
+              "fingers' midpoint), origin = centre (midpoint of the finger points); right-handed")
+
+
 def _grasp_records(grasps: list[Block], truth: list[tuple[int, np.ndarray]] | None, vocab: Vocab,
-                   workspace: Workspace) -> list[dict]:
+                   workspace: Workspace, grasp_cells: str) -> list[dict]:
     listed = grasp_list(grasps, vocab)
     ok = correct_grasps(listed, truth) if truth else [None] * len(listed)
+    tol = tolerance(workspace, grasp_cells)
     out = []
     for (tag, cells), good in zip(listed, ok):
-        metres = workspace.cell_center(cells).round(5).tolist()
-        rec = {"tag": vocab.token_of(tag), "cells": cells.tolist()}
-        for name, m in zip(("left_finger", "right_finger", "base"), metres):
-            rec[name] = m
+        rec = pose_from_cells(cells, workspace, grasp_cells, tag).to_json(vocab, tol)
         rec["correct"] = None if good is None else bool(good)
         out.append(rec)
     return out
 
 
+@dataclass(frozen=True)
+class Frame:
+    """Where cells become metres: the data set's box, and the grasp-cell conventions of the ground truth
+    (the data set's) and of the predictions (the model's training data's)."""
+
+    workspace: Workspace
+    truth_cells: str
+    predicted_cells: str
+
+
 def write_outputs(out: Path, suffix: str, index: int, decoded: Decoded, truth_sample: Sample, vocab: Vocab,
-                  workspace: Workspace, constrained: bool) -> dict:
+                  frame: Frame, constrained: bool) -> dict:
     """tokens/grasps JSON, PLY and PNG of one decoding run; returns its summary."""
+    workspace = frame.workspace
     truth = grasp_list(truth_sample.grasps, vocab) if truth_sample.grasps else None
     tokens, grasps_json, all_grasps = [], [], []
-    valid = 0
+    valid = posed = 0
     score = GraspScore()
     start = prompt_state(decoded.prompt, vocab)
     for k, new in enumerate(decoded.new):
@@ -450,7 +428,9 @@ def write_outputs(out: Path, suffix: str, index: int, decoded: Decoded, truth_sa
             score = score + score_grasps(grasp_list(got, vocab), truth)
         tokens.append({"sample": k, "ids": new.tolist(), "tokens": _token_text(vocab, new),
                        "ended": bool(decoded.ended[k]), "grammar_valid": bool(ok)})
-        grasps_json.append({"sample": k, "grasps": _grasp_records(got, truth, vocab, workspace)})
+        records = _grasp_records(got, truth, vocab, workspace, frame.predicted_cells)
+        posed += sum(r["pose"] is not None for r in records)
+        grasps_json.append({"sample": k, "grasps": records})
     (out / f"tokens{suffix}.json").write_text(json.dumps({
         "index": index, "constrained": constrained,
         "prompt": {"ids": decoded.prompt.tolist(), "tokens": _token_text(vocab, decoded.prompt)},
@@ -458,17 +438,39 @@ def write_outputs(out: Path, suffix: str, index: int, decoded: Decoded, truth_sa
     (out / f"grasps{suffix}.json").write_text(json.dumps({
         "index": index, "constrained": constrained,
         "workspace": {"bbox_min": list(workspace.bbox_min), "bbox_max": list(workspace.bbox_max),
-                      "voxel_size": workspace.voxel_size},
+                      "voxel_size": workspace.voxel_size, "grasp_cells": frame.predicted_cells},
+        "grasp_step_m": workspace.grasp_step(frame.predicted_cells).round(6).tolist(),
+        "tolerance": tolerance(workspace, frame.predicted_cells).to_json(),
+        "pose_frame": POSE_FRAME,
         "samples": grasps_json}, indent=1) + "\n")
-    write_ply(out / f"scene{suffix}.ply", workspace, vocab, truth_sample.scene, all_grasps)
+    write_ply(out / f"scene{suffix}.ply", workspace, vocab, truth_sample.scene, all_grasps, frame.predicted_cells)
     mode = "constrained" if constrained else "unconstrained"
-    summary = {"mode": mode, "samples": len(decoded.new), "grammar_valid": valid, "grasps": len(all_grasps)}
+    summary = {"mode": mode, "samples": len(decoded.new), "grammar_valid": valid, "grasps": len(all_grasps),
+               "poses": posed}
     title = f"sample {index}, {mode}: {len(all_grasps)} predicted grasps"
     if truth:
         summary.update(precision=round(score.precision, 4), coverage=round(score.coverage, 4))
         title += f", precision {score.precision:.2f}, coverage {score.coverage:.2f}"
-    render_sample(truth_sample, vocab, out / f"scene{suffix}.png", title=title, predicted=all_grasps)
+    render_sample(truth_sample, vocab, out / f"scene{suffix}.png", title=title, predicted=all_grasps,
+                  workspace=workspace, grasp_cells=frame.truth_cells, predicted_cells=frame.predicted_cells)
     return summary
+
+
+def output_frame(meta: dict, store: TokenStore) -> tuple[Frame, str | None]:
+    """The Frame for a model (its graspgpt meta) and a data set, and a note when their grasp cells differ:
+    the model writes cells the way its training data did."""
+    ws = meta.get("workspace") or {}
+    model_cells = ws.get("grasp_cells")
+    frame = Frame(store.workspace, store.grasp_cells, model_cells or store.grasp_cells)
+    note = None
+    if model_cells is None:
+        note = (f"the checkpoint does not record its grasp cells' convention (its training data was moved); "
+                f"reading its grasps as the data set's ({store.grasp_cells})")
+    elif model_cells != store.grasp_cells:
+        note = (f"the model was trained on {model_cells} grasp cells, the data set holds {store.grasp_cells} ones: "
+                f"each is converted to metres with its own convention, but cell-level precision compares "
+                f"different grids")
+    return frame, note
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -498,7 +500,10 @@ def run(args) -> list[dict]:
     if not 0 <= args.index < len(store):
         raise GenerateError(f"--index {args.index} is out of range: {args.data} has {len(store)} samples "
                             f"(valid indices 0..{len(store) - 1})")
-    model, _ = load_checked(args.checkpoint, store, args.device, args.dtype)
+    model, meta = load_checked(args.checkpoint, store, args.device, args.dtype)
+    frame, note = output_frame(meta, store)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     vocab = store.vocab
     ids = np.asarray(store[args.index], dtype=np.int64)
     truth = truth_of(ids, vocab)
@@ -510,10 +515,11 @@ def run(args) -> list[dict]:
     for constrained, suffix in ((True, ""), (False, "_free")):
         decoded = decode(model, prompt, vocab, args.num_samples, max_new, args.temperature, args.top_k,
                          constrained=constrained, seed=args.seed, grounded=not args.no_grounding)
-        s = write_outputs(out, suffix, args.index, decoded, truth, vocab, store.workspace, constrained)
+        s = write_outputs(out, suffix, args.index, decoded, truth, vocab, frame, constrained)
         s["tokens_per_s"] = round(decoded.new_tokens / max(decoded.seconds, 1e-9), 1)
         summaries.append(s)
-        line = f"{s['mode']:>13}: grammar-valid {s['grammar_valid']}/{s['samples']}, {s['grasps']} grasps"
+        line = (f"{s['mode']:>13}: grammar-valid {s['grammar_valid']}/{s['samples']}, {s['grasps']} grasps "
+                f"({s['poses']} with a gripper pose)")
         if "precision" in s:
             line += f", precision {s['precision']:.3f}, coverage {s['coverage']:.3f}"
         print(line + f", {s['tokens_per_s']:.0f} tokens/s")

@@ -311,7 +311,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
     run_state = {"config": cfg.to_dict(), "world_size": world, "zero_stage": ds.zero_stage, "precision": ds.precision,
                  "global_batch": batch.global_batch, "model": model_shape(mcfg), "vocab": vocab.to_meta(),
                  "workspace": {"bbox_min": list(ws.bbox_min), "bbox_max": list(ws.bbox_max),
-                               "voxel_size": ws.voxel_size}}
+                               "voxel_size": ws.voxel_size, "grasp_cells": store.grasp_cells}}
 
     def save(step):
         path = saver(step, {**run_state, "skipped_steps": skips.total})

@@ -75,6 +75,7 @@ def test_hf_logits_match_toolkit(runs, exported, stage):
     assert meta["step"] == STEPS and meta["zero_stage"] == stage
     assert meta["vocab"]["dims"] == [20, 14, 9] and meta["vocab"]["vocab_size"] == 339 + 20 * 14 * 9
     assert meta["workspace"]["voxel_size"] == 0.03 and meta["workspace"]["bbox_min"] == [-0.3, -0.2, 0.0]
+    assert meta["workspace"]["grasp_cells"] == "scene_grid"  # the built-in data, recorded at training time
     assert meta["model"]["n_embd"] == 32 and meta["source_checkpoint"].endswith(f"zero{stage}/checkpoint_iter_{STEPS}")
     assert hf.generation_config.eos_token_id == meta["vocab"]["end_id"] == 98
 
@@ -207,3 +208,29 @@ def _zero3_worker(directory: Path, result: Path) -> None:
 
 if __name__ == "__main__":
     _zero3_worker(*(Path(a) for a in sys.argv[1:] if not a.startswith("--local_rank")))
+
+
+def test_grasp_cells_of_older_checkpoints(tmp_path):
+    """Checkpoints from before grasp_cells was recorded: decided from the training data."""
+    from graspGPT.export import _workspace
+    from graspGPT.data.vocab import Vocab, Workspace
+
+    vocab = Vocab.for_workspace(Workspace(voxel_size=0.03))
+    box = {"bbox_min": [-0.3, -0.2, 0.0], "bbox_max": [0.3, 0.2, 0.25], "voxel_size": 0.03}
+
+    def state(data_path, **extra):
+        return {"config": {"dataset": {"data_path": data_path, "synthetic_voxel_size": 0.03}}, **extra}
+
+    assert _workspace(state(None, workspace=box), vocab)["grasp_cells"] == "scene_grid"
+    assert _workspace(state(None), vocab)["grasp_cells"] == "scene_grid"
+    pth = tmp_path / "pth"
+    pth.mkdir()
+    (pth / "a.pth").write_bytes(b"")
+    assert _workspace(state(str(pth), workspace=box), vocab)["grasp_cells"] == "upstream"
+    imported = tmp_path / "imported"
+    imported.mkdir()
+    (imported / "meta.json").write_text(json.dumps({**box, "source": "upstream import of /x (1 files)"}))
+    assert _workspace(state(str(imported), workspace=box), vocab)["grasp_cells"] == "upstream"
+    assert _workspace(state(str(tmp_path / "moved"), workspace=box), vocab)["grasp_cells"] is None
+    recorded = {**box, "grasp_cells": "upstream"}
+    assert _workspace(state(None, workspace=recorded), vocab)["grasp_cells"] == "upstream"  # recorded wins

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TINY, launch, run_ok, write_config
-from graspGPT.data.grammar import parse
+from graspGPT.data.grammar import Block, parse
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
@@ -246,6 +246,7 @@ def test_cli_writes_tokens_grasps_ply_png(trained, tmp_path):
                "--top_k", "50", "--out", str(out), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "constrained: grammar-valid 3/3" in proc.stdout and "unconstrained: grammar-valid" in proc.stdout
+    assert "with a gripper pose" in proc.stdout and "note:" not in proc.stderr
     store = TokenStore.open(data)
     truth = parse(store[3], store.vocab)
     for suffix in ("", "_free"):
@@ -254,12 +255,32 @@ def test_cli_writes_tokens_grasps_ply_png(trained, tmp_path):
         assert tokens["prompt"]["ids"] == task_prompt(store[3], store.vocab, "grasp").tolist()
         assert tokens["prompt"]["tokens"][0] == "scene" and tokens["prompt"]["tokens"][-1] == "detectgrasp"
         grasps = json.loads((out / f"grasps{suffix}.json").read_text())
+        assert grasps["workspace"]["grasp_cells"] == "scene_grid" and grasps["grasp_step_m"] == [0.03] * 3
+        assert grasps["tolerance"]["per_axis_m"] == [0.015] * 3 and "right-handed" in grasps["pose_frame"]
         for s in grasps["samples"]:
             for g in s["grasps"]:
-                if len(g["cells"]) == 3:
-                    metres = store.workspace.cell_center(np.array(g["cells"]))
-                    assert np.allclose([g["left_finger"], g["right_finger"], g["base"]], metres, atol=1e-4)
                 assert isinstance(g["correct"], bool)
+                if len(g["cells"]) != 3:
+                    assert g["pose"] is None and g["problem"]
+                    continue
+                # scene grid: a cell's point is its voxel centre, (c + 0.5) * voxel + bbox_min
+                lo = np.array(store.workspace.bbox_min)
+                left, right, base = (np.array(g["cells"]) + 0.5) * 0.03 + lo
+                assert np.allclose([g["left_finger"], g["right_finger"], g["base"]], [left, right, base], atol=1e-4)
+                if g["pose"] is None:
+                    assert g["problem"]
+                    continue
+                pose, centre = g["pose"], (left + right) / 2
+                approach = (centre - base) / np.linalg.norm(centre - base)
+                closing = (right - left) - np.dot(right - left, approach) * approach
+                closing /= np.linalg.norm(closing)
+                assert np.allclose(pose["centre"], centre, atol=1e-4) and np.allclose(pose["approach"], approach, atol=1e-4)
+                assert np.allclose(pose["closing"], closing, atol=1e-4)
+                assert abs(pose["width"] - np.linalg.norm(right - left)) < 1e-4
+                T = np.array(pose["transform"])
+                assert np.allclose(T[:3, 0], closing, atol=1e-4) and np.allclose(T[:3, 2], approach, atol=1e-4)
+                assert np.allclose(T[:3, 1], np.cross(approach, closing), atol=1e-4)
+                assert np.allclose(T[:3, 3], centre, atol=1e-4) and T[3].tolist() == [0, 0, 0, 1]
         ply = (out / f"scene{suffix}.ply").read_text().splitlines()
         n = int(next(line for line in ply if line.startswith("element vertex")).split()[-1])
         n_grasp_points = sum(len(g["cells"]) for s in grasps["samples"] for g in s["grasps"])
@@ -302,3 +323,35 @@ def test_batched_grammar_masks_equal_each_states_own_mask(scenes):
         expected = torch.ones(VOCAB.size, dtype=torch.bool) if s is None else s.allowed().mask()
         assert torch.equal(row, expected)
     assert len({tuple(r.nonzero().flatten().tolist()[:5]) for r in got}) > 2  # the rows really differ
+
+
+def test_output_frame_uses_the_models_grasp_cells(tmp_path):
+    """Predicted grasps become metres with the model's training-data convention; a mismatch is noted."""
+    from graspGPT.generate import output_frame
+
+    ws = Workspace()
+    with DatasetWriter(tmp_path / "d", Vocab.for_workspace(ws), ws, "test", grasp_cells="upstream") as w:
+        w.add(Vocab.for_workspace(ws).encode(["scene", "end"]))
+    store = TokenStore.open(tmp_path / "d")
+    frame, note = output_frame({"workspace": {"grasp_cells": "upstream"}}, store)
+    assert (frame.truth_cells, frame.predicted_cells, note) == ("upstream", "upstream", None)
+    frame, note = output_frame({"workspace": {"grasp_cells": "scene_grid"}}, store)
+    assert (frame.truth_cells, frame.predicted_cells) == ("upstream", "scene_grid") and "different grids" in note
+    frame, note = output_frame({"workspace": None}, store)
+    assert frame.predicted_cells == "upstream" and "does not record" in note
+
+
+def test_grasp_records_in_the_upstream_convention():
+    from graspGPT.generate import _grasp_records
+
+    ws = Workspace()
+    vocab = Vocab.for_workspace(ws)
+    g = Block(vocab.object_tag(3), vocab.cell_ids([[39, 26, 13], [45, 26, 13], [42, 26, 20]]))
+    short = Block(vocab.object_tag(3), vocab.cell_ids([[39, 26, 13], [45, 26, 13]]))
+    rec, deg = _grasp_records([g, short], None, vocab, ws, "upstream")
+    sx, sy, sz = 0.6 / 79, 0.4 / 53, 0.25 / 33  # the research grid: extent / (dims - 1)
+    assert np.allclose(rec["left_finger"], [-0.3 + 39.5 * sx, -0.2 + 26.5 * sy, 13.5 * sz], atol=1e-5)
+    assert np.allclose(rec["base"], [-0.3 + 42.5 * sx, -0.2 + 26.5 * sy, 20.5 * sz], atol=1e-5)
+    assert abs(rec["pose"]["width"] - 6 * sx) < 1e-5 and rec["pose"]["approach"] == [0, 0, -1]
+    assert rec["tag"] == "object03" and rec["correct"] is None
+    assert deg["pose"] is None and deg["problem"].startswith("2 cells")

@@ -155,7 +155,7 @@ BAD = [
     ("amodal without cells", ["scene", "amodal", "unlabel", "endamodal", "end"], 3, "amodal"),
     ("amodal without endamodal", ["scene", "amodal", "unlabel", C0, "end"], 4, "amodal"),
     ("amodal cut off", ["scene", "amodal", "unlabel", C0], 4, "amodal"),
-    ("amodal serial", ["scene", "amodal", "unlabel", C0, "<serial1>", "endamodal", "end"], 4, "amodal"),
+    ("amodal serial first", ["scene", "amodal", "unlabel", "<serial1>", C0, "endamodal", "end"], 3, "cell"),
     ("endamodal alone", ["scene", "endamodal", "end"], 1, "amodal"),
     ("unsorted scene cells", ["scene", "object01", C1, C0, "end"], 3, "block"),
     ("repeated scene cell", ["scene", "object01", C0, C1, C1, "end"], 4, "block"),
@@ -269,8 +269,37 @@ def test_state_options():
     assert sum(v.is_serial(i) for i in ser.allowed_ids_nonvoxel()) == 240
     ser.advance(v.id_of("<serial5>"))
     assert not any(v.is_serial(i) for i in ser.allowed_ids_nonvoxel())  # never two in a row
-    ser.feed(ids_of(["amodal", "unlabel", C0]))
-    assert names(ser.allowed_ids_nonvoxel()) == {"endamodal"}  # amodal takes no serials (as parse)
+    ser.feed(ids_of(["amodal", "unlabel", C0]))  # amodal cells take serials too (the format's cell rule)
+    assert names(ser.allowed_ids_nonvoxel()) - set(SERIAL_NAMES) == {"endamodal"}
+    assert sum(v.is_serial(i) for i in ser.allowed_ids_nonvoxel()) == 240
+    ser.feed(ids_of(["<serial7>", C1, "endamodal", "end"]))
+    assert ser.done
+
+
+SERIAL_NAMES = [f"<serial{i}>" for i in range(1, 241)]
+
+
+def test_serial_after_amodal_cell_round_trips():
+    tokens = ["scene", "incomplete", C0, "amodal", "unlabel", C0, "<serial2>", C1, C2, "<serial240>", "endamodal",
+              "detectgrasp", "grasp", "incomplete", C0, C1, C2, "end"]
+    ids = ids_of(tokens)
+    s = parse(ids, SMALL)
+    np.testing.assert_array_equal(s.amodal, cells(SMALL, C0, C1, C2))
+    np.testing.assert_array_equal(s.amodal_serials, [SMALL.id_of("<serial2>"), -1, SMALL.id_of("<serial240>")])
+    np.testing.assert_array_equal(serialize(s, SMALL), ids)
+    assert s.num_tokens() == len(ids) and s.amodal_tokens() == 8
+    st = GrammarState(SMALL, allow_serials=True).feed(ids)
+    assert st.done
+
+
+def test_dynamic_tag_named_like_an_object_is_a_segment_tag():
+    v = Vocab((4, 3, 2), ["object120", "mug"])
+    ids = ids_of(["scene", "unlabel", C0, "segment", "object120", C0, "endunseg", "end"], v)
+    assert parse(ids, v).unseg[0].tag == v.id_of("object120")
+    with pytest.raises(GrammarError, match="objectNN"):
+        parse(ids_of(["scene", "unlabel", C0, "segment", "mug", C0, "endunseg", "end"], v), v)
+    st = GrammarState(v).feed(ids_of(["scene", "unlabel", C0, "segment"], v))
+    assert "object120" in names(st.allowed_ids_nonvoxel(), v) and "mug" not in names(st.allowed_ids_nonvoxel(), v)
 
 
 def test_state_dynamic_tags():

@@ -60,3 +60,17 @@ def test_render_edge_cases(tmp_path):
            Block(vocab.unlabel, vocab.cell_ids(np.array([[4, 5, 1], [6, 5, 1], [5, 5, 4], [5, 5, 5]])))]
     render_sample(Sample(scene=scene, grasps=[]), vocab, tmp_path / "odd.png", predicted=odd)
     assert is_predicted(open_png(tmp_path / "odd.png")).any()
+
+
+def test_grasp_points_follow_the_grasp_cell_convention():
+    """Pictures place grasp cells where their convention puts them, in scene-cell units (voxel c spans [c, c+1))."""
+    from graspGPT.data.render import _gripper_lines, _grasp_points
+
+    v = Vocab.for_workspace(REAL)
+    g = Block(v.object_tag(1), v.cell_ids([[60, 10, 5], [66, 10, 5], [63, 10, 12]]))
+    np.testing.assert_allclose(_grasp_points(g, v, REAL, "scene_grid"), [[60.5, 10.5, 5.5], [66.5, 10.5, 5.5], [63.5, 10.5, 12.5]])
+    # upstream: (c + 0.5) * step / voxel with step = extent / (dims - 1); x: 60.5 * (0.6 / 79) / 0.0075
+    up = _grasp_points(g, v, REAL, "upstream")
+    assert up[0, 0] == pytest.approx(60.5 * 0.6 / 79 / 0.0075) and up[2, 2] == pytest.approx(12.5 * 0.25 / 33 / 0.0075)
+    # a posed grasp is drawn as a U: two fingers, the palm, a stem; a 2-cell grasp as its finger line
+    assert len(_gripper_lines(up)) == 4 and len(_gripper_lines(up[:2])) == 1

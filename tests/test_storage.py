@@ -234,3 +234,25 @@ def test_store_split_random_and_explicit(tmp_path):
     (tmp_path / "b" / "val.u8").write_bytes(b"\x00\x01")
     with pytest.raises(StorageError, match=r"val.u8: expected 10 bytes"):
         TokenStore.open(tmp_path / "b")
+
+
+def test_grasp_cells_recorded_and_defaulted_for_older_sets(tmp_path):
+    store = TokenStore.open(write(tmp_path / "synth", make_samples(2)))
+    assert store.meta["grasp_cells"] == "scene_grid" == store.grasp_cells
+    up = TokenStore.open(write(tmp_path / "up", make_samples(2), grasp_cells="upstream"))
+    assert up.meta["grasp_cells"] == "upstream" == up.grasp_cells
+    with pytest.raises(StorageError, match="grasp_cells 'corner' is not a known convention; use one of scene_grid, upstream"):
+        write(tmp_path / "bad", make_samples(1), grasp_cells="corner")
+    # Written before the field existed: an import said so in its source; everything else was synthetic.
+    old = tmp_path / "synth"
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["grasp_cells"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert TokenStore.open(old).grasp_cells == "scene_grid"
+    meta["source"] = "upstream import of /data/real (3 files, real_filter_mode=allow_all, drop_invalid=False): kept 9"
+    (old / "meta.json").write_text(json.dumps(meta))
+    assert TokenStore.open(old).grasp_cells == "upstream"
+    meta["grasp_cells"] = "centre"
+    (old / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StorageError, match="bad geometry or vocabulary.*grasp_cells 'centre'"):
+        TokenStore.open(old)

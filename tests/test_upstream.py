@@ -70,6 +70,7 @@ def test_import_keeps_ids_identical(tmp_path):
     for i, ids in enumerate(a + b):  # files in name order
         np.testing.assert_array_equal(store[i], ids)
     assert store.vocab == VOCAB and store.meta["bbox_max"] == [0.3, 0.2, 0.25] and store.meta["voxel_size"] == 0.0075
+    assert store.meta["grasp_cells"] == "upstream"  # the research code's grasp encoder, not the scene grid
     assert [f.name for f in report.files] == ["a_file.pth", "b_file.pth"]
     assert "imported 5 of 5 samples from 2 files" in report.summary()
     # One file may be given as the source too.
@@ -173,10 +174,33 @@ def test_ids_outside_vocabulary_name_file_and_sample(tmp_path):
         import_upstream(tmp_path / "x.pth", tmp_path / "out")
 
 
-def test_last_token_must_be_end(tmp_path):
-    write_pth(tmp_path / "x.pth", [sequences(1)[0][:-1]])
-    with pytest.raises(UpstreamError, match=r"x.pth: sample 0: the last token is .*not 'end'"):
-        import_upstream(tmp_path / "x.pth", tmp_path / "out")
+def test_forms_the_research_parser_accepts_are_imported_canonical(tmp_path):
+    # The research parser reads these without error: a missing leading 'scene' (its legacy format),
+    # tokens after 'end' (it stops there), no 'end' (it reads to the end of the list). Import writes
+    # each as its serializer would, and the result is grammar-valid.
+    a, b, c, d = sequences(4)
+    v = VOCAB
+    raw = [a[1:], np.concatenate([b, [v.end, v.end, v.scene]]), c[:-1], d[1:-1]]
+    write_pth(tmp_path / "x.pth", raw)
+    report = import_upstream(tmp_path / "x.pth", tmp_path / "out")
+    store = TokenStore.open(tmp_path / "out")
+    for i, want in enumerate([a, b, c, d]):
+        np.testing.assert_array_equal(store[i], want)
+    assert report.num_invalid == 0 and report.files[0].normalised == 4
+    assert "sample 0: 'scene' added in front" in report.summary() and "4 samples normalised" in report.summary()
+    assert store.verify(full=True).valid == 4
+    # Still refused: no 'end' and no valid reading (a cut file, or one made with another vocabulary).
+    write_pth(tmp_path / "z.pth", [a[:-4]])
+    with pytest.raises(UpstreamError, match=r"z.pth: sample 0: the last token is .*not 'end'.*another vocabulary"):
+        import_upstream(tmp_path / "z.pth", tmp_path / "out3")
+    # A research-valid grasp block of fewer than 3 cells and a serial after an amodal cell import as valid.
+    e = serialize(Sample(scene=[Block(v.incomplete, v.cell_ids([[1, 2, 3]]))], amodal=v.cell_ids([[1, 2, 3], [1, 2, 4]]),
+                         amodal_serials=np.array([v.id_of("<serial9>"), -1]),
+                         grasps=[Block(v.incomplete, v.cell_ids([[1, 2, 3], [5, 5, 5]]))]), v)
+    write_pth(tmp_path / "y.pth", [e])
+    report = import_upstream(tmp_path / "y.pth", tmp_path / "out2")
+    assert report.num_invalid == 0 and report.files[0].normalised == 0
+    np.testing.assert_array_equal(TokenStore.open(tmp_path / "out2")[0], e)
 
 
 @pytest.mark.parametrize("content,message", [

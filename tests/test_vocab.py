@@ -154,3 +154,37 @@ def test_cell_of_point_floors():
     centres = ws.cell_center(np.array([[0, 0, 0], [79, 53, 33]]))
     np.testing.assert_allclose(centres, [[-0.29625, -0.19625, 0.00375], [0.29625, 0.20125, 0.25125]])
     np.testing.assert_array_equal(ws.cell_of_point(centres), [[0, 0, 0], [79, 53, 33]])
+
+
+def test_grasp_cell_conventions_by_hand():
+    ws = Workspace()  # x -0.3..0.3, y -0.2..0.2, z 0..0.25, voxel 0.0075, dims (80, 54, 34)
+    # scene grid: floor((p - min) / 0.0075), back to the voxel centre
+    # x: 0.301 / 0.0075 = 40.13; y: 0.201 / 0.0075 = 26.8; z: 0.1 / 0.0075 = 13.3
+    # x: 0.59 / 0.0075 = 78.7; y: 0.385 / 0.0075 = 51.3; z: 0.249 / 0.0075 = 33.2
+    p = np.array([[0.001, 0.001, 0.1], [0.29, 0.185, 0.249]])
+    np.testing.assert_array_equal(ws.grasp_cell_of_point(p, "scene_grid"), [[40, 26, 13], [78, 51, 33]])
+    np.testing.assert_allclose(ws.grasp_point([[40, 26, 13]], "scene_grid"), [[0.00375, -0.00125, 0.10125]])
+    np.testing.assert_allclose(ws.grasp_step("scene_grid"), [0.0075] * 3)
+    # upstream: trunc((p - min) / extent * (dims - 1)); step extent / (dims - 1)
+    step = np.array([0.6 / 79, 0.4 / 53, 0.25 / 33])
+    np.testing.assert_allclose(ws.grasp_step("upstream"), step)
+    # x: 0.301 / 0.6 * 79 = 39.63; y: 0.201 / 0.4 * 53 = 26.63; z: 0.1 / 0.25 * 33 = 13.2
+    # x: 0.59 / 0.6 * 79 = 77.68; y: 0.385 / 0.4 * 53 = 51.01; z: 0.249 / 0.25 * 33 = 32.87
+    np.testing.assert_array_equal(ws.grasp_cell_of_point(p, "upstream"), [[39, 26, 13], [77, 51, 32]])
+    # back to the middle of the step: min + (c + 0.5) * step
+    want = np.array([-0.3 + 39.5 * 0.6 / 79, -0.2 + 26.5 * 0.4 / 53, 13.5 * 0.25 / 33])
+    np.testing.assert_allclose(ws.grasp_point([[39, 26, 13]], "upstream")[0], want, atol=1e-12)
+    # the last cell holds only bbox_max: the point stays in the box
+    np.testing.assert_allclose(ws.grasp_point([[79, 53, 33]], "upstream")[0], [0.3, 0.2, 0.25])
+    # the two grids differ: x = 0.001 is scene voxel 40 but upstream cell 39 (the off-by-one)
+    with pytest.raises(VocabError, match="grasp_cells 'corner'"):
+        ws.grasp_point([[0, 0, 0]], "corner")
+
+
+def test_upstream_round_trip_stays_within_half_a_step():
+    ws = Workspace()
+    rng = np.random.default_rng(0)
+    p = rng.uniform(ws.bbox_min, ws.bbox_max, size=(20000, 3))
+    for conv in ("scene_grid", "upstream"):
+        err = np.abs(ws.grasp_point(ws.grasp_cell_of_point(p, conv), conv) - p)
+        assert (err <= ws.grasp_step(conv) / 2 + 1e-12).all()

@@ -99,6 +99,8 @@ def inspect_store(store: TokenStore, samples: int, render_path: Path | None, ind
     print(f"dims         {X} x {Y} x {Z} ({vocab.num_cells} cells)")
     print(f"bbox         {meta['bbox_min']} .. {meta['bbox_max']} m")
     print(f"voxel size   {meta['voxel_size']:g} m")
+    recorded = "" if "grasp_cells" in meta else " (not recorded: decided from the source)"
+    print(f"grasp cells  {store.grasp_cells}{recorded}")
     print(f"vocabulary   V = {vocab.size} ({len(vocab.dynamic_tags)} dynamic tags)")
     print(f"samples      {len(store)}")
     print(f"tokens       {store.num_tokens}")
@@ -117,7 +119,8 @@ def inspect_store(store: TokenStore, samples: int, render_path: Path | None, ind
             raise CLIError(f"--index {index} is out of range for {len(store)} samples")
         from .render import render_tokens
 
-        render_tokens(np.asarray(store[index], dtype=np.int64), vocab, render_path)
+        render_tokens(np.asarray(store[index], dtype=np.int64), vocab, render_path, workspace=store.workspace,
+                      grasp_cells=store.grasp_cells)
         print(f"rendered sample {index % len(store)} to {render_path}")
 
 

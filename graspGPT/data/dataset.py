@@ -158,9 +158,9 @@ def _cut(sample: Sample, max_len: int, rng: np.random.Generator) -> Sample | Non
     if budget < 0:
         return None
     out = Sample(scene=sample.scene)
-    if sample.amodal is not None and 3 + len(sample.amodal) <= budget:
-        out.amodal = sample.amodal
-        budget -= 3 + len(sample.amodal)
+    if sample.amodal is not None and sample.amodal_tokens() <= budget:
+        out.amodal, out.amodal_serials = sample.amodal, sample.amodal_serials
+        budget -= sample.amodal_tokens()
     if sample.unseg is not None:
         size = 2 + sum(len(b) for b in sample.unseg)
         if size <= budget:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .vocab import COMMANDS, NUM_OBJECT_TAGS, Vocab
+from .vocab import COMMANDS, Vocab
 
 GRASP_CELLS = 3  # left finger, right finger, gripper base
 
@@ -59,11 +59,18 @@ class Sample:
     amodal: np.ndarray | None = None  # voxel ids of the complete scene
     unseg: list[Block] | None = None
     grasps: list[Block] | None = None
+    amodal_serials: np.ndarray | None = None  # serial id after amodal cell i, or -1 (as Block.serials)
+
+    def amodal_tokens(self) -> int:
+        """Tokens of the amodal section when serialized (amodal unlabel cells [serials] endamodal), 0 if absent."""
+        if self.amodal is None:
+            return 0
+        serials = 0 if self.amodal_serials is None else int((self.amodal_serials >= 0).sum())
+        return 3 + len(self.amodal) + serials
 
     def num_tokens(self) -> int:
         n = 2 + sum(len(b) for b in self.scene)  # scene ... end
-        if self.amodal is not None:
-            n += 3 + len(self.amodal)
+        n += self.amodal_tokens()
         if self.unseg is not None:
             n += 2 + sum(len(b) for b in self.unseg)
         if self.grasps is not None:
@@ -88,7 +95,8 @@ def serialize(sample: Sample, vocab: Vocab) -> np.ndarray:
     for b in sample.scene:
         parts += [[b.tag], _cells_tokens(b)]
     if sample.amodal is not None:
-        parts += [[vocab.amodal, vocab.unlabel], sample.amodal, [vocab.endamodal]]
+        amodal = Block(vocab.unlabel, sample.amodal, sample.amodal_serials)
+        parts += [[vocab.amodal, vocab.unlabel], _cells_tokens(amodal), [vocab.endamodal]]
     if sample.unseg is not None:
         parts.append([vocab.segment])
         for b in sample.unseg:
@@ -184,7 +192,7 @@ def parse(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> Sample:
                 cells, serials = cells_after(k, "block", sort=True)
                 sample.scene.append(Block(t, cells, serials))
             elif section == "segment":
-                if not vocab.is_object_tag(t):
+                if not vocab.is_segment_tag(t):
                     raise GrammarError(pos, "unseg", f"segment blocks take an objectNN tag, not '{vocab.token_of(t)}'")
                 cells, serials = cells_after(k, "unseg", sort=True)
                 sample.unseg.append(Block(t, cells, serials))
@@ -207,15 +215,13 @@ def parse(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> Sample:
             if order[section] >= 1:
                 raise GrammarError(pos, "sequence", "'amodal' must come right after the scene, before segment and detectgrasp")
             expect(k + 1, vocab.unlabel, "amodal", "'unlabel' after 'amodal'")
+            # The format's `cell ::= VOXEL SERIAL?` holds here too: the research parser reads the amodal
+            # block as any other block, serials included.
             cells, serials = cells_after(k + 1, "amodal", sort=True)
-            if serials is not None:
-                lo = int(structural[k + 1]) + 1
-                pos = lo + int(np.flatnonzero(ids[lo: run_end[k + 1]] < vocab.voxel_base)[0])
-                raise GrammarError(pos, "amodal", "amodal cells take no serial tokens")
             expect(k + 2, vocab.endamodal, "amodal", "'endamodal' after the amodal cells")
             if run_end[k + 2] != structural[k + 2] + 1:
                 raise GrammarError(int(structural[k + 2]) + 1, "sequence", "'endamodal' cannot be followed by a voxel cell")
-            sample.amodal = cells
+            sample.amodal, sample.amodal_serials = cells, serials
             section = "amodal"
             k += 3
         elif t == vocab.segment:
@@ -264,6 +270,48 @@ def validate(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> GrammarError
     return None
 
 
+def read_output(ids: np.ndarray, vocab: Vocab) -> Sample:
+    """The sections of a sequence read leniently, for unfinished or invalid model output too.
+
+    Walks the structural tokens: a tag after `scene`, after `amodal`, inside `segment`, or right
+    after `grasp` (inside `detectgrasp`) opens a block taking the voxel cells that follow; anything
+    out of place is skipped, and reading stops at `end`. On a valid sequence this gives what
+    `parse(strict=False)` gives, without serials.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    structural = np.flatnonzero(ids < vocab.serial_base)
+    run_end = np.append(structural[1:], len(ids))
+    sample, section, prev = Sample(), None, -1
+    opens = {vocab.scene: "scene", vocab.amodal: "amodal", vocab.segment: "segment",
+             vocab.detectgrasp: "detectgrasp", vocab.endamodal: None, vocab.endunseg: None}
+    for k, p in enumerate(structural):
+        t = int(ids[p])
+        if t == vocab.end:
+            break
+        if t in opens:
+            section = opens[t]
+            if section == "amodal" and sample.amodal is None:
+                sample.amodal = np.zeros(0, np.int64)
+            elif section == "segment" and sample.unseg is None:
+                sample.unseg = []
+            elif section == "detectgrasp" and sample.grasps is None:
+                sample.grasps = []
+        elif vocab.is_tag(t):
+            run = ids[p + 1: run_end[k]]
+            cells = run[run >= vocab.voxel_base]
+            if len(cells):
+                if section == "scene":
+                    sample.scene.append(Block(t, cells))
+                elif section == "amodal" and t == vocab.unlabel:
+                    sample.amodal = np.concatenate([sample.amodal, cells])
+                elif section == "segment" and vocab.is_segment_tag(t):
+                    sample.unseg.append(Block(t, cells))
+                elif section == "detectgrasp" and prev == vocab.grasp:
+                    sample.grasps.append(Block(t, cells))
+        prev = t
+    return sample
+
+
 # -- grammar-constrained decoding ---------------------------------------------
 #
 # The decoder is in one of these modes. Between blocks: START, SCENE, AFTER_AMODAL,
@@ -305,7 +353,7 @@ class _Tables:
         tags = np.zeros(nv, dtype=bool)
         tags[: vocab.num_tags] = True
         objects = np.zeros(nv, dtype=bool)
-        objects[vocab.object_base: vocab.object_base + NUM_OBJECT_TAGS] = True
+        objects[list(vocab.segment_tags)] = True
         serials = np.zeros(nv, dtype=bool)
         serials[vocab.serial_base:] = allow_serials
         follow_scene = tags | cmd("amodal", "segment", "detectgrasp", "end")
@@ -399,10 +447,11 @@ class AllowedSet:
 class GrammarState:
     """Where a partial sequence stands in the grammar, for grammar-constrained decoding.
 
-    Stricter than `parse` in one way: a grasp takes exactly 3 cells. Options: `sorted_cells`
-    makes cells strictly increasing inside scene, amodal and segment blocks (what `parse`
-    checks with strict=True); `allow_segment` permits the segment section; `allow_serials`
-    permits a serial token after a voxel (never in the amodal block, which `parse` rejects).
+    Stricter than `parse` in one way: a grasp takes exactly 3 cells. Data may hold shorter grasps
+    (a point fell outside the box), but those name no gripper pose, so the decoder never writes
+    one. Options: `sorted_cells` makes cells strictly increasing inside scene, amodal and segment
+    blocks (what `parse` checks with strict=True); `allow_segment` permits the segment section;
+    `allow_serials` permits a serial token after any voxel, amodal ones included (as `parse` does).
 
     `scene_tags_only` makes a second restriction, of meaning rather than syntax: a grasp's tag must
     be one of the scene's block tags. A grasp belongs to an object the scene shows (or to its one
@@ -436,7 +485,7 @@ class GrammarState:
     def _key(self) -> int:
         mode = self.mode
         closable = self.cells == GRASP_CELLS if mode == GRASP_BLOCK else self.cells > 0
-        serial = self.after_voxel and self.allow_serials and mode != AMODAL_BLOCK
+        serial = self.after_voxel and self.allow_serials
         return mode * 4 + closable * 2 + serial
 
     def _voxels(self) -> tuple[int, int]:
@@ -506,6 +555,5 @@ class GrammarState:
             why = "; a grasp's tag must be one of the scene's block tags (scene_tags_only)"
         elif vocab.is_serial(t):
             why = ("; serials are disabled (allow_serials=False)" if not self.allow_serials
-                   else "; amodal cells take no serials" if self.mode == AMODAL_BLOCK
                    else "; a serial may only follow a voxel cell")
         raise GrammarError(self.pos, "decode", f"'{name}' is not allowed {_WHERE[self.mode]}{why}")

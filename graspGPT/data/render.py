@@ -1,4 +1,4 @@
-"""PNG picture of a sample: its voxels as shaded cubes and its grasps as gripper skeletons.
+"""PNG picture of a sample: its voxels as shaded cubes and its grasps as parallel-jaw grippers.
 
 An orthographic view from the front-left and above; cubes are drawn far to near (painter's
 algorithm), only their faces that border free space. Pillow only.
@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .grammar import Block, Sample, parse
-from .vocab import Vocab
+from .vocab import SCENE_GRID, Vocab, Workspace
 
 SIZE = (800, 600)
 SUPERSAMPLE = 2  # draw at 2x and downscale: smooth edges without an antialiasing rasterizer
@@ -145,20 +145,44 @@ def _draw_floor(draw: ImageDraw.ImageDraw, view: _View, dims) -> None:
         draw.line([tuple(p) for p in view(np.array([a, b]))], fill=(200, 200, 205), width=SUPERSAMPLE)
 
 
-def _draw_grasps(draw: ImageDraw.ImageDraw, view: _View, grasps: list[Block], vocab: Vocab,
-                 colour_of, width: int, dots: bool) -> None:
+def _grasp_points(g: Block, vocab: Vocab, workspace: Workspace, grasp_cells: str) -> np.ndarray:
+    """(k, 3) grasp points in scene-cell units (voxel c spans [c, c + 1)), so they sit on the cubes."""
+    cells = g.cells[(g.cells >= vocab.voxel_base) & (g.cells < vocab.size)]
+    metres = workspace.grasp_point(vocab.cells_of(cells), grasp_cells)
+    return (metres - np.asarray(workspace.bbox_min)) / workspace.voxel_size
+
+
+def _gripper_lines(points: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Segments drawing a grasp: a U-shaped gripper from its pose (fingers from the contact points back
+    along the approach to the base's level, the palm between them, a short stem), or, without a pose,
+    the finger line and the line from its middle to the base."""
+    from ..grasp_pose import pose_from_points  # the pose module builds on data/, not the reverse
+
+    pose = pose_from_points(points)
+    if pose.problem is None:
+        half, back = pose.width / 2 * pose.closing, pose.depth * pose.approach
+        tips = [pose.centre - half, pose.centre + half]
+        roots = [t - back for t in tips]
+        base = pose.centre - back
+        return [(tips[0], roots[0]), (tips[1], roots[1]), (roots[0], roots[1]), (base, base - back / 3)]
+    lines = [(points[0], points[1])] if len(points) >= 2 else []
+    if len(points) == 3:
+        lines.append(((points[0] + points[1]) / 2, points[2]))
+    return lines
+
+
+def _draw_grasps(draw: ImageDraw.ImageDraw, view: _View, grasps: list[Block], vocab: Vocab, workspace: Workspace,
+                 grasp_cells: str, colour_of, width: int, dots: bool) -> None:
     for g in grasps:
-        cells = g.cells[(g.cells >= vocab.voxel_base) & (g.cells < vocab.size)][:3]
-        if len(cells) < 2:
+        pts = _grasp_points(g, vocab, workspace, grasp_cells)
+        if len(pts) < 2:
             continue
-        p = view(vocab.cells_of(cells) + 0.5)
         fill = colour_of(g.tag)
-        draw.line([tuple(p[0]), tuple(p[1])], fill=fill, width=width)
-        if len(p) == 3:
-            draw.line([tuple((p[0] + p[1]) / 2), tuple(p[2])], fill=fill, width=width)
+        for a, b in _gripper_lines(pts):
+            draw.line([tuple(view(a[None])[0]), tuple(view(b[None])[0])], fill=fill, width=width)
         if dots:
             r = 1.6 * width
-            for q in p[:2]:
+            for q in view(pts[:2]):
                 draw.ellipse([q[0] - r, q[1] - r, q[0] + r, q[1] + r], fill=fill)
 
 
@@ -176,9 +200,19 @@ def _legend(sample: Sample, vocab: Vocab, keys: np.ndarray, predicted, colours) 
     return rows
 
 
+def cell_workspace(vocab: Vocab) -> Workspace:
+    """A workspace whose metres are scene-cell units: for pictures of data whose box is not known."""
+    return Workspace((0.0, 0.0, 0.0), tuple(float(d) for d in vocab.dims), 1.0)
+
+
 def render_sample(sample: Sample, vocab: Vocab, path: str | Path, title: str | None = None,
-                  predicted: list[Block] | None = None) -> None:
-    """Write a PNG of the sample's voxels and grasps (and `predicted` grasps, in red)."""
+                  predicted: list[Block] | None = None, workspace: Workspace | None = None,
+                  grasp_cells: str = SCENE_GRID, predicted_cells: str | None = None) -> None:
+    """Write a PNG of the sample's voxels and grasps (and `predicted` grasps, in red) as grippers.
+
+    Grasp cells are placed with their convention: `grasp_cells` for the sample's grasps, `predicted_cells`
+    (default the same) for the predicted ones, on `workspace` (needed for `upstream` cells)."""
+    workspace = workspace or cell_workspace(vocab)
     S = SUPERSAMPLE
     W, H = SIZE[0] * S, SIZE[1] * S
     img = Image.new("RGB", (W, H), BACKGROUND)
@@ -211,9 +245,10 @@ def render_sample(sample: Sample, vocab: Vocab, path: str | Path, title: str | N
     def dark(tag):
         return tuple(int(v * 0.45) for v in colours[tag]) + (150,)
 
-    _draw_grasps(ldraw, view, sample.grasps or [], vocab, dark, width=S, dots=False)
+    _draw_grasps(ldraw, view, sample.grasps or [], vocab, workspace, grasp_cells, dark, width=S, dots=False)
     if predicted is not None:
-        _draw_grasps(ldraw, view, predicted, vocab, lambda _: PREDICTED + (235,), width=2 * S, dots=True)
+        _draw_grasps(ldraw, view, predicted, vocab, workspace, predicted_cells or grasp_cells,
+                     lambda _: PREDICTED + (235,), width=2 * S, dots=True)
     img = Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB")
     draw = ImageDraw.Draw(img)
 

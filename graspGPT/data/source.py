@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from .storage import DatasetWriter
-from .vocab import Vocab, Workspace
+from .vocab import SCENE_GRID, Vocab, Workspace
 
 SYNTH_FORMAT = 1  # bump when the generator changes what a seed produces, so caches are rebuilt
 
@@ -48,7 +48,8 @@ def builtin_dataset(num_scenes: int, seed: int, voxel_size: float, task_mix: str
     shutil.rmtree(tmp, ignore_errors=True)
     workspace = Workspace(voxel_size=voxel_size)
     vocab = Vocab.for_workspace(workspace)
-    with DatasetWriter(tmp, vocab, workspace, source=f"graspGPT built-in synthetic data ({key})") as writer:
+    with DatasetWriter(tmp, vocab, workspace, source=f"graspGPT built-in synthetic data ({key})",
+                       grasp_cells=SCENE_GRID) as writer:  # synth puts grasp points in scene voxels
         for ids in generate_scenes(num_scenes, seed, workspace, task_mix=task_mix,
                                    max_grasps_per_object=max_grasps_per_object, progress=progress,
                                    workers=synth_workers(num_scenes)):

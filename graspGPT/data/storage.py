@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .grammar import validate
-from .vocab import Vocab, VocabError, Workspace
+from .vocab import SCENE_GRID, UPSTREAM_GRID, Vocab, VocabError, Workspace, check_grasp_cells
 
 FORMAT = "graspgpt-tokens"
 FORMAT_VERSION = 1
@@ -73,10 +73,14 @@ class DatasetWriter:
     """
 
     def __init__(self, out_dir: str | Path, vocab: Vocab, workspace: Workspace, source: str,
-                 overwrite: bool = False, val_mask: np.ndarray | None = None):
+                 overwrite: bool = False, val_mask: np.ndarray | None = None, grasp_cells: str = SCENE_GRID):
         self.out_dir = Path(out_dir)
         if tuple(vocab.dims) != tuple(workspace.dims):
             raise StorageError(f"vocabulary dims {vocab.dims} do not match the workspace grid {workspace.dims}")
+        try:
+            self.grasp_cells = check_grasp_cells(grasp_cells)
+        except VocabError as err:
+            raise StorageError(str(err)) from None
         check_out_dir(self.out_dir, overwrite)
         for name in _OWN_FILES:  # meta.json first: an old data set stops counting as complete at once
             (self.out_dir / name).unlink(missing_ok=True)
@@ -132,6 +136,7 @@ class DatasetWriter:
             "bbox_min": [float(v) for v in self.workspace.bbox_min],
             "bbox_max": [float(v) for v in self.workspace.bbox_max],
             "voxel_size": float(self.workspace.voxel_size),
+            "grasp_cells": self.grasp_cells,
             "dynamic_tags": list(self.vocab.dynamic_tags),
             "vocab_size": self.vocab.size,
             "num_samples": n,
@@ -164,6 +169,15 @@ class DatasetWriter:
             self.abort()
 
 
+def grasp_cells_of_meta(meta: dict) -> str:
+    """The grasp-cell convention of a data set's meta.json. Sets written before the field existed have
+    none: an import wrote "upstream import of ..." as its `source` (always, since import existed), and
+    its cells are the research code's; every other set is the toolkit's synthetic data, on the scene grid."""
+    if "grasp_cells" in meta:
+        return check_grasp_cells(meta["grasp_cells"])
+    return UPSTREAM_GRID if str(meta.get("source", "")).startswith("upstream import") else SCENE_GRID
+
+
 @dataclass
 class VerifyReport:
     num_samples: int
@@ -180,6 +194,7 @@ class TokenStore:
         self.path, self.meta, self.vocab, self.workspace = path, meta, vocab, workspace
         self.tokens, self.offsets, self.val_mask = tokens, offsets, val_mask
         self.lengths = np.diff(offsets)
+        self.grasp_cells = grasp_cells_of_meta(meta)  # how its grasp cells map to metres
 
     @classmethod
     def open(cls, path: str | Path) -> "TokenStore":
@@ -212,6 +227,7 @@ class TokenStore:
         try:
             vocab = Vocab(meta["dims"], meta["dynamic_tags"])
             workspace = Workspace(tuple(meta["bbox_min"]), tuple(meta["bbox_max"]), float(meta["voxel_size"]))
+            grasp_cells_of_meta(meta)
         except (VocabError, TypeError, ValueError) as err:
             raise StorageError(f"{meta_path}: bad geometry or vocabulary ({err})") from None
         if meta["vocab_size"] != vocab.size:

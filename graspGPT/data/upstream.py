@@ -2,7 +2,15 @@
 
 Upstream files are pickles (torch.save of a list of dicts). They are read with
 `torch.load(weights_only=True)` and only the numpy types their metadata needs allowed, so a
-crafted file is refused instead of run. Token ids are copied unchanged.
+crafted file is refused instead of run.
+
+Token ids are copied unchanged, except for three forms that the research code's parser reads
+without error although they break the format's `scene ... end` frame. Import writes them as that
+code's own parser + serializer would (`canonical_ids`), so every sequence it accepts is imported
+as a valid one, and the report counts each change:
+  * no leading `scene` (its "legacy format"): `scene` is put in front;
+  * tokens after the first `end` (it stops reading there): they are dropped;
+  * no `end` at all (it reads to the end of the list): `end` is appended.
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ import numpy as np
 
 from .grammar import validate
 from .storage import DatasetWriter, check_out_dir
-from .vocab import Vocab, VocabError, Workspace
+from .vocab import UPSTREAM_GRID, Vocab, VocabError, Workspace
 
 REAL_FILTER_MODES = ("allow_all", "no_amodal_unseg", "amodal_only", "unseg_only", "skip")
 REQUIRED_KEYS = ("raw_tokens", "volume_dims", "bbox_min", "bbox_max", "voxel_size")
@@ -146,6 +154,36 @@ def keep_sample(ids: np.ndarray, vocab: Vocab, mode: str) -> bool:
     return {"no_amodal_unseg": not amodal and not unseg, "amodal_only": amodal, "unseg_only": unseg}[mode]
 
 
+def canonical_ids(ids: np.ndarray, vocab: Vocab) -> tuple[np.ndarray, list[str]]:
+    """`ids` in the form the research parser + serializer give it, and what was changed (see the module doc)."""
+    changes = []
+    ends = np.flatnonzero(ids == vocab.end)
+    if ends.size and ends[0] != len(ids) - 1:
+        ids = ids[: ends[0] + 1]
+        changes.append("tokens after 'end' dropped")
+    if ids[0] != vocab.scene:
+        ids = np.concatenate([[vocab.scene], ids])
+        changes.append("'scene' added in front")
+    if not ends.size:
+        ids = np.append(ids, vocab.end)
+        changes.append("'end' appended")
+    return ids.astype(np.int64, copy=False), changes
+
+
+def _canonical_or_raise(ids: np.ndarray, vocab: Vocab, where: str, hint: str) -> tuple[np.ndarray, list[str]]:
+    """canonical_ids when that is a valid sequence; else `ids` unchanged if it ends in `end` (counted
+    grammar-invalid later), else an UpstreamError: what a truncated file or another vocabulary looks like
+    (with dynamic tags every command id shifts, so `end` is read as something else)."""
+    fixed, changes = canonical_ids(ids, vocab)
+    if not changes or validate(fixed, vocab, strict=False) is None:
+        return fixed, changes
+    if ids[-1] != vocab.end:
+        raise UpstreamError(f"{where}the last token is '{vocab.token_of(ids[-1])}', not 'end' (id {vocab.end}), and "
+                            f"the sequence does not parse even read as the research parser reads it; the file is "
+                            f"truncated or was made with another vocabulary{hint}")
+    return ids, []
+
+
 @dataclass
 class FileReport:
     name: str
@@ -153,6 +191,8 @@ class FileReport:
     kept: int = 0             # written to the data set
     filtered: int = 0         # removed by real_filter_mode
     invalid: int = 0          # grammar-invalid (strict=False) among the samples that passed the filter
+    normalised: int = 0       # kept samples rewritten by canonical_ids
+    first_normalised: str = ""  # its first change, for the report
     skipped: bool = False     # the whole file, by real_filter_mode=skip
     first_invalid: str = ""   # the first grammar error, for the report
 
@@ -180,6 +220,8 @@ class ImportReport:
                 lines.append(f"  {f.name}: skipped (real_filter_mode=skip)")
                 continue
             line = f"  {f.name}: {f.samples} samples, kept {f.kept}, filtered {f.filtered}"
+            if f.normalised:
+                line += f", {f.normalised} normalised (first: {f.first_normalised})"
             if f.invalid:
                 line += (f", {f.invalid} grammar-invalid ({'dropped' if self.drop_invalid else 'kept'}; "
                          f"first: {f.first_invalid})")
@@ -187,6 +229,9 @@ class ImportReport:
         total = sum(f.samples for f in self.files)
         invalid = (f"{self.num_invalid} grammar-invalid samples "
                    f"{'dropped' if self.drop_invalid else 'kept (pass --drop_invalid to drop them)'}")
+        normalised = sum(f.normalised for f in self.files)
+        if normalised:
+            lines.append(f"{normalised} samples normalised to the scene ... end frame, as the research parser reads them")
         lines.append(f"imported {self.num_samples} of {total} samples from {len(self.files)} files into "
                      f"{self.out_dir} (V = {self.vocab.size}, real_filter_mode={self.real_filter_mode}); {invalid}")
         return "\n".join(lines)
@@ -221,8 +266,8 @@ def import_upstream(src: str | Path, out_dir: str | Path, real_filter_mode: str 
     """Convert upstream .pth file(s) at `src` into a toolkit data set at `out_dir`.
 
     Every sample is checked (dict with the upstream keys, geometry agreeing across all files and
-    with dims = ceil(extent / voxel_size), ids inside the vocabulary, last token `end`); a failure
-    raises UpstreamError naming the file and sample. Grammar-invalid samples are counted and kept
+    with dims = ceil(extent / voxel_size), ids inside the vocabulary); a failure raises UpstreamError
+    naming the file and sample. Sequences are written in their canonical form (`canonical_ids`). Grammar-invalid samples are counted and kept
     unless `drop_invalid`. `categories` is the JSON vocabulary file of dynamic tags, if the data used one.
     """
     if real_filter_mode not in REAL_FILTER_MODES:
@@ -257,7 +302,8 @@ def import_upstream(src: str | Path, out_dir: str | Path, real_filter_mode: str 
                 if first is None:
                     first = geo, where
                     report.vocab = vocab = Vocab(geo.dims, dynamic_tags)
-                    writer = DatasetWriter(out_dir, vocab, geo.workspace, source="", overwrite=overwrite)
+                    writer = DatasetWriter(out_dir, vocab, geo.workspace, source="", overwrite=overwrite,
+                                           grasp_cells=UPSTREAM_GRID)  # the research code's grasp encoder
                 elif not geo.same(first[0]):
                     raise UpstreamError(f"{where}: {geo.describe()} disagrees with {first[1]} ({first[0].describe()}); "
                                         f"all files of a data set must share one grid")
@@ -265,9 +311,7 @@ def import_upstream(src: str | Path, out_dir: str | Path, real_filter_mode: str 
                     vocab.check_ids(ids)
                 except VocabError as err:
                     raise UpstreamError(f"{where}: {err}{hint}") from None
-                if ids[-1] != vocab.end:
-                    raise UpstreamError(f"{where}: the last token is '{vocab.token_of(ids[-1])}', not 'end' (id {vocab.end}); "
-                                        f"the file is truncated or was made with another vocabulary{hint}")
+                ids, changes = _canonical_or_raise(ids, vocab, f"{where}: ", hint)
                 if real and not keep_sample(ids, vocab, real_filter_mode):
                     rep.filtered += 1
                     continue
@@ -279,6 +323,9 @@ def import_upstream(src: str | Path, out_dir: str | Path, real_filter_mode: str 
                         continue
                 writer.add(ids)
                 rep.kept += 1
+                if changes:
+                    rep.normalised += 1
+                    rep.first_normalised = rep.first_normalised or f"sample {i}: {', '.join(changes)}"
             if bar is not None:
                 bar.update()
         if writer is None or writer.num_samples == 0:

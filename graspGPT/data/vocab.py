@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,16 @@ SERIALS = tuple(f"<serial{i}>" for i in range(1, NUM_SERIALS + 1))
 REAL_BBOX_MIN = (-0.3, -0.2, 0.0)
 REAL_BBOX_MAX = (0.3, 0.2, 0.25)
 REAL_VOXEL_SIZE = 0.0075
+
+
+# How a data set's grasp cells map to metres (its meta.json "grasp_cells"; docs/FORMAT.md has the table).
+# scene_grid: the scene's own voxels, cell floor((p - bbox_min) / voxel), centre (c + 0.5) * voxel + bbox_min
+#             (the toolkit's synthetic data).
+# upstream:   the research code's grasp encoder, c = trunc((p - bbox_min) / (bbox_max - bbox_min) * (dims - 1)):
+#             a grid of dims - 1 steps across the box, slightly coarser than the voxels (imported data).
+SCENE_GRID = "scene_grid"
+UPSTREAM_GRID = "upstream"
+GRASP_CELL_CONVENTIONS = (SCENE_GRID, UPSTREAM_GRID)
 
 
 class VocabError(ValueError):
@@ -58,9 +69,45 @@ class Workspace:
         """(N,3) cells -> (N,3) metres at the cell centres."""
         return (np.asarray(cells, dtype=np.float64) + 0.5) * self.voxel_size + np.asarray(self.bbox_min)
 
+    def grasp_step(self, convention: str) -> np.ndarray:
+        """(3,) metres: the extent of one grasp cell along each axis under `convention`."""
+        check_grasp_cells(convention)
+        if convention == SCENE_GRID:
+            return np.full(3, float(self.voxel_size))
+        extent = np.asarray(self.bbox_max, dtype=np.float64) - self.bbox_min
+        return extent / np.maximum(np.asarray(self.dims) - 1, 1)
+
+    def grasp_cell_of_point(self, points: np.ndarray, convention: str) -> np.ndarray:
+        """(N,3) metres inside the box -> (N,3) grasp cells, as the data's writer encoded them."""
+        if check_grasp_cells(convention) == SCENE_GRID:
+            return self.cell_of_point(points)
+        # trunc == floor inside the box; written as the research code writes it
+        return np.trunc((np.asarray(points, dtype=np.float64) - self.bbox_min) / self.grasp_step(convention)).astype(np.int64)
+
+    def grasp_point(self, cells: np.ndarray, convention: str) -> np.ndarray:
+        """(N,3) grasp cells -> (N,3) metres: the middle of the region the encoder mapped to the cell.
+
+        Every point of that region is within half a `grasp_step` per axis of the result. The research
+        code decodes an upstream cell to its corner, c * voxel + bbox_min, which is up to 1.5 cm off at
+        the far end of the real box; the middle of the step is never more than half a step off. The
+        last upstream cell holds only points on bbox_max, so the result is kept inside the box.
+        """
+        cells = np.asarray(cells, dtype=np.float64)
+        if check_grasp_cells(convention) == SCENE_GRID:
+            return self.cell_center(cells)
+        p = (cells + 0.5) * self.grasp_step(convention) + np.asarray(self.bbox_min)
+        return np.minimum(p, np.asarray(self.bbox_max, dtype=np.float64))
+
     def in_bounds(self, cells: np.ndarray) -> np.ndarray:
         cells = np.asarray(cells)
         return np.all((cells >= 0) & (cells < np.asarray(self.dims)), axis=-1)
+
+
+def check_grasp_cells(convention: str) -> str:
+    """`convention` if it names a grasp-cell convention, else VocabError listing them."""
+    if convention not in GRASP_CELL_CONVENTIONS:
+        raise VocabError(f"grasp_cells {convention!r} is not a known convention; use one of {', '.join(GRASP_CELL_CONVENTIONS)}")
+    return convention
 
 
 class Vocab:
@@ -96,6 +143,10 @@ class Vocab:
             setattr(self, name, self._ids[name])
         self.unknow, self.unlabel, self.incomplete = 0, 1, 2
         self.object_base = len(SPECIAL_TAGS)
+        # Segment blocks take object tags. The research parser tests the name ('object' + digits), so a
+        # dynamic tag named like one (e.g. 'object120') is a segment tag too.
+        named = [self._ids[t] for t in dynamic_tags if re.fullmatch(r"object\d+", t)]
+        self.segment_tags = tuple(range(self.object_base, self.object_base + NUM_OBJECT_TAGS)) + tuple(named)
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -135,6 +186,10 @@ class Vocab:
 
     def is_object_tag(self, i: int) -> bool:
         return self.object_base <= i < self.object_base + NUM_OBJECT_TAGS
+
+    def is_segment_tag(self, i: int) -> bool:
+        """A tag a segment block may carry: objectNN, or a dynamic tag named like one."""
+        return self.is_object_tag(i) or (i >= self.object_base + NUM_OBJECT_TAGS and i in self.segment_tags)
 
     def is_serial(self, i: int) -> bool:
         return self.serial_base <= i < self.voxel_base
