@@ -167,7 +167,7 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], d
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt-mini",
-                    help="configs/quality_<model>.json (gpt-mini, gpt-mini-random, gpt2, cpu_smoke)")
+                    help="configs/quality_<model>.json (lab, gpt-mini, gpt2, cpu_smoke)")
     ap.add_argument("--minutes", type=float, default=12.0, help="training wall-clock budget (default 12)")
     ap.add_argument("--out", required=True, help="run directory")
     ap.add_argument("--num_scenes", type=int, default=50, help="validation scenes to evaluate (default 50)")

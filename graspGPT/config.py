@@ -60,6 +60,7 @@ class TrainerConfig:
     eval_every: int = 1000
     eval_iters: int = 20  # validation micro-batches per rank for the validation loss
     eval_scenes: int = 16  # validation scenes decoded for grasp metrics at each evaluation; 0 turns it off
+    eval_temperature: float = 1.0  # sampling temperature of that decoding; 0 is greedy
     keep_last: int = 3
     max_nonfinite_steps: int = 10
     resume: str | None = None
@@ -76,8 +77,9 @@ class DatasetConfig:
     shuffle_blocks: bool = True
     drop_cell_prob: float = 0.05
     max_grasps_per_object: int = 100
-    # sorted: by first cell, as the format stores grasps; random: a new order per sample and epoch
-    grasp_order: str = choice("sorted", "random")
+    # random: a new order per sample and epoch (what grounded decoding needs to cover every object,
+    # docs/QUALITY_LAB.md); sorted: by first cell, as the format stores grasps
+    grasp_order: str = choice("random", "sorted")
     # all: every token is a target; answer: only what follows the scene (the scene is context, as a
     # prompt is in instruction tuning)
     loss_on: str = choice("all", "answer")
@@ -243,6 +245,7 @@ def _validate(cfg: Config) -> Config:
         (cfg.deepspeed.zero_stage in (None, 0, 1, 2, 3),
          f"deepspeed.zero_stage must be 0, 1, 2 or 3 (or null for the JSON's stage), got {cfg.deepspeed.zero_stage}"),
         (t.eval_scenes >= 0, f"trainer.eval_scenes must be >= 0 (0 turns grasp metrics off), got {t.eval_scenes}"),
+        (t.eval_temperature >= 0, f"trainer.eval_temperature must be >= 0 (0 is greedy), got {t.eval_temperature}"),
     ]
     for key in ("log_every", "save_every", "eval_every", "eval_iters", "keep_last", "max_nonfinite_steps"):
         rules.append((getattr(t, key) >= 1, f"trainer.{key} must be >= 1, got {getattr(t, key)}"))

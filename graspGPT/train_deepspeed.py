@@ -296,7 +296,8 @@ def train(cfg: Config, stop: StopRequest) -> int:
                                   overlong=cfg.dataset.overlong, loss_on=cfg.dataset.loss_on)
     val = val_batches(val_samples.lengths, batch.micro_batch_size, world, rank,
                       limit=cfg.trainer.eval_iters * batch.micro_batch_size * world)
-    grasp_eval = TrainingEvaluator(store, val_idx, cfg.trainer.eval_scenes, out, seed=cfg.system.seed, max_len=max_len)
+    grasp_eval = TrainingEvaluator(store, val_idx, cfg.trainer.eval_scenes, out, seed=cfg.system.seed, max_len=max_len,
+                                   temperature=cfg.trainer.eval_temperature)
     run_config = {**cfg.to_dict(), "batch": vars(batch), "world_size": world, "num_params": n_params}
     wandb = Wandb(cfg.wandb, rank, run_config, out, log)
     if batch.adjusted:
@@ -380,7 +381,7 @@ def grasp_metrics(grasp_eval: TrainingEvaluator, engine, step: int, rank: int, w
     picture = gen.pop("picture", None)
     # The metrics file holds what a resumed run must reproduce exactly; timings go to the log and wandb.
     record.update({f"eval/{k}": v for k, v in gen.items() if k not in ("eval_seconds", "decode_tokens_per_s")})
-    log.info(f"step {step} grasps: precision {gen['grasp_precision']:.3f}, any object {gen['any_tag_precision']:.3f}, "
+    log.info(f"step {step} grasps (T={grasp_eval.options['temperature']:g}): precision {gen['grasp_precision']:.3f}, any object {gen['any_tag_precision']:.3f}, "
              f"validity {gen['grasp_validity']:.3f}, coverage {gen['grasp_coverage']:.3f} (random "
              f"{gen['baseline_precision']:.3f}, {gen['baseline_any_tag_precision']:.3f}, {gen['baseline_validity']:.3f}, "
              f"{gen['baseline_coverage']:.3f}); grammar mask only: precision "

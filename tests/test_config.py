@@ -92,7 +92,7 @@ def test_ints_accepted_for_floats_and_choices():
         config_from_dict({"trainer": {"lr_schedule": "cosin"}})
     with pytest.raises(ConfigError, match="dataset.real_filter_mode"):
         config_from_dict({"dataset": {"real_filter_mode": "all"}})
-    with pytest.raises(ConfigError, match="dataset.grasp_order: 'shuffled' is not one of sorted, random"):
+    with pytest.raises(ConfigError, match="dataset.grasp_order: 'shuffled' is not one of random, sorted"):
         config_from_dict({"dataset": {"grasp_order": "shuffled"}})
 
 
