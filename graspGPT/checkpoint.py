@@ -12,7 +12,7 @@ after COMPLETE. The toolkit's own state never goes through pickle.
 
 Every function that can fail because of a checkpoint raises CheckpointError; `agree` runs such a
 function on every rank and raises on all of them if it failed on any, so no rank is left waiting in
-a collective.
+a collective, and rank 0 can print the error whichever rank found it.
 """
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ T = TypeVar("T")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+class RankFailed(RuntimeError):
+    """Raised by `agree` on the ranks that did not fail; the message is the failing rank's error."""
 
 
 def tag_for(step: int) -> str:
@@ -195,8 +199,12 @@ def plan_resume(resume: str | None, output_dir: Path, world: int, zero_stage: in
 
 
 # -- agreement between ranks ---------------------------------------------------------
-def agree(device, fn: Callable[..., T], *args) -> T:
-    """fn(*args) on every rank; if it raises CheckpointError on any rank, raise on all of them.
+MESSAGE_BYTES = 2000  # of an error passed to the other ranks
+
+
+def agree(device, fn: Callable[..., T], *args, errors: tuple = (CheckpointError,)) -> T:
+    """fn(*args) on every rank; if it raises one of `errors` on any rank, raise on all of them: the
+    failing rank its own error, the others RankFailed carrying the first failing rank's message.
 
     The all-reduce also acts as a barrier. Call it where every rank calls it, with fn failing before
     any collective of its own.
@@ -204,16 +212,21 @@ def agree(device, fn: Callable[..., T], *args) -> T:
     error, result = None, None
     try:
         result = fn(*args)
-    except CheckpointError as exc:
+    except errors as exc:
         error = exc
-    failed = torch.zeros(dist.get_world_size(), dtype=torch.float32, device=device)
-    failed[dist.get_rank()] = error is not None
-    dist.all_reduce(failed)
+    # Row r: rank r's flag and error text as byte values; a sum leaves each row to its rank.
+    rows = torch.zeros((dist.get_world_size(), 1 + MESSAGE_BYTES), dtype=torch.int32, device=device)
+    if error is not None:
+        text = str(error).encode()[:MESSAGE_BYTES]
+        rows[dist.get_rank(), 0] = 1
+        rows[dist.get_rank(), 1:1 + len(text)] = torch.tensor(list(text), dtype=torch.int32)
+    dist.all_reduce(rows)
     if error is not None:
         raise error
-    ranks = [str(r) for r, f in enumerate(failed.tolist()) if f]
-    if ranks:
-        raise CheckpointError(f"rank(s) {', '.join(ranks)} failed (see the error they printed); stopping every rank")
+    failed = [r for r in range(len(rows)) if rows[r, 0]]
+    if failed:
+        text = bytes(v for v in rows[failed[0], 1:].tolist() if v).decode(errors="replace")
+        raise RankFailed(f"rank {failed[0]}: {text}" + (f" (and {len(failed) - 1} more rank(s))" if failed[1:] else ""))
     return result
 
 

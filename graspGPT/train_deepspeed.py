@@ -10,6 +10,7 @@ SIGTERM, SIGINT or SIGUSR1 to any rank: every rank stops at the same step, saves
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -30,20 +31,22 @@ from graspGPT import checkpoint
 from graspGPT.config import Config, ConfigError, load_config
 from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, collate, val_batches
 from graspGPT.data.source import DataSourceError, resolve_data_dir
-from graspGPT.data.storage import TokenStore
+from graspGPT.data.storage import StorageError, TokenStore
 from graspGPT.data.synth import SynthError
+from graspGPT.data.upstream import UpstreamError
 from graspGPT.data.vocab import Vocab
 from graspGPT.evaluate import TrainingEvaluator
 from graspGPT.ds_config import DeepSpeedConfigError, load_deepspeed_json, resolve_deepspeed_config, save_resolved
 from graspGPT.model import GraspGPT, ModelConfig, ModelConfigError
 from graspGPT.observe import Progress, Throughput, Wandb, oom_message, rank_logger
+from graspGPT.runlock import OutputLock, OutputLockError
 from graspGPT.schedule import make_lr_scheduler
 
 # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; the warning is not ours to act on.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, SynthError, ModelConfigError,
-               checkpoint.CheckpointError)
+USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, SynthError, ModelConfigError, StorageError,
+               UpstreamError, OutputLockError, checkpoint.CheckpointError, checkpoint.RankFailed)
 METRICS_FILE = "metrics_rank0.jsonl"
 
 
@@ -206,7 +209,36 @@ def evaluate(engine, samples: TrainingSamples, batches: list[np.ndarray], pad_id
     return loss_sum / max(count, 1)
 
 
-def train(cfg: Config, stop: StopRequest) -> int:
+def open_data(cfg: Config, local_rank: int, device) -> TokenStore:
+    """The run's data set, checked on every rank (a bad one is an error on all of them, printed once).
+    Local rank 0 builds caches (synthetic data, imports) first; the other ranks then find them."""
+    def build():
+        if local_rank == 0:
+            resolve_data_dir(cfg.dataset, cfg.system.seed, progress=dist.get_rank() == 0)
+
+    checkpoint.agree(device, build, errors=USER_ERRORS)
+    return checkpoint.agree(device, lambda: TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed)),
+                            errors=USER_ERRORS)
+
+
+def take_output_dir(out: Path, rank: int) -> OutputLock | None:
+    """Rank 0 holds the output directory for the life of the run (see runlock.py)."""
+    return OutputLock.acquire(out) if rank == 0 else None
+
+
+def init_distributed() -> None:
+    import deepspeed
+    try:
+        deepspeed.init_distributed()
+    except RuntimeError as exc:  # torch's DistNetworkError is one
+        if "EADDRINUSE" not in str(exc):
+            raise
+        port, addr = os.environ.get("MASTER_PORT", "?"), os.environ.get("MASTER_ADDR", "?")
+        raise ConfigError(f"port {port} on {addr} is already in use (another job?); pass a free --master_port, or "
+                          f"leave it out on a single node and run_deepspeed_training.sh picks one") from None
+
+
+def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -215,7 +247,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
         # (~35 s) and leaves ~130 MB buffers in /dev/shm after every run.
         import deepspeed.ops
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed()
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accel = get_accelerator()
@@ -233,33 +265,33 @@ def train(cfg: Config, stop: StopRequest) -> int:
         torch.utils.deterministic.fill_uninitialized_memory = False
     seed_everything(cfg.system.seed)  # the same initial weights on every rank
 
-    out = Path(cfg.system.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = rank_logger(out, rank)
-    log.info(f"rank {rank}/{world} on {accel.device_name()}; output {out.resolve()}")
-    if rank == 0:
-        cfg.save(out / "config.json")
-
-    # Data: local rank 0 builds caches (synthetic data, imports); the others then find them.
-    if local_rank == 0:
-        resolve_data_dir(cfg.dataset, cfg.system.seed, progress=rank == 0)
-    dist.barrier()
-    store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
+    # Everything that can refuse the run is checked before the output directory changes at all.
+    store = open_data(cfg, local_rank, device)
     vocab = store.vocab
     train_idx, val_idx = store.split(cfg.dataset.val_fraction, cfg.system.seed)
-    log.info(f"data {store.path}: {len(store)} samples ({len(train_idx)} train, {len(val_idx)} val), V={vocab.size}")
-
-    # DeepSpeed config, batch math; what to resume from (checked on every rank before anything is built).
     bf16_ok = on_gpu and accel.is_bf16_supported()
     ds = resolve_deepspeed_config(load_deepspeed_json(cfg.deepspeed.config), cfg, world, accel.device_name(), bf16_ok,
                                   source=cfg.deepspeed.config)
     batch = ds.batch
-    for note in ds.notes:
-        log.info(f"note: {note}")
     mcfg = model_config(cfg, vocab)
+    # The output directory: held by this run (a second run is refused), then what to resume from in it.
+    out = Path(cfg.system.output_dir)
+    lock = checkpoint.agree(device, take_output_dir, out, rank, errors=USER_ERRORS)
+    if lock is not None:
+        cleanup.callback(lock.release)
     plan = checkpoint.agree(device, checkpoint.plan_resume, cfg.trainer.resume, out, world, ds.zero_stage,
                             model_shape(mcfg), vocab.to_meta())
     checkpoint.check_same_plan(device, plan)
+
+    # Accepted: from here on the run writes its output directory.
+    out.mkdir(parents=True, exist_ok=True)  # for ranks on a node that does not share rank 0's file system
+    log = rank_logger(out, rank)
+    log.info(f"rank {rank}/{world} on {accel.device_name()}; output {out.resolve()}")
+    log.info(f"data {store.path}: {len(store)} samples ({len(train_idx)} train, {len(val_idx)} val), V={vocab.size}")
+    for note in ds.notes:
+        log.info(f"note: {note}")
+    if rank == 0:
+        cfg.save(out / "config.json")
     if plan is not None and plan.convert:
         ds.config["checkpoint"] = {**ds.config.get("checkpoint", {}), "load_universal": True}
     if rank == 0:
@@ -412,11 +444,17 @@ def resume_from(engine, plan: checkpoint.ResumePlan, cfg: Config, out: Path, ran
 
 def main(argv: list[str] | None = None) -> int:
     stop = StopRequest()  # first: a signal during start-up also ends in a clean stop
+    # Every rank meets the same error (agree hands one rank's error to all): rank 0 alone prints it.
+    quiet = int(os.environ.get("RANK", "0")) != 0
     try:
         cfg = load_config(argv)
-        return train(cfg, stop)
+        with contextlib.ExitStack() as cleanup:
+            return train(cfg, stop, cleanup)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {exc}", file=sys.stderr)
+        if dist.is_initialized():  # every rank is here, no collective pending: join gloo's threads now, or
+            dist.destroy_process_group()  # interpreter shutdown may stop one mid-destructor (abort, exit -6)
         return 2
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
