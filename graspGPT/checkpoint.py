@@ -268,6 +268,18 @@ def _load_engine(engine, path: Path) -> None:
         raise CheckpointError(f"{path}: DeepSpeed found no model states in it; resume from an earlier checkpoint")
 
 
+def _untie_adam_steps(engine) -> None:
+    """Give every parameter group's optimizer state its own step tensor.
+
+    DeepSpeed 0.19.8's ZeRO-3 universal-checkpoint load stores one step tensor in the state of every
+    parameter group; Adam increments it in place once per group, so after the load the step (and with
+    it the bias correction) advanced by the number of groups per optimizer step.
+    """
+    for state in getattr(getattr(engine.optimizer, "optimizer", None), "state", {}).values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def load(engine, plan: ResumePlan, output_dir: Path, rank: int, device) -> None:
     """Weights, optimizer, LR schedule into `engine`, on every rank; converted first when `plan.convert`."""
     source = plan.path
@@ -276,8 +288,10 @@ def load(engine, plan: ResumePlan, output_dir: Path, rank: int, device) -> None:
         agree(device, convert, plan.path, output_dir)  # the other ranks wait in agree's all-reduce
         source = output_dir / UNIVERSAL / plan.path.name
     agree(device, _load_engine, engine, source)
-    if plan.convert and rank == 0:
-        shutil.rmtree(output_dir / UNIVERSAL, ignore_errors=True)
+    if plan.convert:
+        _untie_adam_steps(engine)
+        if rank == 0:
+            shutil.rmtree(output_dir / UNIVERSAL, ignore_errors=True)
 
 
 # -- RNG state, per rank, without pickle ---------------------------------------------

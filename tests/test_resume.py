@@ -193,16 +193,21 @@ def test_new_world_size_or_stage_restores_the_state_exactly(tmp_path, cache_dir,
     assert not (out / ".universal").exists()
 
 
-def test_world_size_change_trains_on_with_the_same_batches_and_schedule(tmp_path, cache_dir, files, reference):
-    """2 ranks -> 1: every later step sees the same samples (the global batch does not depend on the world
-    size) at the same learning rate; only dropout and summation order differ."""
-    ref, out = reference(2, 2), tmp_path / "out"
-    Ranks(1, args(files, out, 2, "--resume", ref / f"checkpoint_iter_{K}"), cache_dir, tmp_path).ok()
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_world_size_change_trains_on_like_the_uninterrupted_run(tmp_path, cache_dir, files, reference, stage):
+    """2 ranks -> 1, then S - K steps: every later step sees the same samples (the global batch does not
+    depend on the world size) at the same learning rate, and Adam's step counts one per optimizer step
+    in every parameter group, as in the run that never stopped; only dropout and summation order differ."""
+    ref, out = reference(2, stage), tmp_path / "out"
+    Ranks(1, args(files, out, stage, "--resume", ref / f"checkpoint_iter_{K}"), cache_dir, tmp_path).ok()
     got, want = metrics(out), metrics(ref)
     assert sorted(got) == list(range(K + 1, S + 1))
     for s in got:
         assert (got[s]["tokens"], got[s]["lr"]) == (want[s]["tokens"], want[s]["lr"])
         assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=0.01)
+    ours, theirs = (universal_state(d / f"checkpoint_iter_{S}", tmp_path) for d in (out, ref))
+    steps = {k: float(v) for k, v in ours.items() if k.startswith("step") or k.endswith("/step")}
+    assert steps and steps == {k: float(theirs[k]) for k in steps} and set(steps.values()) == {S}, steps
 
 
 # -- bad checkpoints ---------------------------------------------------------------------
