@@ -354,8 +354,9 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     try:
         while step < cfg.trainer.max_iters:
             sb = next(loader)
-            # One collective agrees on the token count of the global batch and on a pending stop.
-            global_targets, stop_votes = all_sum([sb.num_targets, float(stop.signal != 0)], engine.device)
+            # One collective agrees on the token counts of the global batch and on a pending stop.
+            global_targets, global_tokens, stop_votes = all_sum(
+                [sb.num_targets, sb.num_tokens, float(stop.signal != 0)], engine.device)
             if stop_votes:
                 log.info(f"stop requested by a signal on {int(stop_votes)} rank(s): saving at step {step}, exiting")
                 save(step)
@@ -371,7 +372,7 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(global_targets),
                       "skipped": not applied}
-            meter.add(int(global_targets), sb.num_tokens * world, sb.wait_s)
+            meter.add(int(global_targets), int(global_tokens), sb.wait_s)
             progress.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{meter.tokens_per_s():.0f}")
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_iters:
                 fig = meter.figures()

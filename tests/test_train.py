@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,13 +150,17 @@ def test_conflicting_deepspeed_json_lists_every_conflict(tmp_path, cache_dir):
 
 
 def test_batch_adjustment_is_reported(tmp_path, cache_dir):
+    """Raised to micro x ranks (no accumulation), the batch is reported; the padding figure counts every
+    rank's tokens (rank 0's times the world size went negative at step 1 here)."""
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 2, "batch_size": 7}})
+    cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 2, "batch_size": 3}})
     run_ok(launch(2, ["--config", str(cfg), "--output_dir", str(out)], cache_dir))
     log = (out / "training_rank_0.log").read_text()
     resolved = json.loads((out / "deepspeed_config.resolved.json").read_text())
-    assert resolved["train_batch_size"] == 8  # nearest to 7 with micro 2 x 2 ranks
-    assert "7" in log and "8" in log and "WARNING" in log
+    assert resolved["train_batch_size"] == 4 and resolved["gradient_accumulation_steps"] == 1  # micro 2 x 2 ranks
+    assert "3" in log and "4" in log and "WARNING" in log
+    padding = [float(p) for p in re.findall(r" padding (\S+)%", log)]
+    assert len(padding) == 2 and all(0 <= p < 100 for p in padding), padding
 
 
 def test_script_runs_from_inside_graspGPT(tmp_path, cache_dir):
