@@ -112,9 +112,9 @@ class Ranks:
     test file that runs the trainer with faults injected (see test_resume.py)."""
 
     def __init__(self, ranks: int, args: list, cache_dir: Path, log_dir: Path, hooks: dict | None = None,
-                 script: Path = TRAIN):
+                 script: Path = TRAIN, port: int | None = None):
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir, port = log_dir, str(free_port())
+        self.log_dir, port = log_dir, str(port or free_port())
         self.procs = []
         for r in range(ranks):
             env = dict(train_env(cache_dir), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks),

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -109,3 +110,14 @@ def test_read_only_output_dir_is_refused(tmp_path, cache_dir, cfg):
         run = Ranks(2, ["--config", cfg, "--output_dir", out], cache_dir, tmp_path / "logs")
         assert_refused(run, f"--output_dir {out}: cannot be written", "choose a writable directory")
     assert snapshot(out) == before
+
+
+def test_a_busy_rendezvous_port_is_named(tmp_path, cache_dir, cfg):
+    """Started without the launcher script (deepspeed, torchrun, several nodes): the port clash is an error."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        run = Ranks(1, ["--config", cfg, "--output_dir", tmp_path / "out"], cache_dir, tmp_path / "logs", port=port)
+        assert_refused(run, f"port {port} on 127.0.0.1 is already in use", "--master_port")
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -177,8 +178,19 @@ def test_launcher_script_from_another_directory(tmp_path, cache_dir):
     p = subprocess.run([str(REPO / "run_deepspeed_training.sh"), "--config", str(cfg), "--output_dir", str(out)],
                        cwd=tmp_path, env=train_env(cache_dir), capture_output=True, text=True, timeout=300)
     run_ok(p)
-    assert "launching 2 rank(s) on CPU" in p.stdout  # default without a GPU
+    assert re.search(r"launching 2 rank\(s\) on CPU, master port \d+\n", p.stdout)  # 2 ranks without a GPU; a free port
     assert (out / "training_rank_1.log").is_file() and not (out / "training_rank_2.log").exists()
+
+
+def test_launcher_refuses_a_busy_master_port(tmp_path, cache_dir):
+    with socket.socket() as busy:  # another job's rendezvous
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = subprocess.run([str(REPO / "run_deepspeed_training.sh"), "--master_port", str(port), "--max_iters", "1"],
+                           cwd=tmp_path, env=train_env(cache_dir), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: --master_port {port} is in use"), p.stderr
+    assert len(p.stderr.splitlines()) == 1 and "leave --master_port out" in p.stderr
 
 
 def test_launcher_rejects_bad_rank_count(tmp_path, cache_dir):
