@@ -49,6 +49,22 @@ class RankFailed(RuntimeError):
     """Raised by `agree` on the ranks that did not fail; the message is the failing rank's error."""
 
 
+class RankLost(RuntimeError):
+    """A collective failed because another rank is gone; the message says so (not: free disk space)."""
+
+
+RANK_LOST = ("another rank stopped (killed, crashed, out of memory, or its node went down: see its log, and "
+             "dmesg for the OOM killer)")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether an error from a collective means another rank is gone: gloo reports a closed connection,
+    NCCL a failed communicator, torch's store a timeout."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(s in text for s in (
+        "connection reset", "connection closed", "connection refused", "broken pipe", "timed out", "nccl"))
+
+
 def tag_for(step: int) -> str:
     return f"{PREFIX}{step}"
 
@@ -413,20 +429,27 @@ class Saver:
         """Every rank calls this. The checkpoint directory, once complete everywhere; None if nothing new."""
         if step == self.last_step:
             return None
-        tag = tag_for(step)
-        path = self.output_dir / tag
-        if self.rank == 0 and path.exists():  # a leftover of a save that was killed
-            _remove(path)
-        _barrier()
+        path = self.output_dir / tag_for(step)
         try:
-            self.engine.save_checkpoint(str(self.output_dir), tag=tag, save_latest=False)
-            _save_rng(path, self.rank)
-            if self.rank == 0:
-                _atomic_write(path / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
+            self._write(step, path, state)
         except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, through torch.save
+            if peer_lost(exc):
+                raise RankLost(f"{path}: {RANK_LOST} during the save ({type(exc).__name__}: {exc}); the checkpoint "
+                               f"stays incomplete and unused, the earlier ones are intact: --resume auto") from exc
             raise CheckpointError(f"{path}: could not write the checkpoint ({type(exc).__name__}: {exc}); it stays "
                                   f"incomplete and unused, the earlier ones are intact. Free space, then "
                                   f"--resume auto") from exc
+        self.last_step = step
+        return path
+
+    def _write(self, step: int, path: Path, state: dict) -> None:
+        if self.rank == 0 and path.exists():  # a leftover of a save that was killed
+            _remove(path)
+        _barrier()
+        self.engine.save_checkpoint(str(self.output_dir), tag=path.name, save_latest=False)
+        _save_rng(path, self.rank)
+        if self.rank == 0:
+            _atomic_write(path / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
         _barrier()  # every rank's shards and RNG files are written
         if self.rank == 0:
             files = sorted(f for f in path.rglob("*") if f.is_file())
@@ -434,11 +457,9 @@ class Saver:
                 _fsync(f)
             sizes = {str(f.relative_to(path)): f.stat().st_size for f in files}
             _atomic_write(path / MARKER, json.dumps({"step": step, "files": sizes}, indent=1))
-            _atomic_write(self.output_dir / LATEST, f"{tag}\n")
+            _atomic_write(self.output_dir / LATEST, f"{path.name}\n")
             self._prune()
         _barrier()
-        self.last_step = step
-        return path
 
     def _prune(self) -> None:
         """Old complete checkpoints beyond the newest keep_last (never the resumed-from one), and leftovers."""

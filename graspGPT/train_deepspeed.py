@@ -463,6 +463,16 @@ def main(argv: list[str] | None = None) -> int:
     except torch.OutOfMemoryError as exc:
         print(f"error: {oom_message(exc)}", file=sys.stderr)
         return 3
+    except checkpoint.RankLost as exc:  # every surviving rank says it: which ones survive is unknown
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if not checkpoint.peer_lost(exc):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        print(f"error: a collective failed ({type(exc).__name__}: {detail}): {checkpoint.RANK_LOST}; the last "
+              f"checkpoint is intact: --resume auto", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

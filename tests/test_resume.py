@@ -175,6 +175,17 @@ def test_signals_and_a_killed_save_resume_to_the_same_run(tmp_path, cache_dir, f
     assert_same_state(ref / f"checkpoint_iter_{S}", half, tmp_path)
 
 
+def test_a_rank_killed_during_a_save_is_reported_as_such(tmp_path, cache_dir, files):
+    """Not as a disk problem: the survivor says a rank stopped; the half-written checkpoint is never used."""
+    out = tmp_path / "out"
+    run = Ranks(2, args(files, out, 2), cache_dir, tmp_path, {"HOOK_DIE_IN_SAVE": f"checkpoint_iter_{K}:1"}, HOOKED)
+    assert run.wait() == [1, -signal.SIGKILL], run.output()
+    errors = [line for line in run.output(0).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "another rank stopped" in errors[0] and "Free space" not in errors[0], run.output(0)
+    assert "Traceback" not in run.output(0)
+    assert not (out / f"checkpoint_iter_{K}" / "COMPLETE").exists() and not (out / LOCK_FILE).exists()
+
+
 # -- world-size change -------------------------------------------------------------------
 @pytest.mark.parametrize("saved,ranks", [((1, 2), (2, 2)), ((2, 2), (4, 2)), ((2, 3), (1, 3)), ((2, 1), (2, 2))],
                          ids=["1to2", "2to4", "zero3_2to1", "zero1to2"])
@@ -282,6 +293,7 @@ def _run_with_hooks() -> int:
     HOOK_SIGNAL_AT=k:r    rank r sends itself SIGUSR1 when it fetches the batch of step index k
     HOOK_NAN_STEPS=a,b    (with HOOK_NAN_RANK=r) rank r's loss is NaN at those steps (1-based, as logged)
     HOOK_STALL_SAVE=name  saving checkpoint `name` stalls after each rank wrote its files
+    HOOK_DIE_IN_SAVE=name:r  rank r is SIGKILLed while saving checkpoint `name`, its shards written
     """
     from graspGPT import checkpoint, train_deepspeed
     from graspGPT.data import dataset
@@ -312,6 +324,8 @@ def _run_with_hooks() -> int:
     save_rng = checkpoint._save_rng
 
     def stalled_save_rng(path, r):
+        if f"{path.name}:{r}" == hooks.get("HOOK_DIE_IN_SAVE"):
+            os.kill(os.getpid(), signal.SIGKILL)
         save_rng(path, r)
         if path.name == hooks.get("HOOK_STALL_SAVE"):
             time.sleep(600)
