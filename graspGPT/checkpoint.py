@@ -53,8 +53,8 @@ class RankLost(RuntimeError):
     """A collective failed because another rank is gone; the message says so (not: free disk space)."""
 
 
-RANK_LOST = ("another rank stopped (killed, crashed, out of memory, or its node went down: see its log, and "
-             "dmesg for the OOM killer)")
+RANK_LOST = ("another rank stopped or stalled (killed, crashed, out of memory, hung past DEEPSPEED_TIMEOUT, or its "
+             "node went down: see its log, and dmesg for the OOM killer)")
 
 
 def peer_lost(exc: BaseException) -> bool:
@@ -107,6 +107,9 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file; give a checkpoint directory, or --resume auto")
         tag = path.read_text().strip()
+        if not (path.parent / tag).is_dir():
+            raise CheckpointError(f"{path}: names {tag!r}, which is not there (deleted or moved); give a checkpoint "
+                                  f"directory, or --resume auto (the newest complete one, whatever latest says)")
         path = path.parent / tag
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found; give an existing checkpoint_iter_N directory, "

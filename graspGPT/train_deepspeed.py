@@ -95,6 +95,14 @@ def model_shape(mcfg: ModelConfig) -> dict:
     return {**shape, "coordinate_embedding": mcfg.voxel_grid is not None}
 
 
+def data_identity(store: TokenStore) -> dict:
+    """What tells one data set from another cheaply: the sample count, the token count and a hash of every
+    sample's length (offsets: 8 bytes a sample), not of every token."""
+    import hashlib
+    return {"num_samples": len(store), "num_tokens": int(store.offsets[-1]),
+            "offsets_sha1": hashlib.sha1(np.ascontiguousarray(store.offsets, dtype=np.int64).tobytes()).hexdigest()}
+
+
 def build_model(cfg: Config, vocab: Vocab, ds_config: dict, zero_stage: int) -> GraspGPT:
     mcfg = model_config(cfg, vocab)
     if zero_stage == 3:  # parameters are partitioned as they are created, so a model larger than one GPU fits
@@ -226,16 +234,26 @@ def take_output_dir(out: Path, rank: int) -> OutputLock | None:
     return OutputLock.acquire(out) if rank == 0 else None
 
 
+class LaunchError(RuntimeError):
+    """The ranks could not meet; every rank says so (the one that knows more may be the missing one)."""
+
+
 def init_distributed() -> None:
     import deepspeed
     try:
         deepspeed.init_distributed()
-    except RuntimeError as exc:  # torch's DistNetworkError is one
-        if "EADDRINUSE" not in str(exc):
-            raise
+    except RuntimeError as exc:  # torch's DistNetworkError and DistStoreError are ones
         port, addr = os.environ.get("MASTER_PORT", "?"), os.environ.get("MASTER_ADDR", "?")
-        raise ConfigError(f"port {port} on {addr} is already in use (another job?); pass a free --master_port, or "
-                          f"leave it out on a single node and run_deepspeed_training.sh picks one") from None
+        if "EADDRINUSE" in str(exc):
+            raise LaunchError(f"port {port} on {addr} is already in use (another job?); pass a free --master_port, "
+                              f"or leave it out on a single node and run_deepspeed_training.sh picks one") from None
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            detail = str(exc).strip().splitlines()[0]
+            raise LaunchError(f"not every rank reached the rendezvous at {addr}:{port} within DEEPSPEED_TIMEOUT "
+                              f"({os.environ.get('DEEPSPEED_TIMEOUT', 10)} min; {detail}): a node never came up, or "
+                              f"was given another --master_addr/--master_port; check the hostfile and each node's "
+                              f"launch") from None
+        raise
 
 
 def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
@@ -316,7 +334,7 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
              f"{batch.grad_accum} x {world} ranks")
     start_step = 0
     if plan is not None:
-        resume_from(engine, plan, cfg, out, rank, world, batch.global_batch, device, log)
+        resume_from(engine, plan, cfg, out, rank, world, batch.global_batch, data_identity(store), device, log)
         start_step = plan.step
 
     max_len = cfg.dataset.max_sequence_length
@@ -343,7 +361,7 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     run_state = {"config": cfg.to_dict(), "world_size": world, "zero_stage": ds.zero_stage, "precision": ds.precision,
                  "global_batch": batch.global_batch, "model": model_shape(mcfg), "vocab": vocab.to_meta(),
                  "workspace": {"bbox_min": list(ws.bbox_min), "bbox_max": list(ws.bbox_max),
-                               "voxel_size": ws.voxel_size}}
+                               "voxel_size": ws.voxel_size}, "data": data_identity(store)}
 
     def save(step):
         path = saver(step, {**run_state, "skipped_steps": skips.total})
@@ -423,7 +441,7 @@ def grasp_metrics(grasp_eval: TrainingEvaluator, engine, step: int, rank: int, w
 
 
 def resume_from(engine, plan: checkpoint.ResumePlan, cfg: Config, out: Path, rank: int, world: int,
-                global_batch: int, device, log) -> None:
+                global_batch: int, data: dict, device, log) -> None:
     """Load a checkpoint into the engine and the RNG streams, and say what differs from the saved run."""
     saved_world = plan.state.get("world_size")
     if plan.convert:
@@ -437,6 +455,11 @@ def resume_from(engine, plan: checkpoint.ResumePlan, cfg: Config, out: Path, ran
     if plan.state.get("global_batch", global_batch) != global_batch:
         log.warning(f"the global batch was {plan.state['global_batch']} and is {global_batch} now: from here on "
                     f"the steps see other samples than the saved run would have")
+    # A data set rewritten (or another one at the same path) changes what every later step trains on.
+    data_changes = checkpoint.changed_settings({"data": plan.state.get("data", data)}, {"data": data})
+    if data_changes:
+        log.warning(f"the data set differs from the checkpoint's ({'; '.join(data_changes)}): from here on the steps "
+                    f"see other samples than the saved run would have")
     changes = checkpoint.changed_settings(plan.state.get("config", {}), cfg.to_dict())
     if changes:
         log.warning("resuming with changed settings: " + "; ".join(changes))
@@ -463,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     except torch.OutOfMemoryError as exc:
         print(f"error: {oom_message(exc)}", file=sys.stderr)
         return 3
+    except LaunchError as exc:  # every rank says it: the rank that knows more may be the missing one
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except checkpoint.RankLost as exc:  # every surviving rank says it: which ones survive is unknown
         print(f"error: {exc}", file=sys.stderr)
         return 1

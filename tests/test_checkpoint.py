@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,10 @@ def test_resume_forms(tmp_path):
     assert checkpoint.resolve_resume(str(c3), out) == c3
     assert checkpoint.resolve_resume(str(out / "latest"), out) == c6
     assert checkpoint.resolve_resume(str(out), out) == c6  # an output directory means its latest
+    shutil.rmtree(c6)  # deleted by hand: latest names a directory that is gone
+    with pytest.raises(CheckpointError, match=f"{out / 'latest'}: names 'checkpoint_iter_6', which is not there"):
+        checkpoint.resolve_resume(str(out), out)
+    assert checkpoint.resolve_resume("auto", out) == c3  # auto never trusts latest
 
 
 @pytest.mark.parametrize("given,message", [

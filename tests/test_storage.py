@@ -234,3 +234,15 @@ def test_store_split_random_and_explicit(tmp_path):
     (tmp_path / "b" / "val.u8").write_bytes(b"\x00\x01")
     with pytest.raises(StorageError, match=r"val.u8: expected 10 bytes"):
         TokenStore.open(tmp_path / "b")
+
+
+def test_data_identity_tells_a_rewritten_data_set(tmp_path):
+    """What a checkpoint records of its data, so a resume can warn when the data set was rewritten."""
+    from graspGPT.train_deepspeed import data_identity
+
+    samples = make_samples(6)
+    a = data_identity(TokenStore.open(write(tmp_path / "a", samples)))
+    assert a == data_identity(TokenStore.open(write(tmp_path / "b", samples)))  # a copy is the same data
+    shorter = samples[:3] + [samples[3][:-1]] + samples[4:]  # one sample one token shorter
+    assert a != data_identity(TokenStore.open(write(tmp_path / "c", shorter)))
+    assert a["num_samples"] == 6 and a["num_tokens"] == sum(len(s) for s in samples)
