@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -98,7 +99,6 @@ def model_shape(mcfg: ModelConfig) -> dict:
 def data_identity(store: TokenStore) -> dict:
     """What tells one data set from another cheaply: the sample count, the token count and a hash of every
     sample's length (offsets: 8 bytes a sample), not of every token."""
-    import hashlib
     return {"num_samples": len(store), "num_tokens": int(store.offsets[-1]),
             "offsets_sha1": hashlib.sha1(np.ascontiguousarray(store.offsets, dtype=np.int64).tobytes()).hexdigest()}
 
@@ -247,7 +247,7 @@ def init_distributed() -> None:
         if "EADDRINUSE" in str(exc):
             raise LaunchError(f"port {port} on {addr} is already in use (another job?); pass a free --master_port, "
                               f"or leave it out on a single node and run_deepspeed_training.sh picks one") from None
-        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+        if "timed out" in str(exc).lower():  # rank 0's store waited for ranks that never came
             detail = str(exc).strip().splitlines()[0]
             raise LaunchError(f"not every rank reached the rendezvous at {addr}:{port} within DEEPSPEED_TIMEOUT "
                               f"({os.environ.get('DEEPSPEED_TIMEOUT', 10)} min; {detail}): a node never came up, or "
