@@ -14,6 +14,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -477,8 +478,6 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if not quiet:
             print(f"error: {exc}", file=sys.stderr)
-        if dist.is_initialized():  # every rank is here, no collective pending: join gloo's threads now, or
-            dist.destroy_process_group()  # interpreter shutdown may stop one mid-destructor (abort, exit -6)
         return 2
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -501,5 +500,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def exit_process(code: int) -> None:
+    """Exit with `code`. Once ranks have talked, without interpreter shutdown: a gloo thread may still be
+    dropping the last collective's tensors, and CPython stopping it mid-destructor aborts the process
+    ("terminate called without an active exception", exit -6 instead of the code; seen on a rank
+    refused at start-up)."""
+    if dist.is_available() and dist.is_initialized():
+        logging.shutdown()  # flush and close the rank logs
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -338,4 +338,5 @@ def _run_with_hooks() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_run_with_hooks())
+    from graspGPT.train_deepspeed import exit_process
+    exit_process(_run_with_hooks())
