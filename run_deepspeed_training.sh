@@ -7,6 +7,8 @@
 # Launcher flags go to `deepspeed`: --hostfile FILE --num_nodes --master_addr --master_port
 #   --include --exclude --no_ssh --node_rank --launcher. With --hostfile, each host's slots
 #   decide the ranks (N is ignored).
+# On one node a free --master_port is picked when none is given (a busy one given is an error);
+#   with --hostfile the given port, or deepspeed's default 29500, is used as is.
 # Everything else goes to graspGPT/train_deepspeed.py (see its --help).
 # CUDA_VISIBLE_DEVICES is respected as the caller set it.
 # SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 to this script reaches every local rank: they agree on a step,
@@ -30,14 +32,17 @@ fi
 launcher_args=()
 train_args=()
 hostfile=""
+master_port=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --hostfile|--num_nodes|--master_addr|--master_port|--include|--exclude|--node_rank|--launcher)
       [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
       [[ "$1" == --hostfile ]] && hostfile="$2"
+      [[ "$1" == --master_port ]] && master_port="$2"
       launcher_args+=("$1" "$2"); shift 2 ;;
     --hostfile=*|--num_nodes=*|--master_addr=*|--master_port=*|--include=*|--exclude=*|--node_rank=*|--launcher=*)
       [[ "$1" == --hostfile=* ]] && hostfile="${1#*=}"
+      [[ "$1" == --master_port=* ]] && master_port="${1#*=}"
       launcher_args+=("$1"); shift ;;
     --no_ssh|--no_ssh_check|--no_local_rank)
       launcher_args+=("$1"); shift ;;
@@ -67,7 +72,26 @@ if [[ -z "$hostfile" ]]; then
   else
     launcher_args+=(--num_gpus "$ranks")
   fi
-  echo "launching $ranks rank(s) on $( [[ "$visible_gpus" -gt 0 ]] && echo GPU || echo CPU )"
+  # One node: the rendezvous port only has to be free here. Without --master_port take a free one rather
+  # than deepspeed's 29500, where another job's ranks may already listen (and ours would join them).
+  # (Several nodes keep the given or default port: every node must name the same one.)
+  port_check='import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch binds it: a port in TIME_WAIT is free
+try:
+    s.bind(("", int(sys.argv[1])))
+except OSError:
+    sys.exit(1)
+print(s.getsockname()[1])'
+  if [[ -z "$master_port" ]]; then
+    master_port=$("$python" -c "$port_check" 0)
+    launcher_args+=(--master_port "$master_port")
+  elif ! "$python" -c "$port_check" "$master_port" >/dev/null 2>&1; then
+    echo "error: --master_port $master_port is in use on this machine (another job?); pass a free port, or leave" \
+      "--master_port out and a free one is picked" >&2
+    exit 2
+  fi
+  echo "launching $ranks rank(s) on $( [[ "$visible_gpus" -gt 0 ]] && echo GPU || echo CPU ), master port $master_port"
 fi
 
 # Own session: a Ctrl-C in the terminal reaches only this script, which forwards it (below).

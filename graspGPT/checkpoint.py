@@ -12,7 +12,7 @@ after COMPLETE. The toolkit's own state never goes through pickle.
 
 Every function that can fail because of a checkpoint raises CheckpointError; `agree` runs such a
 function on every rank and raises on all of them if it failed on any, so no rank is left waiting in
-a collective.
+a collective, and rank 0 can print the error whichever rank found it.
 """
 from __future__ import annotations
 
@@ -43,6 +43,26 @@ T = TypeVar("T")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+class RankFailed(RuntimeError):
+    """Raised by `agree` on the ranks that did not fail; the message is the failing rank's error."""
+
+
+class RankLost(RuntimeError):
+    """A collective failed because another rank is gone; the message says so (not: free disk space)."""
+
+
+RANK_LOST = ("another rank stopped or stalled (killed, crashed, out of memory, hung past DEEPSPEED_TIMEOUT, or its "
+             "node went down: see its log, and dmesg for the OOM killer)")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether an error from a collective means another rank is gone: gloo reports a closed connection,
+    NCCL a failed communicator, torch's store a timeout."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or any(s in text for s in (
+        "connection reset", "connection closed", "connection refused", "broken pipe", "timed out", "nccl"))
 
 
 def tag_for(step: int) -> str:
@@ -87,6 +107,9 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file; give a checkpoint directory, or --resume auto")
         tag = path.read_text().strip()
+        if not (path.parent / tag).is_dir():
+            raise CheckpointError(f"{path}: names {tag!r}, which is not there (deleted or moved); give a checkpoint "
+                                  f"directory, or --resume auto (the newest complete one, whatever latest says)")
         path = path.parent / tag
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found; give an existing checkpoint_iter_N directory, "
@@ -195,8 +218,12 @@ def plan_resume(resume: str | None, output_dir: Path, world: int, zero_stage: in
 
 
 # -- agreement between ranks ---------------------------------------------------------
-def agree(device, fn: Callable[..., T], *args) -> T:
-    """fn(*args) on every rank; if it raises CheckpointError on any rank, raise on all of them.
+MESSAGE_BYTES = 2000  # of an error passed to the other ranks
+
+
+def agree(device, fn: Callable[..., T], *args, errors: tuple = (CheckpointError,)) -> T:
+    """fn(*args) on every rank; if it raises one of `errors` on any rank, raise on all of them: the
+    failing rank its own error, the others RankFailed carrying the first failing rank's message.
 
     The all-reduce also acts as a barrier. Call it where every rank calls it, with fn failing before
     any collective of its own.
@@ -204,16 +231,21 @@ def agree(device, fn: Callable[..., T], *args) -> T:
     error, result = None, None
     try:
         result = fn(*args)
-    except CheckpointError as exc:
+    except errors as exc:
         error = exc
-    failed = torch.zeros(dist.get_world_size(), dtype=torch.float32, device=device)
-    failed[dist.get_rank()] = error is not None
-    dist.all_reduce(failed)
+    # Row r: rank r's flag and error text as byte values; a sum leaves each row to its rank.
+    rows = torch.zeros((dist.get_world_size(), 1 + MESSAGE_BYTES), dtype=torch.int32, device=device)
+    if error is not None:
+        text = str(error).encode()[:MESSAGE_BYTES]
+        rows[dist.get_rank(), 0] = 1
+        rows[dist.get_rank(), 1:1 + len(text)] = torch.tensor(list(text), dtype=torch.int32)
+    dist.all_reduce(rows)
     if error is not None:
         raise error
-    ranks = [str(r) for r, f in enumerate(failed.tolist()) if f]
-    if ranks:
-        raise CheckpointError(f"rank(s) {', '.join(ranks)} failed (see the error they printed); stopping every rank")
+    failed = [r for r in range(len(rows)) if rows[r, 0]]
+    if failed:
+        text = bytes(v for v in rows[failed[0], 1:].tolist() if v).decode(errors="replace")
+        raise RankFailed(f"rank {failed[0]}: {text}" + (f" (and {len(failed) - 1} more rank(s))" if failed[1:] else ""))
     return result
 
 
@@ -255,6 +287,18 @@ def _load_engine(engine, path: Path) -> None:
         raise CheckpointError(f"{path}: DeepSpeed found no model states in it; resume from an earlier checkpoint")
 
 
+def _untie_adam_steps(engine) -> None:
+    """Give every parameter group's optimizer state its own step tensor.
+
+    DeepSpeed 0.19.8's ZeRO-3 universal-checkpoint load stores one step tensor in the state of every
+    parameter group; Adam increments it in place once per group, so after the load the step (and with
+    it the bias correction) advanced by the number of groups per optimizer step.
+    """
+    for state in getattr(getattr(engine.optimizer, "optimizer", None), "state", {}).values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 def load(engine, plan: ResumePlan, output_dir: Path, rank: int, device) -> None:
     """Weights, optimizer, LR schedule into `engine`, on every rank; converted first when `plan.convert`."""
     source = plan.path
@@ -263,8 +307,10 @@ def load(engine, plan: ResumePlan, output_dir: Path, rank: int, device) -> None:
         agree(device, convert, plan.path, output_dir)  # the other ranks wait in agree's all-reduce
         source = output_dir / UNIVERSAL / plan.path.name
     agree(device, _load_engine, engine, source)
-    if plan.convert and rank == 0:
-        shutil.rmtree(output_dir / UNIVERSAL, ignore_errors=True)
+    if plan.convert:
+        _untie_adam_steps(engine)
+        if rank == 0:
+            shutil.rmtree(output_dir / UNIVERSAL, ignore_errors=True)
 
 
 # -- RNG state, per rank, without pickle ---------------------------------------------
@@ -386,20 +432,27 @@ class Saver:
         """Every rank calls this. The checkpoint directory, once complete everywhere; None if nothing new."""
         if step == self.last_step:
             return None
-        tag = tag_for(step)
-        path = self.output_dir / tag
-        if self.rank == 0 and path.exists():  # a leftover of a save that was killed
-            _remove(path)
-        _barrier()
+        path = self.output_dir / tag_for(step)
         try:
-            self.engine.save_checkpoint(str(self.output_dir), tag=tag, save_latest=False)
-            _save_rng(path, self.rank)
-            if self.rank == 0:
-                _atomic_write(path / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
+            self._write(step, path, state)
         except (OSError, RuntimeError) as exc:  # a full disk surfaces as either, through torch.save
+            if peer_lost(exc):
+                raise RankLost(f"{path}: {RANK_LOST} during the save ({type(exc).__name__}: {exc}); the checkpoint "
+                               f"stays incomplete and unused, the earlier ones are intact: --resume auto") from exc
             raise CheckpointError(f"{path}: could not write the checkpoint ({type(exc).__name__}: {exc}); it stays "
                                   f"incomplete and unused, the earlier ones are intact. Free space, then "
                                   f"--resume auto") from exc
+        self.last_step = step
+        return path
+
+    def _write(self, step: int, path: Path, state: dict) -> None:
+        if self.rank == 0 and path.exists():  # a leftover of a save that was killed
+            _remove(path)
+        _barrier()
+        self.engine.save_checkpoint(str(self.output_dir), tag=path.name, save_latest=False)
+        _save_rng(path, self.rank)
+        if self.rank == 0:
+            _atomic_write(path / STATE_FILE, json.dumps({**state, "step": step}, indent=1))
         _barrier()  # every rank's shards and RNG files are written
         if self.rank == 0:
             files = sorted(f for f in path.rglob("*") if f.is_file())
@@ -407,11 +460,9 @@ class Saver:
                 _fsync(f)
             sizes = {str(f.relative_to(path)): f.stat().st_size for f in files}
             _atomic_write(path / MARKER, json.dumps({"step": step, "files": sizes}, indent=1))
-            _atomic_write(self.output_dir / LATEST, f"{tag}\n")
+            _atomic_write(self.output_dir / LATEST, f"{path.name}\n")
             self._prune()
         _barrier()
-        self.last_step = step
-        return path
 
     def _prune(self) -> None:
         """Old complete checkpoints beyond the newest keep_last (never the resumed-from one), and leftovers."""

@@ -10,8 +10,11 @@ SIGTERM, SIGINT or SIGUSR1 to any rank: every rank stops at the same step, saves
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -30,20 +33,22 @@ from graspGPT import checkpoint
 from graspGPT.config import Config, ConfigError, load_config
 from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, val_batches
 from graspGPT.data.source import DataSourceError, resolve_data_dir
-from graspGPT.data.storage import TokenStore
+from graspGPT.data.storage import StorageError, TokenStore
 from graspGPT.data.synth import SynthError
+from graspGPT.data.upstream import UpstreamError
 from graspGPT.data.vocab import Vocab
 from graspGPT.evaluate import TrainingEvaluator
 from graspGPT.ds_config import DeepSpeedConfigError, load_deepspeed_json, resolve_deepspeed_config, save_resolved
 from graspGPT.model import GraspGPT, ModelConfig, ModelConfigError
 from graspGPT.observe import Progress, Throughput, Wandb, oom_message, rank_logger
+from graspGPT.runlock import OutputLock, OutputLockError
 from graspGPT.schedule import make_lr_scheduler
 
 # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; the warning is not ours to act on.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, SynthError, ModelConfigError,
-               checkpoint.CheckpointError)
+USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, SynthError, ModelConfigError, StorageError,
+               UpstreamError, OutputLockError, checkpoint.CheckpointError, checkpoint.RankFailed)
 METRICS_FILE = "metrics_rank0.jsonl"
 
 
@@ -90,6 +95,13 @@ def model_shape(mcfg: ModelConfig) -> dict:
     """What a checkpoint must share with the run that resumes it."""
     shape = {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "vocab_size")}
     return {**shape, "coordinate_embedding": mcfg.voxel_grid is not None}
+
+
+def data_identity(store: TokenStore) -> dict:
+    """What tells one data set from another cheaply: the sample count, the token count and a hash of every
+    sample's length (offsets: 8 bytes a sample), not of every token."""
+    return {"num_samples": len(store), "num_tokens": int(store.offsets[-1]),
+            "offsets_sha1": hashlib.sha1(np.ascontiguousarray(store.offsets, dtype=np.int64).tobytes()).hexdigest()}
 
 
 def build_model(cfg: Config, vocab: Vocab, ds_config: dict, zero_stage: int) -> GraspGPT:
@@ -206,7 +218,46 @@ def evaluate(engine, samples: TrainingSamples, batches: list[np.ndarray]) -> flo
     return loss_sum / max(count, 1)
 
 
-def train(cfg: Config, stop: StopRequest) -> int:
+def open_data(cfg: Config, local_rank: int, device) -> TokenStore:
+    """The run's data set, checked on every rank (a bad one is an error on all of them, printed once).
+    Local rank 0 builds caches (synthetic data, imports) first; the other ranks then find them."""
+    def build():
+        if local_rank == 0:
+            resolve_data_dir(cfg.dataset, cfg.system.seed, progress=dist.get_rank() == 0)
+
+    checkpoint.agree(device, build, errors=USER_ERRORS)
+    return checkpoint.agree(device, lambda: TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed)),
+                            errors=USER_ERRORS)
+
+
+def take_output_dir(out: Path, rank: int) -> OutputLock | None:
+    """Rank 0 holds the output directory for the life of the run (see runlock.py)."""
+    return OutputLock.acquire(out) if rank == 0 else None
+
+
+class LaunchError(RuntimeError):
+    """The ranks could not meet; every rank says so (the one that knows more may be the missing one)."""
+
+
+def init_distributed() -> None:
+    import deepspeed
+    try:
+        deepspeed.init_distributed()
+    except RuntimeError as exc:  # torch's DistNetworkError and DistStoreError are ones
+        port, addr = os.environ.get("MASTER_PORT", "?"), os.environ.get("MASTER_ADDR", "?")
+        if "EADDRINUSE" in str(exc):
+            raise LaunchError(f"port {port} on {addr} is already in use (another job?); pass a free --master_port, "
+                              f"or leave it out on a single node and run_deepspeed_training.sh picks one") from None
+        if "timed out" in str(exc).lower():  # rank 0's store waited for ranks that never came
+            detail = str(exc).strip().splitlines()[0]
+            raise LaunchError(f"not every rank reached the rendezvous at {addr}:{port} within DEEPSPEED_TIMEOUT "
+                              f"({os.environ.get('DEEPSPEED_TIMEOUT', 10)} min; {detail}): a node never came up, or "
+                              f"was given another --master_addr/--master_port; check the hostfile and each node's "
+                              f"launch") from None
+        raise
+
+
+def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -215,7 +266,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
         # (~35 s) and leaves ~130 MB buffers in /dev/shm after every run.
         import deepspeed.ops
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed()
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accel = get_accelerator()
@@ -233,33 +284,33 @@ def train(cfg: Config, stop: StopRequest) -> int:
         torch.utils.deterministic.fill_uninitialized_memory = False
     seed_everything(cfg.system.seed)  # the same initial weights on every rank
 
-    out = Path(cfg.system.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    log = rank_logger(out, rank)
-    log.info(f"rank {rank}/{world} on {accel.device_name()}; output {out.resolve()}")
-    if rank == 0:
-        cfg.save(out / "config.json")
-
-    # Data: local rank 0 builds caches (synthetic data, imports); the others then find them.
-    if local_rank == 0:
-        resolve_data_dir(cfg.dataset, cfg.system.seed, progress=rank == 0)
-    dist.barrier()
-    store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
+    # Everything that can refuse the run is checked before the output directory changes at all.
+    store = open_data(cfg, local_rank, device)
     vocab = store.vocab
     train_idx, val_idx = store.split(cfg.dataset.val_fraction, cfg.system.seed)
-    log.info(f"data {store.path}: {len(store)} samples ({len(train_idx)} train, {len(val_idx)} val), V={vocab.size}")
-
-    # DeepSpeed config, batch math; what to resume from (checked on every rank before anything is built).
     bf16_ok = on_gpu and accel.is_bf16_supported()
     ds = resolve_deepspeed_config(load_deepspeed_json(cfg.deepspeed.config), cfg, world, accel.device_name(), bf16_ok,
                                   source=cfg.deepspeed.config)
     batch = ds.batch
-    for note in ds.notes:
-        log.info(f"note: {note}")
     mcfg = model_config(cfg, vocab)
+    # The output directory: held by this run (a second run is refused), then what to resume from in it.
+    out = Path(cfg.system.output_dir)
+    lock = checkpoint.agree(device, take_output_dir, out, rank, errors=USER_ERRORS)
+    if lock is not None:
+        cleanup.callback(lock.release)
     plan = checkpoint.agree(device, checkpoint.plan_resume, cfg.trainer.resume, out, world, ds.zero_stage,
                             model_shape(mcfg), vocab.to_meta())
     checkpoint.check_same_plan(device, plan)
+
+    # Accepted: from here on the run writes its output directory.
+    out.mkdir(parents=True, exist_ok=True)  # for ranks on a node that does not share rank 0's file system
+    log = rank_logger(out, rank)
+    log.info(f"rank {rank}/{world} on {accel.device_name()}; output {out.resolve()}")
+    log.info(f"data {store.path}: {len(store)} samples ({len(train_idx)} train, {len(val_idx)} val), V={vocab.size}")
+    for note in ds.notes:
+        log.info(f"note: {note}")
+    if rank == 0:
+        cfg.save(out / "config.json")
     if plan is not None and plan.convert:
         ds.config["checkpoint"] = {**ds.config.get("checkpoint", {}), "load_universal": True}
     if rank == 0:
@@ -284,7 +335,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
              f"{batch.grad_accum} x {world} ranks")
     start_step = 0
     if plan is not None:
-        resume_from(engine, plan, cfg, out, rank, world, batch.global_batch, device, log)
+        resume_from(engine, plan, cfg, out, rank, world, batch.global_batch, data_identity(store), device, log)
         start_step = plan.step
 
     max_len = cfg.dataset.max_sequence_length
@@ -312,7 +363,8 @@ def train(cfg: Config, stop: StopRequest) -> int:
     run_state = {"config": cfg.to_dict(), "world_size": world, "zero_stage": ds.zero_stage, "precision": ds.precision,
                  "global_batch": batch.global_batch, "model": model_shape(mcfg), "vocab": vocab.to_meta(),
                  "workspace": {"bbox_min": list(ws.bbox_min), "bbox_max": list(ws.bbox_max),
-                               "voxel_size": ws.voxel_size, "grasp_cells": store.grasp_cells}}
+                               "voxel_size": ws.voxel_size, "grasp_cells": store.grasp_cells},
+                 "data": data_identity(store)}
 
     def save(step):
         path = saver(step, {**run_state, "skipped_steps": skips.total})
@@ -323,8 +375,9 @@ def train(cfg: Config, stop: StopRequest) -> int:
     try:
         while step < cfg.trainer.max_iters:
             sb = next(loader)
-            # One collective agrees on the token count of the global batch and on a pending stop.
-            global_targets, stop_votes = all_sum([sb.num_targets, float(stop.signal != 0)], engine.device)
+            # One collective agrees on the token counts of the global batch and on a pending stop.
+            global_targets, global_tokens, stop_votes = all_sum(
+                [sb.num_targets, sb.num_tokens, float(stop.signal != 0)], engine.device)
             if stop_votes:
                 log.info(f"stop requested by a signal on {int(stop_votes)} rank(s): saving at step {step}, exiting")
                 save(step)
@@ -340,7 +393,7 @@ def train(cfg: Config, stop: StopRequest) -> int:
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(global_targets),
                       "skipped": not applied}
-            meter.add(int(global_targets), sb.num_tokens * world, sb.wait_s)
+            meter.add(int(global_targets), int(global_tokens), sb.wait_s)
             progress.update(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{meter.tokens_per_s():.0f}")
             if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_iters:
                 fig = meter.figures()
@@ -394,7 +447,7 @@ def grasp_metrics(grasp_eval: TrainingEvaluator, engine, step: int, rank: int, w
 
 
 def resume_from(engine, plan: checkpoint.ResumePlan, cfg: Config, out: Path, rank: int, world: int,
-                global_batch: int, device, log) -> None:
+                global_batch: int, data: dict, device, log) -> None:
     """Load a checkpoint into the engine and the RNG streams, and say what differs from the saved run."""
     saved_world = plan.state.get("world_size")
     if plan.convert:
@@ -408,6 +461,11 @@ def resume_from(engine, plan: checkpoint.ResumePlan, cfg: Config, out: Path, ran
     if plan.state.get("global_batch", global_batch) != global_batch:
         log.warning(f"the global batch was {plan.state['global_batch']} and is {global_batch} now: from here on "
                     f"the steps see other samples than the saved run would have")
+    # A data set rewritten (or another one at the same path) changes what every later step trains on.
+    data_changes = checkpoint.changed_settings({"data": plan.state.get("data", data)}, {"data": data})
+    if data_changes:
+        log.warning(f"the data set differs from the checkpoint's ({'; '.join(data_changes)}): from here on the steps "
+                    f"see other samples than the saved run would have")
     changes = checkpoint.changed_settings(plan.state.get("config", {}), cfg.to_dict())
     if changes:
         log.warning("resuming with changed settings: " + "; ".join(changes))
@@ -416,11 +474,15 @@ def resume_from(engine, plan: checkpoint.ResumePlan, cfg: Config, out: Path, ran
 
 def main(argv: list[str] | None = None) -> int:
     stop = StopRequest()  # first: a signal during start-up also ends in a clean stop
+    # Every rank meets the same error (agree hands one rank's error to all): rank 0 alone prints it.
+    quiet = int(os.environ.get("RANK", "0")) != 0
     try:
         cfg = load_config(argv)
-        return train(cfg, stop)
+        with contextlib.ExitStack() as cleanup:
+            return train(cfg, stop, cleanup)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -428,7 +490,33 @@ def main(argv: list[str] | None = None) -> int:
     except torch.OutOfMemoryError as exc:
         print(f"error: {oom_message(exc)}", file=sys.stderr)
         return 3
+    except LaunchError as exc:  # every rank says it: the rank that knows more may be the missing one
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except checkpoint.RankLost as exc:  # every surviving rank says it: which ones survive is unknown
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if not checkpoint.peer_lost(exc):
+            raise
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "no detail"
+        print(f"error: a collective failed ({type(exc).__name__}: {detail}): {checkpoint.RANK_LOST}; the last "
+              f"checkpoint is intact: --resume auto", file=sys.stderr)
+        return 1
+
+
+def exit_process(code: int) -> None:
+    """Exit with `code`. Once ranks have talked, without interpreter shutdown: a gloo thread may still be
+    dropping the last collective's tensors, and CPython stopping it mid-destructor aborts the process
+    ("terminate called without an active exception", exit -6 instead of the code; seen on a rank
+    refused at start-up)."""
+    if dist.is_available() and dist.is_initialized():
+        logging.shutdown()  # flush and close the rank logs
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,67 @@ def logged_steps(output_dir: Path, rank: int = 0) -> dict[int, tuple[float, floa
     """{step: (loss, lr)} from a rank's training log."""
     text = (output_dir / f"training_rank_{rank}.log").read_text()
     return {int(m.group(1)): (float(m.group(2)), float(m.group(3))) for m in STEP_LINE.finditer(text)}
+
+
+class Ranks:
+    """`ranks` processes of the trainer, started directly (RANK/WORLD_SIZE/MASTER_PORT, as torchrun would:
+    no launcher, two interpreter start-ups fewer); outputs in `log_dir`. With `hooks`, `script` is a
+    test file that runs the trainer with faults injected (see test_resume.py)."""
+
+    def __init__(self, ranks: int, args: list, cache_dir: Path, log_dir: Path, hooks: dict | None = None,
+                 script: Path = TRAIN, port: int | None = None):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir, port = log_dir, str(port or free_port())
+        self.procs = []
+        for r in range(ranks):
+            env = dict(train_env(cache_dir), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks),
+                       LOCAL_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(hooks or {}))
+            with open(log_dir / f"rank{r}.out", "w") as f:
+                self.procs.append(subprocess.Popen([sys.executable, str(script), *map(str, args)], cwd=REPO, env=env,
+                                                   stdout=f, stderr=subprocess.STDOUT))
+
+    def wait(self, timeout: float = 180) -> list[int]:
+        deadline = time.monotonic() + timeout
+        try:
+            return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in self.procs]
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"ranks still running after {timeout} s (a hang?)\n{self.output()}")
+
+    def kill(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+    def output(self, rank: int | None = None) -> str:
+        ranks = range(len(self.procs)) if rank is None else [rank]
+        return "\n".join(f"--- rank {r}\n" + (self.log_dir / f"rank{r}.out").read_text()[-3000:] for r in ranks)
+
+    def ok(self, timeout: float = 180) -> "Ranks":
+        codes = self.wait(timeout)
+        assert codes == [0] * len(codes), f"exit codes {codes}\n{self.output()}"
+        return self
+
+
+def assert_refused(run: Ranks, *needles: str) -> str:
+    """Every rank exits 2; rank 0 prints one line `error: ...` holding the needles, the others nothing."""
+    codes = run.wait(120)
+    assert codes == [2] * len(codes), f"exit codes {codes}\n{run.output()}"
+    errors = [line for line in run.output(0).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.output()
+    for needle in needles:
+        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+    for r in range(len(run.procs)):
+        text = run.output(r)
+        assert "Traceback" not in text, text
+        assert r == 0 or "error" not in text.lower(), f"rank {r} is not quiet:\n{text}"
+    return errors[0]
+
+
+def hold_output_dir(out: Path) -> subprocess.Popen:
+    """Another process holding `out`, as a running training run's rank 0 does; kill it to let go."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from graspGPT.runlock import OutputLock; "
+            "OutputLock.acquire(sys.argv[2]); print('held', flush=True); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(out)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,10 @@ def test_resume_forms(tmp_path):
     assert checkpoint.resolve_resume(str(c3), out) == c3
     assert checkpoint.resolve_resume(str(out / "latest"), out) == c6
     assert checkpoint.resolve_resume(str(out), out) == c6  # an output directory means its latest
+    shutil.rmtree(c6)  # deleted by hand: latest names a directory that is gone
+    with pytest.raises(CheckpointError, match=f"{out / 'latest'}: names 'checkpoint_iter_6', which is not there"):
+        checkpoint.resolve_resume(str(out), out)
+    assert checkpoint.resolve_resume("auto", out) == c3  # auto never trusts latest
 
 
 @pytest.mark.parametrize("given,message", [
@@ -270,7 +275,8 @@ def test_nonfinite_steps_are_counted_and_stop_past_the_limit(caplog):
 
 
 def _two_ranks(rank: int, port: int, out: str) -> None:
-    """Rank 1 fails where rank 0 does not, and they found different checkpoints: both must raise."""
+    """Rank 1 fails where rank 0 does not, and they found different checkpoints: both must raise, rank 0
+    with rank 1's message."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     seen = []
 
@@ -283,8 +289,8 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
         try:
             call()
             seen.append(None)
-        except CheckpointError as exc:
-            seen.append(str(exc))
+        except (CheckpointError, checkpoint.RankFailed) as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
     end_worker()
 
@@ -292,6 +298,6 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
 def test_disagreeing_ranks_all_raise(tmp_path):
     torch.multiprocessing.spawn(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0[0] == "rank(s) 1 failed (see the error they printed); stopping every rank"
-    assert r1[0] == "rank 1's copy is damaged"
+    assert r0[0] == "RankFailed: rank 1: rank 1's copy is damaged"  # rank 0 can print what rank 1 found
+    assert r1[0] == "CheckpointError: rank 1's copy is damaged"
     assert r0[1] == r1[1] and "found different checkpoints to resume from (steps 0 to 3" in r0[1]

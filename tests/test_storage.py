@@ -256,3 +256,15 @@ def test_grasp_cells_recorded_and_defaulted_for_older_sets(tmp_path):
     (old / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(StorageError, match="bad geometry or vocabulary.*grasp_cells 'centre'"):
         TokenStore.open(old)
+
+
+def test_data_identity_tells_a_rewritten_data_set(tmp_path):
+    """What a checkpoint records of its data, so a resume can warn when the data set was rewritten."""
+    from graspGPT.train_deepspeed import data_identity
+
+    samples = make_samples(6)
+    a = data_identity(TokenStore.open(write(tmp_path / "a", samples)))
+    assert a == data_identity(TokenStore.open(write(tmp_path / "b", samples)))  # a copy is the same data
+    shorter = samples[:3] + [samples[3][:-1]] + samples[4:]  # one sample one token shorter
+    assert a != data_identity(TokenStore.open(write(tmp_path / "c", shorter)))
+    assert a["num_samples"] == 6 and a["num_tokens"] == sum(len(s) for s in samples)

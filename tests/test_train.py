@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -149,13 +151,17 @@ def test_conflicting_deepspeed_json_lists_every_conflict(tmp_path, cache_dir):
 
 
 def test_batch_adjustment_is_reported(tmp_path, cache_dir):
+    """Raised to micro x ranks (no accumulation), the batch is reported; the padding figure counts every
+    rank's tokens (rank 0's times the world size went negative at step 1 here)."""
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 2, "batch_size": 7}})
+    cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 2, "batch_size": 3}})
     run_ok(launch(2, ["--config", str(cfg), "--output_dir", str(out)], cache_dir))
     log = (out / "training_rank_0.log").read_text()
     resolved = json.loads((out / "deepspeed_config.resolved.json").read_text())
-    assert resolved["train_batch_size"] == 8  # nearest to 7 with micro 2 x 2 ranks
-    assert "7" in log and "8" in log and "WARNING" in log
+    assert resolved["train_batch_size"] == 4 and resolved["gradient_accumulation_steps"] == 1  # micro 2 x 2 ranks
+    assert "3" in log and "4" in log and "WARNING" in log
+    padding = [float(p) for p in re.findall(r" padding (\S+)%", log)]
+    assert len(padding) == 2 and all(0 <= p < 100 for p in padding), padding
 
 
 def test_script_runs_from_inside_graspGPT(tmp_path, cache_dir):
@@ -172,8 +178,19 @@ def test_launcher_script_from_another_directory(tmp_path, cache_dir):
     p = subprocess.run([str(REPO / "run_deepspeed_training.sh"), "--config", str(cfg), "--output_dir", str(out)],
                        cwd=tmp_path, env=train_env(cache_dir), capture_output=True, text=True, timeout=300)
     run_ok(p)
-    assert "launching 2 rank(s) on CPU" in p.stdout  # default without a GPU
+    assert re.search(r"launching 2 rank\(s\) on CPU, master port \d+\n", p.stdout)  # 2 ranks without a GPU; a free port
     assert (out / "training_rank_1.log").is_file() and not (out / "training_rank_2.log").exists()
+
+
+def test_launcher_refuses_a_busy_master_port(tmp_path, cache_dir):
+    with socket.socket() as busy:  # another job's rendezvous
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = subprocess.run([str(REPO / "run_deepspeed_training.sh"), "--master_port", str(port), "--max_iters", "1"],
+                           cwd=tmp_path, env=train_env(cache_dir), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: --master_port {port} is in use"), p.stderr
+    assert len(p.stderr.splitlines()) == 1 and "leave --master_port out" in p.stderr
 
 
 def test_launcher_rejects_bad_rank_count(tmp_path, cache_dir):

@@ -70,6 +70,9 @@ def resolve_data_dir(dataset_cfg, seed: int, progress: bool = False) -> Path:
     if not path.exists():
         raise DataSourceError(f"--data_path {path}: no such file or directory; give a toolkit data set "
                               f"(made by `python -m graspGPT.data synth/import`) or a directory of upstream .pth files")
+    if path.is_file() and path.suffix != ".pth":
+        raise DataSourceError(f"--data_path {path}: a file, not a data set; give a toolkit data set directory, a "
+                              f"directory of upstream .pth files, or one .pth file")
     if (path / "meta.json").is_file():
         return path
     from .upstream import ensure_toolkit_dataset

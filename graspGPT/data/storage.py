@@ -232,7 +232,8 @@ class TokenStore:
             raise StorageError(f"{meta_path}: bad geometry or vocabulary ({err})") from None
         if meta["vocab_size"] != vocab.size:
             raise StorageError(f"{meta_path}: vocab_size {meta['vocab_size']} does not match dims {vocab.dims} with "
-                               f"{len(vocab.dynamic_tags)} dynamic tags (V = {vocab.size}); the file was edited or is corrupt")
+                               f"{len(vocab.dynamic_tags)} dynamic tags (V = {vocab.size}); the file was edited or is "
+                               f"corrupt: restore it, or write the data set again")
         if tuple(meta["dims"]) != workspace.dims:
             raise StorageError(f"{meta_path}: dims {tuple(meta['dims'])} disagree with bbox/voxel_size, "
                                f"which give {workspace.dims}")
