@@ -571,8 +571,9 @@ def test_full_vocab_mask_speed():
 
     reference = min(per_call(lambda: torch.zeros(v.size, dtype=torch.bool).fill_(True)) for _ in range(3))
     logits = torch.zeros(v.size)
-    assert per_call(st.mask) < 30 * reference + 1e-4
-    assert per_call(lambda: st.apply_mask(logits, inplace=True)) < 30 * reference + 1e-4
+    # Each side takes its best of three, so a burst of load during one timing cannot fail the test.
+    assert min(per_call(st.mask) for _ in range(3)) < 30 * reference + 1e-4
+    assert min(per_call(lambda: st.apply_mask(logits, inplace=True)) for _ in range(3)) < 30 * reference + 1e-4
     assert torch.equal(torch.isfinite(logits), m)
     prompt = np.concatenate([[v.scene, v.unlabel], np.arange(v.voxel_base, v.voxel_base + 10_000), [v.detectgrasp]])
     assert per_call(lambda: GrammarState(v).feed(prompt), n=3) < 2.0  # a 10k-token prompt: ~3 ms idle
