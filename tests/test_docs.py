@@ -118,3 +118,4 @@ def test_guide_parameter_table_matches_the_parser():
     parser_flags = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")}
     assert table_flags and table_flags <= parser_flags
     assert parser_flags - table_flags <= {"--help", "--local_rank"}, parser_flags - table_flags
+

@@ -28,6 +28,8 @@ import torch
 
 from conftest import REPO, TRAIN, free_port, train_env, write_config
 
+pytestmark = pytest.mark.ranks  # every test here runs ranks
+
 S, K = 6, 3  # steps of a run, and the step it is stopped at and resumed from
 
 # Dropout and every augmentation on, so exactness covers their random streams; eval at K and S.
