@@ -119,3 +119,15 @@ def test_guide_parameter_table_matches_the_parser():
     assert table_flags and table_flags <= parser_flags
     assert parser_flags - table_flags <= {"--help", "--local_rank"}, parser_flags - table_flags
 
+
+REFERENCE_DOCS = [*DOCS, *sorted((REPO / "docs").glob("*.md")), REPO / "bench" / "NOTES.md"]
+
+
+def test_cited_repository_files_exist():
+    """Paths the docs cite under bench/results/ and docs/ resolve inside the repository (globs must match)."""
+    cited = {(doc.name, m) for doc in REFERENCE_DOCS
+             for m in re.findall(r"(?:bench/results|docs)/[\w.*/-]+", doc.read_text())}
+    assert cited
+    missing = [(doc, path) for doc, path in sorted(cited) if not list(REPO.glob(path.rstrip("/.")))]
+    assert not missing, missing
+
