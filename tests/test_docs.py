@@ -131,3 +131,10 @@ def test_cited_repository_files_exist():
     missing = [(doc, path) for doc, path in sorted(cited) if not list(REPO.glob(path.rstrip("/.")))]
     assert not missing, missing
 
+
+def test_no_reference_outside_the_repository():
+    """The format reference is docs/FORMAT.md; nothing points at the design notes outside the repository."""
+    sources = [*REFERENCE_DOCS, *REPO.glob("graspGPT/**/*.py"), *REPO.glob("tests/*.py"), *REPO.glob("bench/*.py")]
+    outside = [str(p.relative_to(REPO)) for p in sources
+               if re.search(r"shared/design|graspgpt-format\.md|format page", p.read_text()) and p.name != "test_docs.py"]
+    assert not outside, outside
