@@ -35,22 +35,20 @@ import itertools
 import json
 import os
 import socket
-import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import graspGPT.model as gm
+from graspGPT.data.dataset import Batch, collate
+from graspGPT.data.vocab import Vocab, Workspace
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import graspGPT.model as gm  # noqa: E402
-from graspGPT.data.dataset import Batch, collate  # noqa: E402
-from graspGPT.data.vocab import Vocab, Workspace  # noqa: E402
 
 PEAK_FLOPS = 989e12
 MFU_DEF = "tokens/s/GPU x (6N + 12*L*d*T) / 989e12 (H100 SXM dense bf16)"

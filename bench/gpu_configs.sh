@@ -4,6 +4,7 @@
 # configurations (docs/BENCHMARKS.md). Usage: OUT=dir bash bench/gpu_configs.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import this checkout's package
 out=${OUT:-/tmp/gpu_configs}
 mkdir -p "$out"
 common=(--model_type gpt-mini --max_sequence_length 4096 --batch_size 8 --micro_batch_size 2 --max_iters 30

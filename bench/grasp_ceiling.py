@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from graspGPT.data import synth  # noqa: E402
-from graspGPT.data.vocab import Vocab, Workspace  # noqa: E402
-from graspGPT.grasp_metrics import GraspScore, score_grasps  # noqa: E402
+from graspGPT.data import synth
+from graspGPT.data.vocab import Vocab, Workspace
+from graspGPT.grasp_metrics import GraspScore, score_grasps
 
 
 def ceiling(voxel_size: float, cap: int, scenes: int, fresh: int = 32) -> GraspScore:

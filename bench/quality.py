@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.naninf]+)")
 

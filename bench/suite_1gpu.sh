@@ -7,6 +7,7 @@
 # diag:   DeepSpeed settings and attention kernels on varying lengths, with Chrome traces
 set -u
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import this checkout's package
 OUT=${OUT:-bench-results}
 mkdir -p "$OUT"
 export GRASPGPT_NO_PROGRESS=1 GRASPGPT_CACHE=${GRASPGPT_CACHE:-/tmp/graspgpt-cache} PYTHONUNBUFFERED=1

@@ -4,6 +4,7 @@
 # for gpt2-large on 4 GPUs.   OUT=results bash bench/suite_multi.sh
 set -u
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import this checkout's package
 OUT=${OUT:-bench-results}
 mkdir -p "$OUT"
 export GRASPGPT_NO_PROGRESS=1 PYTHONUNBUFFERED=1

@@ -23,9 +23,6 @@ from typing import Callable
 
 import torch
 
-if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from graspGPT import checkpoint
 from graspGPT.data.storage import grasp_cells_of_meta
 from graspGPT.data.vocab import SCENE_GRID, UPSTREAM_GRID, Vocab, VocabError, Workspace

@@ -22,7 +22,9 @@ import sys
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script, from the repo root or from inside graspGPT/
+# The one path insertion left: `deepspeed graspGPT/train_deepspeed.py` (from the root or from inside
+# graspGPT/) must run with the package not installed, and the file run decides which checkout is used.
+if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np

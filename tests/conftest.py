@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # import graspGPT from the checkout, whatever the working directory
+REPO = Path(__file__).resolve().parent.parent  # pyproject's pytest `pythonpath` puts it on sys.path
 TRAIN = REPO / "graspGPT" / "train_deepspeed.py"
 
 # A model and data set small enough that a 2-rank step takes milliseconds on 2 cores.
@@ -58,8 +57,27 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("graspgpt_cache")
 
 
-def train_env(cache_dir: Path) -> dict:
+# The test being set up, so that starting ranks from a test not marked `ranks` fails (see train_env).
+_current: dict = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _current["item"] = item  # before the item's fixtures, which may start ranks themselves
+
+
+def train_env(cache_dir: Path, checkout_on_path: bool = True) -> dict:
+    """The environment of every launch of training ranks (the trainer, the launcher script, test workers).
+
+    checkout_on_path=False leaves PYTHONPATH as the caller has it: the trainer must then find its own
+    checkout, as on a machine where the package is not installed.
+    """
+    item = _current.get("item")
+    if item is not None and item.get_closest_marker("ranks") is None:
+        pytest.fail(f"{item.nodeid} starts training ranks: mark it @pytest.mark.ranks so -m 'not ranks' leaves it out")
     env = dict(os.environ, GRASPGPT_CACHE=str(cache_dir), GRASPGPT_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
+    if checkout_on_path:  # subprocesses import this checkout's package, not another installed copy
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
@@ -70,11 +88,12 @@ def write_config(path: Path, overrides: dict | None = None) -> Path:
 
 
 def launch(ranks: int, args: list[str], cache_dir: Path, cwd: Path = REPO, script: Path = TRAIN,
-           timeout: int = 300) -> subprocess.CompletedProcess:
+           timeout: int = 300, checkout_on_path: bool = True) -> subprocess.CompletedProcess:
     """`deepspeed --num_gpus=ranks script args` on CPU ranks; returns the finished process."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
            "--master_port", str(free_port()), str(script), *args]
-    return subprocess.run(cmd, cwd=cwd, env=train_env(cache_dir), capture_output=True, text=True, timeout=timeout)
+    env = train_env(cache_dir, checkout_on_path)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def end_worker() -> None:

@@ -295,6 +295,7 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
     end_worker()
 
 
+@pytest.mark.ranks
 def test_disagreeing_ranks_all_raise(tmp_path):
     torch.multiprocessing.spawn(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

@@ -118,3 +118,23 @@ def test_guide_parameter_table_matches_the_parser():
     parser_flags = {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")}
     assert table_flags and table_flags <= parser_flags
     assert parser_flags - table_flags <= {"--help", "--local_rank"}, parser_flags - table_flags
+
+
+REFERENCE_DOCS = [*DOCS, *sorted((REPO / "docs").glob("*.md")), REPO / "bench" / "NOTES.md"]
+
+
+def test_cited_repository_files_exist():
+    """Paths the docs cite under bench/results/ and docs/ resolve inside the repository (globs must match)."""
+    cited = {(doc.name, m) for doc in REFERENCE_DOCS
+             for m in re.findall(r"(?:bench/results|docs)/[\w.*/-]+", doc.read_text())}
+    assert cited
+    missing = [(doc, path) for doc, path in sorted(cited) if not list(REPO.glob(path.rstrip("/.")))]
+    assert not missing, missing
+
+
+def test_no_reference_outside_the_repository():
+    """The format reference is docs/FORMAT.md; nothing points at the design notes outside the repository."""
+    sources = [*REFERENCE_DOCS, *REPO.glob("graspGPT/**/*.py"), *REPO.glob("tests/*.py"), *REPO.glob("bench/*.py")]
+    outside = [str(p.relative_to(REPO)) for p in sources
+               if re.search(r"shared/design|graspgpt-format\.md|format page", p.read_text()) and p.name != "test_docs.py"]
+    assert not outside, outside

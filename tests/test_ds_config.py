@@ -275,6 +275,7 @@ print(json.dumps({"lrs": lrs, "want": [spec.lr(k) for k in range(4)], "gas": eng
 """
 
 
+@pytest.mark.ranks
 def test_deepspeed_initialize_accepts_resolved_config(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -53,6 +53,7 @@ def ids(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_hf_logits_match_toolkit(runs, exported, stage):
     from transformers import AutoModelForCausalLM
@@ -80,6 +81,7 @@ def test_hf_logits_match_toolkit(runs, exported, stage):
     assert hf.generation_config.eos_token_id == meta["vocab"]["end_id"] == 98
 
 
+@pytest.mark.ranks
 def test_cli_bf16_from_output_dir(runs, exported, tmp_path):
     """`python -m graspGPT.export OUTPUT` follows `latest`; bf16 weights are the fp32 ones rounded."""
     from safetensors import safe_open
@@ -105,6 +107,7 @@ def test_cli_bf16_from_output_dir(runs, exported, tmp_path):
         assert (bf16(x).float() - fp32(x)).abs().max().item() <= 0.1
 
 
+@pytest.mark.ranks
 def test_load_hf_weights_round_trip_and_mismatches(exported, tmp_path):
     d = exported[1]
     meta = read_meta(d)
@@ -138,6 +141,7 @@ def test_load_hf_weights_round_trip_and_mismatches(exported, tmp_path):
         load_model(liar)
 
 
+@pytest.mark.ranks
 def test_refusals_and_cli_errors(runs, exported, tmp_path, capsys):
     ckpt = runs[1] / f"checkpoint_iter_{STEPS}"
     broken = tmp_path / "out" / "checkpoint_iter_7"
@@ -174,6 +178,7 @@ def test_refusals_and_cli_errors(runs, exported, tmp_path, capsys):
         load_model(broken.parent)  # an output directory without a latest file
 
 
+@pytest.mark.ranks
 def test_zero3_load_hf_weights(exported, tmp_path, cache_dir):
     """Under ZeRO-3 every rank holds a slice; after load_hf_weights the gathered weights are the file's."""
     result = tmp_path / "result"

@@ -239,6 +239,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120)
 
 
+@pytest.mark.ranks
 def test_cli_writes_tokens_grasps_ply_png(trained, tmp_path):
     ckpt, data = trained
     out = tmp_path / "gen"
@@ -291,6 +292,7 @@ def test_cli_writes_tokens_grasps_ply_png(trained, tmp_path):
     assert all(s["grammar_valid"] and s["tokens"][-1] == "end" for s in constrained)
 
 
+@pytest.mark.ranks
 def test_cli_bad_inputs_exit_2(trained, tmp_path):
     ckpt, data = trained
     proc = cli("--checkpoint", str(tmp_path / "nope"), "--data", str(data), "--index", "0")

@@ -15,6 +15,8 @@ import pytest
 from conftest import Ranks, assert_refused, hold_output_dir, write_config
 from graspGPT.data.source import builtin_dataset
 
+pytestmark = pytest.mark.ranks  # every test here starts training ranks
+
 
 def snapshot(root: Path) -> dict:
     """Every file and directory under root with its bytes and modification time."""

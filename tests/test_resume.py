@@ -30,6 +30,8 @@ from conftest import REPO, Ranks, assert_refused, free_port, train_env, write_co
 from graspGPT.runlock import LOCK_FILE, OutputLock, OutputLockError
 
 HOOKED = Path(__file__)  # the trainer with fault hooks: this file run as a script
+pytestmark = pytest.mark.ranks  # every test here runs ranks
+
 S, K = 6, 3  # steps of a run, and the step it is stopped at and resumed from
 
 # Dropout and every augmentation on, so exactness covers their random streams; eval at K and S.

@@ -16,6 +16,7 @@ import torch
 from conftest import REPO, TRAIN, launch, logged_steps, run_ok, train_env, write_config
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_loss_falls(tmp_path, cache_dir, stage):
     out = tmp_path / "out"
@@ -39,6 +40,7 @@ def test_two_ranks_loss_falls(tmp_path, cache_dir, stage):
     assert "val_loss" in log
 
 
+@pytest.mark.ranks
 def test_zero3_with_parameter_and_optimizer_offload_trains(tmp_path, cache_dir):
     """The guide's memory configuration: ZeRO-3 with parameters and optimizer state offloaded to CPU."""
     ds = json.loads((REPO / "configs" / "deepspeed_zero3_offload.json").read_text())
@@ -86,6 +88,7 @@ def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
     return w0, grads, float(loss)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("ranks,stage", [(2, 2), (1, 1)])
 def test_gradient_is_mean_over_global_batch_tokens(tmp_path, cache_dir, ranks, stage):
     """One SGD step with lr 1 and no clipping moves each weight by exactly minus the gradient of the
@@ -130,6 +133,7 @@ def _cli(args, cache_dir, cwd=REPO):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.ranks
 def test_unknown_flag_and_key_are_errors_with_suggestions(tmp_path, cache_dir):
     p = _cli(["--learning_rat", "1e-3"], cache_dir)
     assert p.returncode == 2 and "--learning_rate" in p.stderr and "Traceback" not in p.stderr
@@ -139,6 +143,7 @@ def test_unknown_flag_and_key_are_errors_with_suggestions(tmp_path, cache_dir):
     assert p.returncode == 2 and "trainer.micro_batch_size" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.ranks
 def test_conflicting_deepspeed_json_lists_every_conflict(tmp_path, cache_dir):
     ds = json.loads((REPO / "deepspeed_config.json").read_text())
     ds.update({"train_micro_batch_size_per_gpu": 3, "gradient_clipping": 9.0})
@@ -150,6 +155,7 @@ def test_conflicting_deepspeed_json_lists_every_conflict(tmp_path, cache_dir):
     assert "train_micro_batch_size_per_gpu" in err and "gradient_clipping" in err and "Traceback" not in err
 
 
+@pytest.mark.ranks
 def test_batch_adjustment_is_reported(tmp_path, cache_dir):
     """Raised to micro x ranks (no accumulation), the batch is reported; the padding figure counts every
     rank's tokens (rank 0's times the world size went negative at step 1 here)."""
@@ -164,24 +170,28 @@ def test_batch_adjustment_is_reported(tmp_path, cache_dir):
     assert len(padding) == 2 and all(0 <= p < 100 for p in padding), padding
 
 
+@pytest.mark.ranks
 def test_script_runs_from_inside_graspGPT(tmp_path, cache_dir):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 2}})
     run_ok(launch(2, ["--config", str(cfg), "--output_dir", str(out), "--deepspeed_config", "../deepspeed_config.json"],
-                  cache_dir, cwd=REPO / "graspGPT", script=Path("train_deepspeed.py")))
+                  cache_dir, cwd=REPO / "graspGPT", script=Path("train_deepspeed.py"), checkout_on_path=False))
     assert sorted(logged_steps(out)) == [1, 2]
 
 
+@pytest.mark.ranks
 def test_launcher_script_from_another_directory(tmp_path, cache_dir):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 2}})
     p = subprocess.run([str(REPO / "run_deepspeed_training.sh"), "--config", str(cfg), "--output_dir", str(out)],
-                       cwd=tmp_path, env=train_env(cache_dir), capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=train_env(cache_dir, checkout_on_path=False), capture_output=True, text=True,
+                       timeout=300)
     run_ok(p)
     assert re.search(r"launching 2 rank\(s\) on CPU, master port \d+\n", p.stdout)  # 2 ranks without a GPU; a free port
     assert (out / "training_rank_1.log").is_file() and not (out / "training_rank_2.log").exists()
 
 
+@pytest.mark.ranks
 def test_launcher_refuses_a_busy_master_port(tmp_path, cache_dir):
     with socket.socket() as busy:  # another job's rendezvous
         busy.bind(("", 0))
@@ -193,12 +203,14 @@ def test_launcher_refuses_a_busy_master_port(tmp_path, cache_dir):
     assert len(p.stderr.splitlines()) == 1 and "leave --master_port out" in p.stderr
 
 
+@pytest.mark.ranks
 def test_launcher_rejects_bad_rank_count(tmp_path, cache_dir):
     p = subprocess.run([str(REPO / "run_deepspeed_training.sh"), "0"], cwd=tmp_path, env=train_env(cache_dir),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "at least 1" in p.stderr
 
 
+@pytest.mark.ranks
 def test_two_nodes_on_one_machine(tmp_path, cache_dir):
     """`--hostfile ... --no_ssh --node_rank R` started once per node, as on a cluster without ssh."""
     hostfile = tmp_path / "hostfile"

@@ -9,7 +9,7 @@ outside the object, along an approach perpendicular to the closing axis from abo
 side. Candidates are then checked against the occupancy grid: fingers, palm and base must
 not enter another object and the base cell must be free.
 
-The sample is written in one of three task layouts (format page, sections 1 and 4):
+The sample is written in one of three task layouts (docs/FORMAT.md, sections 1 and 4):
 "grasp" (labelled scene), "amodal" (one camera view + the complete scene) and "unseg"
 (unlabelled scene + its segmentation).
 """

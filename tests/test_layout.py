@@ -1,0 +1,36 @@
+"""The package's layering, measured from the source by bench/code_map.py (docs/DESIGN.md quotes it)."""
+from __future__ import annotations
+
+import importlib.util
+
+from conftest import REPO
+
+spec = importlib.util.spec_from_file_location("code_map", REPO / "bench" / "code_map.py")
+code_map = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(code_map)
+
+COMMAND_LINE = {"graspGPT.data.__main__", "graspGPT.evaluate", "graspGPT.export", "graspGPT.generate",
+                "graspGPT.train_deepspeed"}
+# Library code that still lives in command-line modules (issue 14, items 3 and 4): it may only shrink.
+KNOWN_COMMAND_LINE_EDGES = {("graspGPT.evaluate", "graspGPT.generate"), ("graspGPT.generate", "graspGPT.export"),
+                            ("graspGPT.train_deepspeed", "graspGPT.evaluate"),
+                            ("graspGPT.train_deepspeed", "graspGPT.export")}
+
+
+def test_the_command_line_modules_are_the_documented_ones():
+    assert set(code_map.command_line_modules()) == COMMAND_LINE
+
+
+def test_no_library_module_imports_a_command_line_module():
+    assert code_map.library_imports_of_command_line() == []
+
+
+def test_command_line_modules_import_each_other_no_more_than_today():
+    assert set(code_map.command_line_imports_of_command_line()) <= KNOWN_COMMAND_LINE_EDGES
+
+
+def test_every_module_is_in_the_design_doc():
+    design = (REPO / "docs" / "DESIGN.md").read_text()
+    missing = [m for m, path in code_map.modules().items()
+               if path.name != "__init__.py" and f"{path.relative_to(REPO / 'graspGPT').as_posix()}" not in design]
+    assert not missing, missing
