@@ -37,7 +37,7 @@ from .data.grammar import (GRASP_BLOCK, GRASP_TAG, Block, GrammarError, GrammarS
 from .data.render import PREDICTED, render_sample, tag_colours
 from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab, Workspace
-from .grasp_metrics import NEIGHBOURHOOD, GraspScore, correct_grasps, score_grasps
+from .grasp_metrics import GraspScore, correct_grasps, score_grasps, touching_cells
 from .grasp_pose import pose_from_cells, tolerance
 from .model import ModelInputError
 
@@ -154,13 +154,11 @@ def object_regions(prompt: np.ndarray, vocab: Vocab, device) -> dict[int, torch.
     """{tag: (V,) bool} per block tag of the prompt's scene: the voxels within one cell (Chebyshev) of
     that block's cells, where a finger touching the object can be. `incomplete` blocks (one camera's
     view) get none: their objects go on where the camera does not see, and so may the fingers."""
-    dims = np.asarray(vocab.dims)
     regions: dict[int, torch.Tensor] = {}
     for block in read_output(prompt, vocab).scene:
         if block.tag == vocab.incomplete:
             continue
-        around = (vocab.cells_of(block.cells)[:, None, :] + NEIGHBOURHOOD).reshape(-1, 3)
-        around = around[np.all((around >= 0) & (around < dims), axis=1)]
+        around = touching_cells(vocab.cells_of(block.cells), vocab.dims)
         mask = regions.get(block.tag)
         if mask is None:
             mask = regions[block.tag] = torch.zeros(vocab.size, dtype=torch.bool, device=device)

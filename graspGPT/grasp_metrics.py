@@ -132,6 +132,13 @@ def segmentation_counts(predicted: Sequence[tuple[int, np.ndarray]],
     return int(correct), len(t_ids)
 
 
+def touching_cells(cells: np.ndarray, dims: Sequence[int]) -> np.ndarray:
+    """(m, 3) the distinct in-grid cells within one cell (Chebyshev) of `cells` (k, 3), sorted: where a
+    finger touching that object can be."""
+    grown = (np.asarray(cells, dtype=np.int64).reshape(-1, 3)[:, None, :] + NEIGHBOURHOOD).reshape(-1, 3)
+    return np.unique(grown[np.all((grown >= 0) & (grown < np.asarray(dims)), axis=1)], axis=0)
+
+
 def random_grasps(rng: np.random.Generator, scene: Sequence[tuple[int, np.ndarray]], n: int,
                   dims: Sequence[int]) -> list[Grasp]:
     """The random baseline: `n` grasps on the scene's objects, grammar-valid (3 in-grid cells).
@@ -143,13 +150,7 @@ def random_grasps(rng: np.random.Generator, scene: Sequence[tuple[int, np.ndarra
     """
     if n <= 0 or not scene:
         return []
-    dims = np.asarray(dims)
-    regions = []
-    for tag, cells in scene:
-        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
-        grown = (cells[:, None, :] + NEIGHBOURHOOD[None]).reshape(-1, 3)
-        grown = grown[np.all((grown >= 0) & (grown < dims), axis=1)]
-        regions.append((int(tag), np.unique(grown, axis=0)))
+    regions = [(int(tag), touching_cells(cells, dims)) for tag, cells in scene]
     out = []
     for k in rng.integers(len(regions), size=n):
         tag, region = regions[k]
