@@ -19,7 +19,7 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from .grammar import Block, GrammarError, Sample, parse, serialize
+from .grammar import Block, GrammarError, Sample, parse, section_starts, serialize
 from .vocab import Vocab
 
 IGNORE_INDEX = -100  # target of a padded position; cross-entropy skips it
@@ -192,8 +192,6 @@ class TrainingSamples:
         self.store, self.vocab = store, store.vocab
         self.max_len, self.augment, self.seed, self.overlong = max_len, augment, seed, overlong
         self.loss_on = loss_on
-        v = self.vocab
-        self._openers = np.array([v.amodal, v.segment, v.detectgrasp, v.end])
         # Length estimate for batching: augmentation changes lengths a little, cutting caps them.
         self.lengths = np.minimum(np.asarray(store.lengths, dtype=np.int64)[self.indices], max_len)
         self.stats = {"cut": 0, "dropped": 0, "unparsable": 0, "amodal": 0, "unseg": 0}
@@ -229,7 +227,7 @@ class TrainingSamples:
         or with loss_on "answer" the first section opener after the scene (the scene is context only)."""
         if self.loss_on == "all":
             return 1
-        return int(np.flatnonzero(np.isin(ids, self._openers))[0])  # every sample ends in `end`
+        return min(section_starts(ids, self.vocab).values())  # every sample ends in `end`, an opener too
 
     def batch(self, positions: np.ndarray, epoch: int, pad_to_multiple: int = 8) -> Batch:
         """The next-token batch of the samples at `positions` (into this list) in `epoch`."""
