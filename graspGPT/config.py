@@ -1,7 +1,9 @@
-"""The training configuration: every default lives here, once.
+"""The training configuration: every default lives here, once, and so does every command-line flag.
 
 Precedence: dataclass defaults < ``--config FILE`` (JSON, merged per section) < command-line flags.
 Types and choices are checked as values arrive; cross-field rules once, on the final result.
+A field declared with `flag(...)` has a flag (`--NAME`, the field's name unless given); its help and
+default in `--help` come from the field.
 """
 from __future__ import annotations
 
@@ -28,9 +30,16 @@ def choice(default: str, *options: str):
     return field(default=default, metadata={"choices": (default, *options)})
 
 
+def flag(default, help: str, name: str | None = None):
+    """A field with a command-line flag `--name` (default: the field's name). A bool field's flag sets
+    the opposite of its default (wandb.enabled: `--no_wandb`)."""
+    return field(default=default, metadata={"flag": name, "help": help})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    model_type: str | None = "gpt2"  # a preset of model.py, or None for the custom shape below
+    # a preset of model.py, or None for the custom shape below
+    model_type: str | None = flag("gpt2", "model preset (replaces a custom shape from --config)")
     n_layer: int | None = None
     n_head: int | None = None
     n_embd: int | None = None
@@ -45,32 +54,32 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    batch_size: int = 24  # global batch, samples per optimizer step over all ranks
-    micro_batch_size: int = 6  # per rank and forward pass
-    learning_rate: float = 2e-4
+    batch_size: int = flag(24, "global batch (samples per optimizer step, all ranks)")
+    micro_batch_size: int = flag(6, "samples per rank and forward pass")
+    learning_rate: float = flag(2e-4, "peak learning rate")
     min_lr: float = 1e-6
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.01
     grad_clip: float = 2.0
     warmup_iters: int = 500
     lr_schedule: str = choice("cosine", "linear", "constant")
-    max_iters: int = 20000  # optimizer steps, like every other count here
-    log_every: int = 100
-    save_every: int = 3000
-    eval_every: int = 1000
+    max_iters: int = flag(20000, "optimizer steps to train")  # like every other count here
+    log_every: int = flag(100, "log every N optimizer steps")
+    save_every: int = flag(3000, "checkpoint every N optimizer steps")
+    eval_every: int = flag(1000, "evaluate every N optimizer steps")
     eval_iters: int = 20  # validation micro-batches per rank for the validation loss
     eval_scenes: int = 16  # validation scenes decoded for grasp metrics at each evaluation; 0 turns it off
     eval_temperature: float = 1.0  # sampling temperature of that decoding; 0 is greedy
     keep_last: int = 3
     max_nonfinite_steps: int = 10
-    resume: str | None = None
-    init_from: str | None = None
+    resume: str | None = flag(None, "checkpoint directory to resume from, OUTPUT/latest, or auto")
+    init_from: str | None = flag(None, "start from these model weights (fresh optimizer and step)")
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    data_path: str | None = None  # None: the built-in synthetic data set
-    max_sequence_length: int = 13000
+    data_path: str | None = flag(None, "data set directory (none: the built-in synthetic data set)")
+    max_sequence_length: int = flag(13000, "longest sequence in tokens")
     overlong: str = choice("cut", "drop")
     val_fraction: float = 0.02
     real_filter_mode: str = choice("allow_all", "no_amodal_unseg", "amodal_only", "unseg_only", "skip")
@@ -92,24 +101,24 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class SystemConfig:
-    output_dir: str = "output"
-    seed: int = 42
+    output_dir: str = flag("output", "where runs, logs and checkpoints go")
+    seed: int = flag(42, "random seed")
     deterministic: bool = False
 
 
 @dataclass(frozen=True)
 class WandbConfig:
-    enabled: bool = True
+    enabled: bool = flag(True, "disable wandb logging", name="no_wandb")
     mode: str = choice("online", "offline", "disabled")
-    project: str = "graspGPT"
+    project: str = flag("graspGPT", "wandb project name", name="wandb_project")
     entity: str | None = None
     run_name: str | None = None
 
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
-    config: str = "deepspeed_config.json"
-    zero_stage: int | None = None  # None: what the DeepSpeed JSON says
+    config: str = flag("deepspeed_config.json", "DeepSpeed JSON config", name="deepspeed_config")
+    zero_stage: int | None = flag(None, "ZeRO stage 0-3 (none: the DeepSpeed JSON's stage)")
 
 
 @dataclass(frozen=True)
@@ -279,61 +288,50 @@ def read_json(path: str | Path, what: str = "config file") -> Any:
 
 # --------------------------------------------------------------------------- flags
 
-# flag -> (config field, help). --config, --no_wandb and --local_rank are handled apart.
-FLAGS = {
-    "data_path": ("dataset.data_path", "data set directory (none: the built-in synthetic data set)"),
-    "output_dir": ("system.output_dir", "where runs, logs and checkpoints go"),
-    "resume": ("trainer.resume", "checkpoint directory to resume from"),
-    "batch_size": ("trainer.batch_size", "global batch (samples per optimizer step, all ranks)"),
-    "micro_batch_size": ("trainer.micro_batch_size", "samples per rank and forward pass"),
-    "learning_rate": ("trainer.learning_rate", "peak learning rate"),
-    "max_iters": ("trainer.max_iters", "optimizer steps to train"),
-    "wandb_project": ("wandb.project", "wandb project name"),
-    "deepspeed_config": ("deepspeed.config", "DeepSpeed JSON config"),
-    "model_type": ("model.model_type", "model preset (replaces a custom shape from --config)"),
-    "max_sequence_length": ("dataset.max_sequence_length", "longest sequence in tokens"),
-    "zero_stage": ("deepspeed.zero_stage", "ZeRO stage 0-3 (none: the DeepSpeed JSON's stage)"),
-    "save_every": ("trainer.save_every", "checkpoint every N optimizer steps"),
-    "log_every": ("trainer.log_every", "log every N optimizer steps"),
-    "eval_every": ("trainer.eval_every", "evaluate every N optimizer steps"),
-    "seed": ("system.seed", "random seed"),
-    "init_from": ("trainer.init_from", "start from these model weights (fresh optimizer and step)"),
-}
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would print usage and exit; we raise
         raise ConfigError(f"command line: {message}; see --help")
 
 
-def _lookup(cfg: Config, dotted: str):
-    section, key = dotted.split(".")
-    return getattr(getattr(cfg, section), key), get_type_hints(type(getattr(cfg, section)))[key]
+def flags() -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """{flag name: (dotted config key, field, type)} for every field declared with `flag(...)`."""
+    out = {}
+    for section in dataclasses.fields(Config):
+        hints = get_type_hints(section.default_factory)
+        for f in dataclasses.fields(section.default_factory):
+            if "help" in f.metadata:
+                out[f.metadata["flag"] or f.name] = (f"{section.name}.{f.name}", f, hints[f.name])
+    return out
+
+
+def flag_of(dotted: str) -> str | None:
+    """The command-line flag that sets config key `dotted` ("trainer.batch_size" -> "--batch_size"), if any."""
+    return next((f"--{name}" for name, (key, *_) in flags().items() if key == dotted), None)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser; every default shown comes from the dataclasses."""
-    defaults = Config()
+    """The command-line parser: a flag for each field declared with `flag(...)`, its default from the field."""
     p = _Parser(description="Train GraspGPT with DeepSpeed.", allow_abbrev=False,
                 argument_default=argparse.SUPPRESS)  # only flags actually given override the file
     p.add_argument("--config", metavar="FILE", help="JSON config file, merged over the defaults per section")
-    for flag, (dotted, text) in FLAGS.items():
-        value, hint = _lookup(defaults, dotted)
+    for name, (dotted, f, hint) in flags().items():
+        text = f"{f.metadata['help']} [{dotted}, default: {json.dumps(f.default)}]"
+        if hint is bool:
+            p.add_argument(f"--{name}", action="store_const", const=not f.default, help=text)
+            continue
         if get_origin(hint) in (Union, types.UnionType):
             (hint,) = [a for a in get_args(hint) if a is not type(None)]
-        p.add_argument(f"--{flag}", type=hint, help=f"{text} [{dotted}, default: {json.dumps(value)}]")
-    p.add_argument("--no_wandb", action="store_true",
-                   help=f"disable wandb logging [wandb.enabled, default: {json.dumps(defaults.wandb.enabled)}]")
+        p.add_argument(f"--{name}", type=hint, help=text)
     p.add_argument("--local_rank", type=int, help="set by the deepspeed launcher; ignored")
     return p
 
 
 def _flag_suggestion(arg: str, parser: argparse.ArgumentParser) -> str:
-    flag = arg.split("=", 1)[0]
+    name = arg.split("=", 1)[0]
     valid = [s for a in parser._actions for s in a.option_strings if s.startswith("--") and s != "--help"]
-    if not flag.startswith("-"):
+    if not name.startswith("-"):
         return f"command line: unexpected argument {arg!r}; flags look like --name VALUE, see --help"
-    return f"command line: unknown flag {flag}; {_suggest(flag, valid)}"
+    return f"command line: unknown flag {name}; {_suggest(name, valid)}"
 
 
 def load_config(argv: list[str] | None = None) -> Config:
@@ -347,12 +345,10 @@ def load_config(argv: list[str] | None = None) -> Config:
     if "config" in given:
         cfg = _apply(cfg, read_json(given["config"]), given["config"])
     updates: dict[str, dict] = {}
-    for flag, (dotted, _) in FLAGS.items():
-        if flag in given:
+    for name, (dotted, *_) in flags().items():
+        if name in given:
             section, key = dotted.split(".")
-            updates.setdefault(section, {})[key] = given[flag]
+            updates.setdefault(section, {})[key] = given[name]
     if "model_type" in given:  # a preset on the command line replaces a custom shape from the file
         updates["model"].update(n_layer=None, n_head=None, n_embd=None)
-    if given.get("no_wandb"):
-        updates.setdefault("wandb", {})["enabled"] = False
     return _validate(_apply(cfg, updates, "command line"))

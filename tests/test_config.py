@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from graspGPT.config import Config, ConfigError, build_parser, config_from_dict, load_config
+from graspGPT.config import Config, ConfigError, build_parser, config_from_dict, flag_of, load_config
 
 
 def write(tmp_path, data, name="cfg.json"):
@@ -50,6 +50,20 @@ def test_every_flag_maps():
     assert (t.save_every, t.log_every, t.eval_every, t.init_from) == (3, 4, 5, "w")
     assert cfg.wandb.project == "p" and cfg.deepspeed.config == "ds.json"
     assert cfg.model.model_type == "gpt-nano" and cfg.dataset.max_sequence_length == 64
+
+
+# The flags users type (the guide's and the project's); generated from the config fields, they must not change.
+FLAG_NAMES = {"--config", "--data_path", "--output_dir", "--resume", "--batch_size", "--micro_batch_size",
+              "--learning_rate", "--max_iters", "--no_wandb", "--wandb_project", "--deepspeed_config", "--model_type",
+              "--max_sequence_length", "--zero_stage", "--save_every", "--log_every", "--eval_every", "--seed",
+              "--init_from", "--local_rank", "--help"}
+
+
+def test_flags_come_from_the_fields_under_their_usual_names():
+    assert {o for a in build_parser()._actions for o in a.option_strings if o.startswith("--")} == FLAG_NAMES
+    assert flag_of("trainer.micro_batch_size") == "--micro_batch_size" and flag_of("wandb.enabled") == "--no_wandb"
+    assert flag_of("deepspeed.config") == "--deepspeed_config" and flag_of("trainer.min_lr") is None
+    assert load_config(["--no_wandb"]).wandb.enabled is False and load_config([]).wandb.enabled is True
 
 
 def test_unknown_key_suggests(tmp_path):
