@@ -1,32 +1,43 @@
-"""deepspeed_config.json: every "auto" filled from the training config, every contradiction caught.
+"""The DeepSpeed config of a run: deepspeed_config.json for what is DeepSpeed's own, the rest derived.
 
-The training config (config.py) is the source of truth. The JSON holds what only DeepSpeed needs
-(ZeRO details, precision) and may repeat training values as "auto" or as equal numbers; an explicit
-value that differs is an error, never a silent choice. The "scheduler" section is read here, not by
-DeepSpeed: the trainer runs schedule.make_lr_scheduler as DeepSpeed's client scheduler.
+Which file owns which key (the guide's table says the same):
+  deepspeed_config.json  zero_optimization (its stage may be replaced by --zero_stage), bf16, fp16, the
+                         optimizer's "type" and the params the training config has no field for (eps,
+                         torch_adam, ...), and anything else of DeepSpeed's own (steps_per_print, ...)
+  training config        every key of DERIVED below, and the learning-rate schedule, which the trainer
+                         runs itself (schedule.py, passed to DeepSpeed as its client scheduler)
+A JSON written for an earlier version may still carry derived keys ("auto", or a value equal to the
+training config's) and a "scheduler" section that agrees with the schedule: the run goes on and a
+warning says to remove them. A value that disagrees is an error, never a silent choice.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, ConfigError, read_json
+from .config import Config, ConfigError, flag_of, read_json
 from .schedule import Schedule
 
 AUTO = "auto"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+ADAM = ("adam", "adamw")
 
-# DeepSpeed scheduler type -> toolkit schedule, and the params the toolkit reads for each.
-SCHEDULER_TYPES = {"WarmupCosineLR": "cosine", "WarmupDecayLR": "linear", "WarmupLR": "constant"}
-SCHEDULER_PARAMS = {
-    "WarmupCosineLR": ("warmup_num_steps", "total_num_steps", "warmup_type", "cos_min_ratio", "warmup_min_ratio"),
-    "WarmupDecayLR": ("warmup_num_steps", "total_num_steps", "warmup_type", "warmup_max_lr", "warmup_min_lr"),
-    "WarmupLR": ("warmup_num_steps", "warmup_type", "warmup_max_lr", "warmup_min_lr"),
+# JSON key -> what in the training config decides it. The optimizer's betas and weight_decay are derived
+# for Adam; another optimizer gets them only where its JSON lists them.
+DERIVED = {
+    "train_batch_size": "trainer.batch_size, micro_batch_size and the world size (the batch plan)",
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.batch_size, micro_batch_size and the world size (the batch plan)",
+    "gradient_clipping": "trainer.grad_clip",
+    "optimizer.params.lr": "trainer.learning_rate",
+    "optimizer.params.betas": "trainer.betas",
+    "optimizer.params.weight_decay": "trainer.weight_decay",
 }
-FIX = 'set it to "auto" or make them equal'
+# An earlier version's "scheduler" section: the DeepSpeed type that matches each trainer.lr_schedule.
+SCHEDULER_TYPES = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
 
 
 class DeepSpeedConfigError(ConfigError):
@@ -74,13 +85,12 @@ def plan_batch(batch_size: int, micro_batch_size: int, world_size: int) -> Batch
 @dataclass
 class ResolvedDeepSpeed:
     config: dict  # for deepspeed.initialize: no "auto" left, no "scheduler" section
-    scheduler: dict | None  # the resolved "scheduler" section, kept for the saved copy
     batch: BatchPlan
     zero_stage: int
     precision: str  # "bf16" | "fp16" | "fp32"
-    lr_schedule: Schedule
-    notes: list[str]  # human-readable adjustments, for the log
     source: str
+    notes: list[str] = field(default_factory=list)  # choices made, for the log
+    outdated: list[str] = field(default_factory=list)  # what the JSON should no longer carry, for a warning
 
 
 def deepspeed_json_path(path: str | Path) -> Path:
@@ -110,13 +120,13 @@ def _show(value) -> str:
     return json.dumps(list(value) if isinstance(value, tuple) else value)
 
 
-def _same(explicit, value) -> bool:
-    if isinstance(value, tuple):
-        return isinstance(explicit, (list, tuple)) and len(explicit) == len(value) and all(map(_same, explicit, value))
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = isinstance(explicit, (int, float)) and not isinstance(explicit, bool)
-        return number and math.isclose(explicit, value, rel_tol=1e-9, abs_tol=1e-15)
-    return explicit == value
+def _same(a, b) -> bool:
+    if isinstance(b, (list, tuple)):
+        return isinstance(a, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(b, (int, float)) and not isinstance(b, bool):
+        number = isinstance(a, (int, float)) and not isinstance(a, bool)
+        return number and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
+    return a == b
 
 
 def _section(ds: dict, key: str, source: str) -> dict | None:
@@ -130,6 +140,47 @@ def _autos(node, prefix: str = "") -> list[str]:
     if isinstance(node, dict):
         return [p for k, v in node.items() for p in _autos(v, f"{prefix}{k}.")]
     return [prefix[:-1]] if node == AUTO else []
+
+
+def _origin(key: str, cfg: Config, batch: BatchPlan) -> str:
+    """Where a derived value comes from, and how to change it: 'trainer.micro_batch_size (--micro_batch_size)'."""
+    owner = DERIVED[key]
+    if "batch plan" in owner:
+        t = cfg.trainer
+        return (f"the batch plan from trainer.batch_size={t.batch_size}, micro_batch_size={t.micro_batch_size} and "
+                f"{batch.world_size} rank(s)")
+    flag = flag_of(owner)
+    return f"{owner} ({flag})" if flag else owner
+
+
+def derived_values(cfg: Config, batch: BatchPlan) -> dict[str, object]:
+    """{JSON key: value} of everything the training config decides (the keys of DERIVED)."""
+    t = cfg.trainer
+    return {"train_batch_size": batch.global_batch, "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+            "gradient_accumulation_steps": batch.grad_accum, "gradient_clipping": t.grad_clip,
+            "optimizer.params.lr": t.learning_rate, "optimizer.params.betas": list(t.betas),
+            "optimizer.params.weight_decay": t.weight_decay}
+
+
+def _fill_derived(ds: dict, cfg: Config, batch: BatchPlan, resolved: ResolvedDeepSpeed) -> list[str]:
+    """Write the derived values into `ds`; the problems where the JSON holds another value."""
+    problems, listed = [], []
+    adam = ds["optimizer"]["type"].lower() in ADAM
+    for key, value in derived_values(cfg, batch).items():
+        *path, last = key.split(".")
+        node = ds
+        for part in path:
+            node = node.setdefault(part, {})
+        if last in node:
+            listed.append(key)
+            if node[last] != AUTO and not _same(node[last], value):
+                problems.append(f"{key} is {_show(node[last])} but {_origin(key, cfg, batch)} is {_show(value)}")
+        elif path == ["optimizer", "params"] and last != "lr" and not adam:
+            continue  # not an argument every optimizer takes
+        node[last] = value
+    if listed:
+        resolved.outdated.append(f"{', '.join(listed)} (the training config sets them)")
+    return problems
 
 
 def _zero_stage(ds: dict, flag: int | None, source: str, notes: list[str]) -> int:
@@ -180,116 +231,89 @@ def _precision(ds: dict, device: str, bf16_supported: bool, source: str, notes: 
     return "bf16" if bf16 else "fp16" if fp16 else "fp32"
 
 
-def resolve_deepspeed_config(ds: dict, cfg: Config, world_size: int, device: str, bf16_supported: bool,
-                             source: str = "deepspeed_config.json") -> ResolvedDeepSpeed:
-    """Fill every "auto" of the DeepSpeed JSON `ds` from `cfg`; one error lists every contradiction."""
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
-    ds = copy.deepcopy(ds)
-    t = cfg.trainer
-    notes: list[str] = []
-    problems: list[str] = []
-
-    def settle(section: dict, key: str, label: str, value, origin: str) -> None:
-        """Missing or "auto" -> `value`; an explicit different value is a problem."""
-        current = section.get(key, AUTO)
-        if current == AUTO:
-            section[key] = list(value) if isinstance(value, tuple) else value  # plain JSON
-        elif not _same(current, value):
-            problems.append(f"{label} is {_show(current)} but {origin} is {_show(value)}; {FIX}")
-
-    # Batch (pitfall 11).
-    batch = plan_batch(t.batch_size, t.micro_batch_size, world_size)
-    if batch.adjusted:
-        notes.append(batch.message)
-    settle(ds, "train_batch_size", "train_batch_size", batch.global_batch,
-           f"the global batch planned from trainer.batch_size={t.batch_size}")
-    settle(ds, "train_micro_batch_size_per_gpu", "train_micro_batch_size_per_gpu", t.micro_batch_size,
-           "trainer.micro_batch_size")
-    settle(ds, "gradient_accumulation_steps", "gradient_accumulation_steps", batch.grad_accum,
-           f"the accumulation planned from trainer.batch_size={t.batch_size}, "
-           f"micro_batch_size={t.micro_batch_size} and {world_size} rank(s)")
-    settle(ds, "gradient_clipping", "gradient_clipping", t.grad_clip, "trainer.grad_clip")
-
-    zero_stage = _zero_stage(ds, cfg.deepspeed.zero_stage, source, notes)
-    precision = _precision(ds, device, bf16_supported, source, notes)
-
-    # Optimizer: DeepSpeed builds it from this section and the trainer's parameter groups.
+def _optimizer(ds: dict, device: str, source: str, notes: list[str]) -> None:
+    """Check the optimizer section; on CPU, torch's AdamW rather than compiling DeepSpeed's."""
     opt = _section(ds, "optimizer", source)
     if opt is None or not isinstance(opt.get("type"), str):
-        raise DeepSpeedConfigError(
-            f'{source}: needs an "optimizer" section with a "type", e.g. {{"type": "AdamW", '
-            f'"params": {{"lr": "auto", "betas": "auto", "weight_decay": "auto"}}}}')
+        raise DeepSpeedConfigError(f'{source}: needs an "optimizer" section with a "type", e.g. '
+                                   f'{{"type": "AdamW", "params": {{"eps": 1e-8}}}}')
     params = _section(opt, "params", f"{source} optimizer") or opt.setdefault("params", {})
-    adam = opt["type"].lower() in ("adam", "adamw")
-    settle(params, "lr", "optimizer.params.lr", t.learning_rate, "trainer.learning_rate")
-    if adam or params.get("betas") == AUTO:
-        settle(params, "betas", "optimizer.params.betas", t.betas, "trainer.betas")
-    if adam or params.get("weight_decay") == AUTO:
-        settle(params, "weight_decay", "optimizer.params.weight_decay", t.weight_decay, "trainer.weight_decay")
     offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    adam = opt["type"].lower() in ADAM
     if device == "cpu" and adam and offload.get("device") not in ("cpu", "nvme") and "torch_adam" not in params:
         # DeepSpeed's own Adam would first JIT-compile a CPU extension.
         params["torch_adam"] = True
         notes.append("optimizer.params.torch_adam -> true on CPU "
                      "(torch.optim.AdamW instead of compiling DeepSpeed's Adam)")
 
-    # Scheduler: read here, removed from what DeepSpeed sees.
-    scheduler = _section(ds, "scheduler", source)
-    ds.pop("scheduler", None)
-    if scheduler is not None:
-        type_of = {v: k for k, v in SCHEDULER_TYPES.items()}
-        kind = scheduler.get("type", AUTO)
-        if kind != AUTO and kind not in SCHEDULER_TYPES:
-            raise DeepSpeedConfigError(
-                f'{source}: scheduler.type {_show(kind)} is not supported; the toolkit runs its own schedule: use '
-                f'{", ".join(f"{k} ({v})" for k, v in SCHEDULER_TYPES.items())} or "auto", or remove the section')
-        settle(scheduler, "type", "scheduler.type", type_of[t.lr_schedule],
-               f"the type for trainer.lr_schedule={t.lr_schedule!r}")
-        kind = scheduler["type"]
-        sp = _section(scheduler, "params", f"{source} scheduler") or scheduler.setdefault("params", {})
-        for key in sp:
-            if key not in SCHEDULER_PARAMS[kind]:
-                problems.append(f"scheduler.params.{key} is not read by the toolkit for {kind}; remove it "
-                                f"(read: {', '.join(SCHEDULER_PARAMS[kind])})")
-        wanted = {
-            "warmup_num_steps": (t.warmup_iters, "trainer.warmup_iters"),
-            "total_num_steps": (t.max_iters, "trainer.max_iters"),
-            "cos_min_ratio": (t.min_lr / t.learning_rate, "trainer.min_lr / trainer.learning_rate"),
-            "warmup_max_lr": (t.learning_rate, "trainer.learning_rate"),
-            "warmup_min_lr": (0.0, "the toolkit's warmup start (it ramps up from 0)"),
-            "warmup_min_ratio": (0.0, "the toolkit's warmup start (it ramps up from 0)"),
-        }
-        for key in SCHEDULER_PARAMS[kind]:
-            if key in wanted:
-                settle(sp, key, f"scheduler.params.{key}", *wanted[key])
-        warmup_type = sp.get("warmup_type", AUTO)
-        if warmup_type == AUTO:
-            sp["warmup_type"] = "linear"
-        elif warmup_type != "linear":
-            problems.append(
-                f"scheduler.params.warmup_type is {_show(warmup_type)} but the toolkit warms up linearly "
-                f"(lr*(step+1)/warmup_iters; a config that said one schedule while another ran was upstream's "
-                f'pitfall 5); set it to "linear" or "auto"')
-    if t.warmup_iters >= t.max_iters:
-        notes.append(f"trainer.warmup_iters {t.warmup_iters} >= max_iters {t.max_iters}: the whole run is warmup "
-                     f"and the peak learning rate is never reached")
 
+def _old_scheduler(ds: dict, cfg: Config, source: str, resolved: ResolvedDeepSpeed) -> list[str]:
+    """An earlier version's "scheduler" section: removed; the problems if it says other than the schedule run."""
+    section = _section(ds, "scheduler", source)
+    ds.pop("scheduler", None)
+    if section is None:
+        return []
+    t = cfg.trainer
+    wanted = {"type": SCHEDULER_TYPES[t.lr_schedule], "params.warmup_type": "linear",
+              "params.warmup_num_steps": t.warmup_iters, "params.total_num_steps": t.max_iters,
+              "params.cos_min_ratio": t.min_lr / t.learning_rate, "params.warmup_max_lr": t.learning_rate,
+              "params.warmup_min_lr": 0.0, "params.warmup_min_ratio": 0.0}
+    given = {"type": section.get("type", AUTO),
+             **{f"params.{k}": v for k, v in (_section(section, "params", f"{source} scheduler") or {}).items()}}
+    differ = [f"scheduler.{k} {_show(v)}" for k, v in given.items()
+              if v != AUTO and (k not in wanted or not _same(v, wanted[k]))]
+    schedule = f"{Schedule.of(t).describe()} (trainer.lr_schedule, learning_rate, min_lr, warmup_iters, max_iters)"
+    if differ:
+        return [f"the \"scheduler\" section says {', '.join(differ)}, but the trainer runs {schedule}; remove the "
+                f"section and set those training keys"]
+    resolved.outdated.append(f'the "scheduler" section (the trainer runs {schedule})')
+    return []
+
+
+def resolve_deepspeed_config(ds: dict, cfg: Config, world_size: int, device: str, bf16_supported: bool,
+                             source: str = "deepspeed_config.json") -> ResolvedDeepSpeed:
+    """The config for deepspeed.initialize: the JSON `ds` with every DERIVED key set from `cfg`.
+
+    One error lists every value of the JSON that disagrees with the training config.
+    """
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    ds = copy.deepcopy(ds)
+    notes: list[str] = []
+    batch = plan_batch(cfg.trainer.batch_size, cfg.trainer.micro_batch_size, world_size)
+    if batch.adjusted:
+        notes.append(batch.message)
+    zero_stage = _zero_stage(ds, cfg.deepspeed.zero_stage, source, notes)
+    precision = _precision(ds, device, bf16_supported, source, notes)
+    _optimizer(ds, device, source, notes)
+    resolved = ResolvedDeepSpeed(ds, batch, zero_stage, precision, source, notes)
+    problems = _fill_derived(ds, cfg, batch, resolved)
+    problems += _old_scheduler(ds, cfg, source, resolved)
     if problems:
         listed = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
-        raise DeepSpeedConfigError(f"{source} contradicts the training config in {len(problems)} place(s): {listed}")
-    left = _autos(ds) + [f"scheduler.{p}" for p in _autos(scheduler or {})]
+        raise DeepSpeedConfigError(f"{source} contradicts the training config in {len(problems)} place(s): {listed}. "
+                                   f"The training config owns these: remove them from {source} and set the "
+                                   f"training values (--config file or flag)")
+    left = _autos(ds)
     if left:
         raise DeepSpeedConfigError(f'{source}: {", ".join(left)} is "auto" but the toolkit has no value for it; '
                                    f"give a value")
-    return ResolvedDeepSpeed(ds, scheduler, batch, zero_stage, precision, Schedule.of(t), notes, source)
+    if cfg.trainer.warmup_iters >= cfg.trainer.max_iters:
+        notes.append(f"trainer.warmup_iters {cfg.trainer.warmup_iters} >= max_iters {cfg.trainer.max_iters}: the "
+                     f"whole run is warmup and the peak learning rate is never reached")
+    return resolved
+
+
+def outdated_warning(resolved: ResolvedDeepSpeed) -> str | None:
+    """One line for the log when the JSON still carries what the training config decides."""
+    if not resolved.outdated:
+        return None
+    return (f"{resolved.source} still holds {'; and '.join(resolved.outdated)}: they agree with the training config "
+            f"and are not read; remove them (see the guide's table of which file owns which key)")
 
 
 def save_resolved(resolved: ResolvedDeepSpeed, path: str | Path) -> None:
-    """The DeepSpeed config as resolved (scheduler section included) as JSON, for the run directory."""
-    data = dict(resolved.config)
-    if resolved.scheduler is not None:
-        data["scheduler"] = resolved.scheduler
+    """The DeepSpeed config as given to deepspeed.initialize, as JSON, for the run directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps(resolved.config, indent=2) + "\n")

@@ -40,7 +40,8 @@ from graspGPT.data.synth import SynthError
 from graspGPT.data.upstream import UpstreamError
 from graspGPT.data.vocab import Vocab
 from graspGPT.evaluate import TrainingEvaluator
-from graspGPT.ds_config import DeepSpeedConfigError, load_deepspeed_json, resolve_deepspeed_config, save_resolved
+from graspGPT.ds_config import (DeepSpeedConfigError, load_deepspeed_json, outdated_warning, resolve_deepspeed_config,
+                                save_resolved)
 from graspGPT.model import GraspGPT, ModelConfig, ModelConfigError
 from graspGPT.observe import Progress, Throughput, Wandb, oom_message, rank_logger
 from graspGPT.runlock import OutputLock, OutputLockError
@@ -311,6 +312,8 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     log.info(f"data {store.path}: {len(store)} samples ({len(train_idx)} train, {len(val_idx)} val), V={vocab.size}")
     for note in ds.notes:
         log.info(f"note: {note}")
+    if outdated_warning(ds):
+        log.warning(outdated_warning(ds))
     if rank == 0:
         cfg.save(out / "config.json")
     if plan is not None and plan.convert:

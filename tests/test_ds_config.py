@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from graspGPT.config import ConfigError, config_from_dict
-from graspGPT.ds_config import (REPO_ROOT, DeepSpeedConfigError, load_deepspeed_json, plan_batch,
-                                resolve_deepspeed_config, save_resolved)
+from graspGPT.ds_config import (DERIVED, REPO_ROOT, DeepSpeedConfigError, load_deepspeed_json, outdated_warning,
+                                plan_batch, resolve_deepspeed_config, save_resolved)
 
 SHIPPED = load_deepspeed_json(REPO_ROOT / "deepspeed_config.json")
 
@@ -59,13 +59,13 @@ def test_plan_batch_errors(args):
         plan_batch(*args)
 
 
-# ---------------------------------------------------------------- "auto" filling
+# ---------------------------------------------------------------- derived keys
 
-def test_shipped_json_every_auto_filled_on_cpu():
+def test_shipped_json_gets_every_derived_key_on_cpu():
     r = resolve(world_size=2, batch_size=24, micro_batch_size=5, grad_clip=1.5, learning_rate=3e-4,
                 min_lr=3e-6, betas=[0.8, 0.9], weight_decay=0.05, warmup_iters=7, max_iters=70)
     c = r.config
-    assert autos(c) == [] and autos(r.scheduler) == []
+    assert autos(c) == [] and r.outdated == []
     assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (20, 5, 2)
     assert c["gradient_clipping"] == 1.5
     assert c["optimizer"]["params"] == {"lr": 3e-4, "betas": [0.8, 0.9], "eps": 1e-8, "weight_decay": 0.05,
@@ -73,19 +73,34 @@ def test_shipped_json_every_auto_filled_on_cpu():
     assert c["zero_optimization"]["stage"] == 2 and r.zero_stage == 2
     assert c["bf16"]["enabled"] is False and c["fp16"]["enabled"] is False and r.precision == "fp32"
     assert "scheduler" not in c  # the toolkit runs the schedule, not DeepSpeed
-    assert r.scheduler == {"type": "WarmupCosineLR", "params": {
-        "warmup_num_steps": 7, "total_num_steps": 70, "warmup_type": "linear", "cos_min_ratio": pytest.approx(0.01),
-        "warmup_min_ratio": 0.0}}
-    assert (r.lr_schedule.lr_schedule, r.lr_schedule.warmup_iters, r.lr_schedule.max_iters) == ("cosine", 7, 70)
     assert r.batch.adjusted and r.batch.message in r.notes
     assert any("torch_adam" in n for n in r.notes)
     json.dumps(c)  # plain JSON for deepspeed.initialize
 
 
+# What deepspeed_config.json held before the training config owned the batch, clipping, optimizer values and
+# schedule: "auto" for each, and a scheduler section that the trainer only checked.
+EARLIER = {**copy.deepcopy(SHIPPED), "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+           "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+           "scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": "auto", "total_num_steps": "auto",
+                                                              "warmup_type": "linear", "cos_min_ratio": "auto"}}}
+EARLIER["optimizer"]["params"].update(lr="auto", betas="auto", weight_decay="auto")
+
+
+def test_an_earlier_json_still_works_and_is_told_what_to_remove():
+    r = resolve(EARLIER, world_size=2, batch_size=24, micro_batch_size=5)
+    assert r.config == resolve(world_size=2, batch_size=24, micro_batch_size=5).config
+    warning = outdated_warning(r)
+    for key in ("train_batch_size", "gradient_clipping", "optimizer.params.lr", '"scheduler" section'):
+        assert key in warning
+    assert "remove them" in warning and "\n" not in warning
+    assert outdated_warning(resolve()) is None
+
+
 def test_input_not_mutated():
-    ds = copy.deepcopy(SHIPPED)
+    ds = copy.deepcopy(EARLIER)
     resolve(ds)
-    assert ds == SHIPPED
+    assert ds == EARLIER
 
 
 def test_precision_on_cuda():
@@ -118,16 +133,17 @@ def test_precision_errors():
 
 
 def test_explicit_equal_values_are_fine():
-    ds = copy.deepcopy(SHIPPED)
+    ds = copy.deepcopy(EARLIER)
     ds.update(train_batch_size=24, train_micro_batch_size_per_gpu=6, gradient_accumulation_steps=4, gradient_clipping=2)
     ds["optimizer"]["params"].update(lr=2e-4, betas=[0.9, 0.95], weight_decay=0.01)
     ds["scheduler"]["params"].update(warmup_num_steps=500, total_num_steps=20000, cos_min_ratio=1e-6 / 2e-4)
     r = resolve(ds)
-    assert r.config["train_batch_size"] == 24 and r.config["gradient_clipping"] == 2
+    assert r.config["train_batch_size"] == 24 and r.config["gradient_clipping"] == 2 and "scheduler" not in r.config
+    assert "gradient_clipping" in outdated_warning(r)
 
 
 def test_all_conflicts_in_one_error():
-    ds = copy.deepcopy(SHIPPED)
+    ds = copy.deepcopy(EARLIER)
     ds.update(train_batch_size=32, train_micro_batch_size_per_gpu=3, gradient_accumulation_steps=7,
               gradient_clipping=1.0)
     ds["optimizer"]["params"].update(lr=1e-3, betas=[0.9, 0.999], weight_decay=0.1)
@@ -135,43 +151,35 @@ def test_all_conflicts_in_one_error():
     with pytest.raises(DeepSpeedConfigError) as err:
         resolve(ds)
     message = str(err.value)
-    expected = ["train_batch_size is 32", "train_micro_batch_size_per_gpu is 3", "gradient_accumulation_steps is 7",
+    expected = ["train_batch_size is 32 but the batch plan from trainer.batch_size=24, micro_batch_size=6 and "
+                "1 rank(s) is 24", "train_micro_batch_size_per_gpu is 3 but trainer.micro_batch_size "
+                "(--micro_batch_size) is 6", "gradient_accumulation_steps is 7",
                 "gradient_clipping is 1.0 but trainer.grad_clip is 2.0", "optimizer.params.lr is 0.001",
                 "optimizer.params.betas is [0.9, 0.999] but trainer.betas is [0.9, 0.95]",
-                "optimizer.params.weight_decay is 0.1", "scheduler.params.warmup_num_steps is 100",
-                "scheduler.params.total_num_steps is 999", "scheduler.params.cos_min_ratio is 0.1"]
+                "optimizer.params.weight_decay is 0.1",
+                'the "scheduler" section says scheduler.params.warmup_num_steps 100, '
+                "scheduler.params.total_num_steps 999, scheduler.params.cos_min_ratio 0.1, but the trainer runs "
+                "cosine 0.0002 -> 1e-06, linear warmup 500 steps, 20000 steps"]
     for fragment in expected:
         assert fragment in message
-    assert message.count('set it to "auto" or make them equal') == len(expected)
     assert f"in {len(expected)} place(s)" in message and "\n" not in message
+    assert message.endswith("The training config owns these: remove them from deepspeed_config.json and set the "
+                            "training values (--config file or flag)")
 
 
-def test_scheduler_mapping():
-    for kind, schedule in (("WarmupDecayLR", "linear"), ("WarmupLR", "constant"), ("auto", "linear")):
-        ds = copy.deepcopy(SHIPPED)
-        ds["scheduler"] = {"type": kind, "params": {"warmup_num_steps": "auto", "warmup_max_lr": "auto"}}
-        r = resolve(ds, lr_schedule=schedule)
-        assert r.lr_schedule.lr_schedule == schedule
-        assert r.scheduler["params"]["warmup_max_lr"] == 2e-4 and r.scheduler["params"]["warmup_type"] == "linear"
-    ds = copy.deepcopy(SHIPPED)
-    del ds["scheduler"]
-    r = resolve(ds, lr_schedule="constant")
-    assert r.scheduler is None and r.lr_schedule.lr_schedule == "constant"
-
-
-def test_scheduler_errors():
-    ds = copy.deepcopy(SHIPPED)
-    with pytest.raises(DeepSpeedConfigError, match=r'scheduler.type is "WarmupCosineLR" but .*lr_schedule=.linear. '
-                                                   r'is "WarmupDecayLR"'):
+def test_an_earlier_scheduler_section_must_agree_with_the_schedule():
+    for schedule, kind in (("linear", "WarmupDecayLR"), ("constant", "WarmupLR"), ("linear", "auto")):
+        ds = copy.deepcopy(EARLIER)
+        ds["scheduler"] = {"type": kind, "params": {"warmup_num_steps": "auto", "warmup_max_lr": 2e-4}}
+        assert '"scheduler" section' in outdated_warning(resolve(ds, lr_schedule=schedule))
+    ds = copy.deepcopy(EARLIER)
+    with pytest.raises(DeepSpeedConfigError, match=r'says scheduler.type "WarmupCosineLR", but the trainer runs linear'):
         resolve(ds, lr_schedule="linear")
     ds["scheduler"]["params"]["warmup_type"] = "log"
-    with pytest.raises(DeepSpeedConfigError, match="warms up linearly.*pitfall 5"):
-        resolve(ds)
-    ds["scheduler"]["params"] = {"warmup_num_steps": "auto", "warmup_max_lr": 1e-3}
-    with pytest.raises(DeepSpeedConfigError, match="warmup_max_lr is not read by the toolkit for WarmupCosineLR"):
+    with pytest.raises(DeepSpeedConfigError, match='scheduler.params.warmup_type "log"'):
         resolve(ds)
     ds["scheduler"] = {"type": "OneCycle", "params": {}}
-    with pytest.raises(DeepSpeedConfigError, match="OneCycle.* is not supported"):
+    with pytest.raises(DeepSpeedConfigError, match='scheduler.type "OneCycle"'):
         resolve(ds)
 
 
@@ -182,8 +190,10 @@ def test_optimizer_handling():
     ds = copy.deepcopy(SHIPPED)
     ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}  # DeepSpeedCPUAdam is the right one there
     assert "torch_adam" not in resolve(ds).config["optimizer"]["params"]
-    ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto", "momentum": 0.9}}
+    ds["optimizer"] = {"type": "SGD", "params": {"momentum": 0.9}}  # no betas or weight decay unless listed
     assert resolve(ds).config["optimizer"] == {"type": "SGD", "params": {"lr": 2e-4, "momentum": 0.9}}
+    ds["optimizer"]["params"]["weight_decay"] = "auto"
+    assert resolve(ds).config["optimizer"]["params"]["weight_decay"] == 0.01
     del ds["optimizer"]
     with pytest.raises(DeepSpeedConfigError, match='needs an "optimizer" section'):
         resolve(ds)
@@ -218,8 +228,16 @@ def test_save_resolved(tmp_path):
     r = resolve()
     save_resolved(r, tmp_path / "run" / "deepspeed_config.resolved.json")
     saved = json.loads((tmp_path / "run" / "deepspeed_config.resolved.json").read_text())
-    assert saved["scheduler"]["params"]["total_num_steps"] == 20000
-    assert {k: v for k, v in saved.items() if k != "scheduler"} == r.config and autos(saved) == []
+    assert saved == r.config and autos(saved) == []
+
+
+def test_the_guide_says_which_file_owns_each_key():
+    guide = (REPO_ROOT / "DeepSpeed_Training_Guide.md").read_text()
+    table = guide[guide.index("| 键 | 归属 |"):].split("\n\n")[0]
+    for key, owner in DERIVED.items():
+        assert f"`{key}`" in table and owner.split(",")[0].split(" ")[0] in table, key
+    for key in ("zero_optimization", "bf16", "fp16", "optimizer.type"):
+        assert f"`{key}`" in table, key
 
 
 # ---------------------------------------------------------------- loading the JSON

@@ -99,7 +99,6 @@ def test_gradient_is_mean_over_global_batch_tokens(tmp_path, cache_dir, ranks, s
     ds = json.loads((REPO / "deepspeed_config.json").read_text())
     ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto"}}
     ds["zero_allow_untested_optimizer"] = True
-    ds.pop("scheduler")
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     cfg = write_config(tmp_path / "cfg.json", {
         "trainer": {"max_iters": 1, "save_every": 1, "eval_every": 100, "learning_rate": 1.0, "min_lr": 1.0,
