@@ -10,12 +10,16 @@ A checkpoint directory holds
 A directory without COMPLETE (a save that was killed) is never used; `latest` is replaced atomically
 after COMPLETE. The toolkit's own state never goes through pickle.
 
+A run's state (`run_state`: config, world size, model shape, vocabulary, data identity) is what a resume
+is planned against (`plan_run`) and compared with (`resume`), and what each save records.
+
 Every function that can fail because of a checkpoint raises CheckpointError; `agree` runs such a
 function on every rank and raises on all of them if it failed on any, so no rank is left waiting in
 a collective, and rank 0 can print the error whichever rank found it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,6 +36,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from .distributed import RANK_LOST, RankLost, peer_lost
+
 PREFIX = "checkpoint_iter_"
 MARKER = "COMPLETE"
 STATE_FILE = "toolkit_state.json"
@@ -47,22 +53,6 @@ class CheckpointError(RuntimeError):
 
 class RankFailed(RuntimeError):
     """Raised by `agree` on the ranks that did not fail; the message is the failing rank's error."""
-
-
-class RankLost(RuntimeError):
-    """A collective failed because another rank is gone; the message says so (not: free disk space)."""
-
-
-RANK_LOST = ("another rank stopped or stalled (killed, crashed, out of memory, hung past DEEPSPEED_TIMEOUT, or its "
-             "node went down: see its log, and dmesg for the OOM killer)")
-
-
-def peer_lost(exc: BaseException) -> bool:
-    """Whether an error from a collective means another rank is gone: gloo reports a closed connection,
-    NCCL a failed communicator, torch's store a timeout."""
-    text = str(exc).lower()
-    return isinstance(exc, dist.DistError) or any(s in text for s in (
-        "connection reset", "connection closed", "connection refused", "broken pipe", "timed out", "nccl"))
 
 
 def tag_for(step: int) -> str:
@@ -217,6 +207,40 @@ def plan_resume(resume: str | None, output_dir: Path, world: int, zero_stage: in
     return ResumePlan(path, state, needs_conversion(path, state, world, zero_stage))
 
 
+def model_shape(mcfg) -> dict:
+    """What a checkpoint must share with the run that resumes it (`mcfg`: model.ModelConfig)."""
+    shape = {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "vocab_size")}
+    return {**shape, "coordinate_embedding": mcfg.voxel_grid is not None}
+
+
+def data_identity(store) -> dict:
+    """What tells one data set (data.storage.TokenStore) from another cheaply: the sample count, the token
+    count and a hash of every sample's length (offsets: 8 bytes a sample), not of every token."""
+    return {"num_samples": len(store), "num_tokens": int(store.offsets[-1]),
+            "offsets_sha1": hashlib.sha1(np.ascontiguousarray(store.offsets, dtype=np.int64).tobytes()).hexdigest()}
+
+
+def run_state(cfg, world: int, ds, mcfg, store) -> dict:
+    """The run as toolkit_state.json records it (the step and skipped-step count are added at each save):
+    `cfg` the training Config, `ds` the ds_config.ResolvedDeepSpeed, `mcfg` the model's ModelConfig,
+    `store` the data's TokenStore."""
+    ws = store.workspace
+    return {"config": cfg.to_dict(), "world_size": world, "zero_stage": ds.zero_stage, "precision": ds.precision,
+            "global_batch": ds.batch.global_batch, "model": model_shape(mcfg), "vocab": store.vocab.to_meta(),
+            "workspace": {"bbox_min": list(ws.bbox_min), "bbox_max": list(ws.bbox_max), "voxel_size": ws.voxel_size,
+                          "grasp_cells": store.grasp_cells},
+            "data": data_identity(store)}
+
+
+def plan_run(resume: str | None, output_dir: Path, state: dict, device) -> ResumePlan | None:
+    """Where this run starts (None: from scratch), checked on every rank (`plan_resume`), the same on all.
+    `state`: this run's run_state."""
+    plan = agree(device, plan_resume, resume, output_dir, state["world_size"], state["zero_stage"], state["model"],
+                 state["vocab"])
+    check_same_plan(device, plan)
+    return plan
+
+
 # -- agreement between ranks ---------------------------------------------------------
 MESSAGE_BYTES = 2000  # of an error passed to the other ranks
 
@@ -313,7 +337,42 @@ def load(engine, plan: ResumePlan, output_dir: Path, rank: int, device) -> None:
             shutil.rmtree(output_dir / UNIVERSAL, ignore_errors=True)
 
 
+def resume(engine, plan: ResumePlan, state: dict, output_dir: Path, rank: int, device, log) -> None:
+    """Load `plan`'s checkpoint into the engine and the RNG streams, and say what differs from the saved
+    run (`state`: this run's run_state)."""
+    saved_world, world = plan.state.get("world_size"), state["world_size"]
+    if plan.convert:
+        log.info(f"{plan.path} was saved by {saved_world} rank(s) with ZeRO {plan.state.get('zero_stage')}: "
+                 f"converting it to DeepSpeed's universal checkpoint for {world} rank(s)")
+    load(engine, plan, output_dir, rank, device)
+    engine.lr_scheduler.apply()  # the current schedule's rate, not the one the saved optimizer held
+    seed = state["config"]["system"]["seed"]
+    if not agree(device, resume_rng, plan, rank, world, seed):
+        log.warning(f"world size {saved_world} -> {world}: weights, optimizer state, step and learning rate are "
+                    f"restored exactly; dropout draws new random streams, and sums run in another order")
+    global_batch = state["global_batch"]
+    if plan.state.get("global_batch", global_batch) != global_batch:
+        log.warning(f"the global batch was {plan.state['global_batch']} and is {global_batch} now: from here on "
+                    f"the steps see other samples than the saved run would have")
+    # A data set rewritten (or another one at the same path) changes what every later step trains on.
+    data_changes = changed_settings({"data": plan.state.get("data", state["data"])}, {"data": state["data"]})
+    if data_changes:
+        log.warning(f"the data set differs from the checkpoint's ({'; '.join(data_changes)}): from here on the steps "
+                    f"see other samples than the saved run would have")
+    changes = changed_settings(plan.state.get("config", {}), state["config"])
+    if changes:
+        log.warning("resuming with changed settings: " + "; ".join(changes))
+    log.info(f"resumed from {plan.path} at step {plan.step}")
+
+
 # -- RNG state, per rank, without pickle ---------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's random streams from `seed`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 @dataclass
 class RngState:
     python: list
@@ -365,10 +424,7 @@ def resume_rng(plan: ResumePlan, rank: int, world: int, seed: int) -> bool:
     if plan.state.get("world_size") == world:
         restore_rng(load_rng(plan.path, rank))
         return True
-    s = int(np.random.SeedSequence([seed, plan.step, rank]).generate_state(1)[0])
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
+    seed_everything(int(np.random.SeedSequence([seed, plan.step, rank]).generate_state(1)[0]))
     return False
 
 

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from conftest import end_worker, free_port
 from graspGPT import checkpoint
 from graspGPT.checkpoint import CheckpointError, ResumePlan, Saver
-from graspGPT.train_deepspeed import MetricsFile, NonFiniteError, NonFiniteSteps, guard_nonfinite
+from graspGPT.engine import guard_nonfinite
+from graspGPT.observe import MetricsFile, NonFiniteError, NonFiniteSteps
 
 SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_kv_head": 2, "vocab_size": 2859}
 VOCAB = {"dims": [50, 60, 40], "dynamic_tags": [], "vocab_size": 2859}

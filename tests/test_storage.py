@@ -260,7 +260,7 @@ def test_grasp_cells_recorded_and_defaulted_for_older_sets(tmp_path):
 
 def test_data_identity_tells_a_rewritten_data_set(tmp_path):
     """What a checkpoint records of its data, so a resume can warn when the data set was rewritten."""
-    from graspGPT.train_deepspeed import data_identity
+    from graspGPT.checkpoint import data_identity
 
     samples = make_samples(6)
     a = data_identity(TokenStore.open(write(tmp_path / "a", samples)))

@@ -66,7 +66,8 @@ def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
     from graspGPT.data.dataset import AugmentConfig, BatchSchedule, TrainingSamples, collate
     from graspGPT.data.source import resolve_data_dir
     from graspGPT.data.storage import TokenStore
-    from graspGPT.train_deepspeed import build_model, seed_everything
+    from graspGPT.checkpoint import seed_everything
+    from graspGPT.engine import build_model, model_config
 
     cfg = load_config(["--config", str(cfg_path)])
     store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
@@ -78,7 +79,7 @@ def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
     seqs = [samples.get(int(k), epoch=0) for k in schedule.global_batch(0)]
     assert len({len(s) for s in seqs}) > 1, "the test needs padding: samples of different lengths"
     seed_everything(cfg.system.seed)
-    model = build_model(cfg, store.vocab, {}, zero_stage=1)
+    model = build_model(model_config(cfg, store.vocab))
     w0 = {k: v.detach().clone() for k, v in model.state_dict().items()}
     batch = collate(seqs, pad_id=store.vocab.end, max_len=L)
     loss_sum, n = model(batch.input_ids, batch.targets)
