@@ -104,6 +104,9 @@ class SystemConfig:
     output_dir: str = flag("output", "where runs, logs and checkpoints go")
     seed: int = flag(42, "random seed")
     deterministic: bool = False
+    # minutes any collective waits for the other ranks before the run stops with an error (a rank that
+    # hangs); null: DEEPSPEED_TIMEOUT if set, else 15 (distributed.py)
+    collective_timeout_min: float | None = None
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,8 @@ def _validate(cfg: Config) -> Config:
          f"deepspeed.zero_stage must be 0, 1, 2 or 3 (or null for the JSON's stage), got {cfg.deepspeed.zero_stage}"),
         (t.eval_scenes >= 0, f"trainer.eval_scenes must be >= 0 (0 turns grasp metrics off), got {t.eval_scenes}"),
         (t.eval_temperature >= 0, f"trainer.eval_temperature must be >= 0 (0 is greedy), got {t.eval_temperature}"),
+        (cfg.system.collective_timeout_min is None or cfg.system.collective_timeout_min > 0,
+         f"system.collective_timeout_min must be > 0 minutes (or null), got {cfg.system.collective_timeout_min}"),
     ]
     for key in ("log_every", "save_every", "eval_every", "eval_iters", "keep_last", "max_nonfinite_steps"):
         rules.append((getattr(t, key) >= 1, f"trainer.{key} must be >= 1, got {getattr(t, key)}"))

@@ -37,7 +37,8 @@ from graspGPT.data.source import DataSourceError, resolve_data_dir
 from graspGPT.data.storage import StorageError, TokenStore
 from graspGPT.data.synth import SynthError
 from graspGPT.data.upstream import UpstreamError
-from graspGPT.distributed import LaunchError, RankLost, Ranks, all_sum, lost_rank_message, peer_lost, setup
+from graspGPT.distributed import (TIMEOUT_SETTING, LaunchError, RankLost, Ranks, all_sum, lost_rank_message, minutes,
+                                  peer_lost, setup)
 from graspGPT.ds_config import (DeepSpeedConfigError, ResolvedDeepSpeed, load_deepspeed_json, outdated_warning,
                                 resolve_deepspeed_config, save_resolved)
 from graspGPT.engine import build_engine, build_model, model_config, train_step, validation_loss
@@ -67,7 +68,7 @@ class StopRequest:
 
 def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     t = cfg.trainer
-    ranks = setup(cfg.system)  # the process group, with every group's timeout; this rank's device
+    ranks = setup(cfg.system)  # the process group (every group with the run's timeout); this rank's device
     checkpoint.seed_everything(cfg.system.seed)  # the same initial weights on every rank
 
     # Everything that can refuse the run is checked before the output directory changes at all.
@@ -159,7 +160,10 @@ def start_log(out: Path, cfg: Config, ranks: Ranks, store: TokenStore, ds: Resol
     out.mkdir(parents=True, exist_ok=True)  # for ranks on a node that does not share rank 0's file system
     log = rank_logger(out, ranks.rank)
     train_idx, val_idx = store.split(cfg.dataset.val_fraction, cfg.system.seed)
-    log.info(f"rank {ranks.rank}/{ranks.world} on {ranks.accelerator}; output {out.resolve()}")
+    log.info(f"rank {ranks.rank}/{ranks.world} on {ranks.accelerator}; output {out.resolve()}; a collective waits "
+             f"at most {minutes(ranks.timeout)} min for the other ranks ({TIMEOUT_SETTING})")
+    if cfg.system.collective_timeout_min is not None and "DEEPSPEED_TIMEOUT" in os.environ:
+        log.warning(f"DEEPSPEED_TIMEOUT={os.environ['DEEPSPEED_TIMEOUT']} is not used: {TIMEOUT_SETTING} is set")
     log.info(f"data {store.path}: {len(store)} samples ({len(train_idx)} train, {len(val_idx)} val), "
              f"V={store.vocab.size}")
     for note in ds.notes:

@@ -189,6 +189,27 @@ def test_a_rank_killed_during_a_save_is_reported_as_such(tmp_path, cache_dir, fi
     assert not (out / f"checkpoint_iter_{K}" / "COMPLETE").exists() and not (out / LOCK_FILE).exists()
 
 
+def test_a_hung_rank_ends_the_run_in_bounded_time(tmp_path, cache_dir, files):
+    """Rank 1 hangs in its forward of the second step, so rank 0 waits in ZeRO's gradient reduction, in a
+    process group DeepSpeed made (torch's 30-minute default before). Rank 0 gives up after
+    system.collective_timeout_min and says which rank waited and what to do, in one line."""
+    cfg = write_config(tmp_path / "cfg.json", {**RUN, "system": {"collective_timeout_min": 0.25}})
+    run = Ranks(2, ["--config", cfg, "--deepspeed_config", files.ds, "--zero_stage", 2, "--output_dir", tmp_path / "out"],
+                cache_dir, tmp_path, {"HOOK_HANG_AT": "1:1"}, HOOKED)
+    try:
+        code = run.procs[0].wait(timeout=150)
+    except subprocess.TimeoutExpired:
+        code = None
+    run.kill()  # the hung rank
+    assert code == 1, f"rank 0: exit {code}\n{run.output(0)}"
+    errors = [line for line in run.output(0).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in run.output(0), run.output(0)
+    assert errors[0].startswith("error: rank 0: a collective waited 0.25 min (system.collective_timeout_min) for the "
+                                "other ranks and timed out"), errors[0]
+    assert "--resume auto" in errors[0]
+    assert "step 1/" in (tmp_path / "out" / "training_rank_0.log").read_text()
+
+
 # -- world-size change -------------------------------------------------------------------
 @pytest.mark.parametrize("saved,ranks", [((1, 2), (2, 2)), ((2, 2), (4, 2)), ((2, 3), (1, 3)), ((2, 1), (2, 2))],
                          ids=["1to2", "2to4", "zero3_2to1", "zero1to2"])
@@ -297,6 +318,7 @@ def _run_with_hooks() -> int:
     HOOK_NAN_STEPS=a,b    (with HOOK_NAN_RANK=r) rank r's loss is NaN at those steps (1-based, as logged)
     HOOK_STALL_SAVE=name  saving checkpoint `name` stalls after each rank wrote its files
     HOOK_DIE_IN_SAVE=name:r  rank r is SIGKILLed while saving checkpoint `name`, its shards written
+    HOOK_HANG_AT=k:r      rank r stops taking part (sleeps) in its first forward of step index k
     """
     from graspGPT import checkpoint, train_deepspeed
     from graspGPT.data import dataset
@@ -319,6 +341,8 @@ def _run_with_hooks() -> int:
     def poisoned_forward(self, input_ids, targets=None, **decoding):
         if targets is None:  # decoding (the in-training evaluation): untouched
             return forward(self, input_ids, **decoding)
+        if self.training and hooks.get("HOOK_HANG_AT") == f"{current['step']}:{rank}":
+            time.sleep(600)
         s, n = forward(self, input_ids, targets)
         if self.training and current["step"] + 1 in nan_steps and rank == int(hooks.get("HOOK_NAN_RANK", -1)):
             s = s * float("nan")
