@@ -14,8 +14,10 @@ Implementations (--impl, comma-separated):
   fast+X     fast with a switch: +cudnn (cuDNN attention first instead of flash), +eager (no
              torch.compile), +ckpt (activation checkpointing), +plain (no coordinate embedding: a
              plain embedding table, as the baseline has); switches combine (fast+cudnn+ckpt)
-Both use the same DeepSpeed config: the ZeRO section of deepspeed_config.json with the stage asked,
-bf16, gradient clipping 2.0, and torch's fused AdamW (lr 2e-4, betas 0.9/0.95, weight decay 0.01).
+Both run in the trainer's engine and step (graspGPT/engine.py: build_engine, train_step), its DeepSpeed
+config resolved from a training config (graspGPT/ds_config.py): deepspeed_config.json with the ZeRO stage
+asked, bf16 where the GPU has it, gradient clipping 2.0, and torch's fused AdamW (constant lr 2e-4,
+betas 0.9/0.95, weight decay 0.01 on the layers' 2-D weights).
 
 --seq-len: a fixed T (rows of T+1 tokens cut from concatenated synthetic scenes, so no padding), or
 builtin:N, the built-in data set of N scenes through the trainer's own sampling, augmentation,
@@ -45,8 +47,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graspGPT.model as gm
+from graspGPT.config import Config, config_from_dict
 from graspGPT.data.dataset import Batch, collate
 from graspGPT.data.vocab import Vocab, Workspace
+from graspGPT.ds_config import ResolvedDeepSpeed, load_deepspeed_json, resolve_deepspeed_config
+from graspGPT.engine import build_engine, train_step, zero_init
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,40 +75,31 @@ class HFWithLoss(nn.Module):
                                reduction="sum")
         return loss, (targets != gm.IGNORE_INDEX).sum()
 
-
-def param_groups(model: nn.Module, weight_decay: float = 0.01) -> list[dict]:
-    """The trainer's rule (decay the 2-D weights of the layers only) for either implementation."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        ndim = len(getattr(p, "ds_shape", p.shape))
-        (decay if ndim == 2 and "model.layers." in name else no_decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    def configure_param_groups(self, weight_decay: float) -> list[dict]:
+        """The trainer's groups: the wrapped model's parameter names are GraspGPT's."""
+        return gm.GraspGPT.configure_param_groups(self.hf, weight_decay)
 
 
-def ds_config(zero: int, micro: int, accum: int, world: int, bf16: bool, lr: float = 2e-4,
-              overrides: tuple[str, ...] = ()) -> dict:
-    """The DeepSpeed config of both implementations; overrides are "dotted.key=JSON value" strings."""
-    zero_section = json.loads((ROOT / "deepspeed_config.json").read_text())["zero_optimization"]
-    cfg = {
-        "train_batch_size": micro * accum * world,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": 2.0,
-        "zero_optimization": {**zero_section, "stage": zero},
-        "bf16": {"enabled": bf16},
-        "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.01,
-                                                  "torch_adam": True, "fused": True}},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
+def bench_config(zero: int, micro: int, accum: int, world: int, on_gpu: bool, lr: float = 2e-4,
+                 overrides: tuple[str, ...] = ()) -> tuple[Config, ResolvedDeepSpeed]:
+    """The training config of a case and its DeepSpeed config, resolved as the trainer resolves it;
+    overrides are "dotted.key=JSON value" strings applied to the DeepSpeed config."""
+    cfg = config_from_dict({
+        "trainer": {"batch_size": micro * accum * world, "micro_batch_size": micro, "learning_rate": lr, "min_lr": 0.0,
+                    "lr_schedule": "constant", "warmup_iters": 0, "grad_clip": 2.0, "betas": [0.9, 0.95],
+                    "weight_decay": 0.01},
+        "deepspeed": {"zero_stage": zero}})
+    ds_json = load_deepspeed_json(ROOT / "deepspeed_config.json")
+    ds_json["optimizer"] = {"type": "AdamW", "params": {"eps": 1e-8, "torch_adam": True, "fused": True}}
+    ds = resolve_deepspeed_config(ds_json, cfg, world, "cuda" if on_gpu else "cpu", bf16_supported=on_gpu)
     for item in overrides:
         key, _, value = item.partition("=")
         *path, last = key.split(".")
-        node = cfg
+        node = ds.config
         for part in path:
             node = node.setdefault(part, {})
         node[last] = json.loads(value)
-    return cfg
+    return cfg, ds
 
 
 def model_config(model_type: str, vocab_size: int, block_size: int, ckpt: bool = False,
@@ -223,7 +219,6 @@ def pin(b: Batch) -> Batch:
 # ------------------------------------------------------------------------------------------------ run
 
 def run_case(impl: str, model_type: str, seq: str, zero: int, args, pool: ScenePool) -> dict:
-    import deepspeed
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     on_gpu = device.type == "cuda"
@@ -233,7 +228,7 @@ def run_case(impl: str, model_type: str, seq: str, zero: int, args, pool: SceneP
     max_len = args.max_len if builtin else int(seq) + 1
     mcfg = model_config(model_type, vocab_size, max_len, ckpt="ckpt" in switches,
                         coordinates=base == "fast" and "plain" not in switches)
-    cfg = ds_config(zero, args.micro_batch, args.grad_accum, world, bf16=on_gpu, overrides=tuple(args.ds))
+    cfg, ds = bench_config(zero, args.micro_batch, args.grad_accum, world, on_gpu, overrides=tuple(args.ds))
 
     gc.collect()
     if on_gpu:
@@ -241,14 +236,11 @@ def run_case(impl: str, model_type: str, seq: str, zero: int, args, pool: SceneP
         torch.cuda.reset_peak_memory_stats()
     mem_before = torch.cuda.memory_allocated() / 2**30 if on_gpu else 0.0
     t_init = time.perf_counter()
-    if zero == 3:  # parameters partitioned as they are created, as the trainer does
-        with deepspeed.zero.Init(config_dict_or_path=cfg):
-            model = build_model(base, mcfg, device)
-    else:
+    with zero_init(ds):  # under ZeRO-3 the parameters are partitioned as they are created, as the trainer does
         model = build_model(base, mcfg, device)
     with torch.device("meta"):
         n_params = gm.GraspGPT(mcfg).num_params()
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model), config=cfg)
+    engine = build_engine(model, ds, cfg.trainer)
     init_s = time.perf_counter() - t_init
 
     data = (BuiltinData(int(seq.split(":")[1]), max_len, args.micro_batch, args.grad_accum, rank, world, device)
@@ -265,20 +257,8 @@ def run_case(impl: str, model_type: str, seq: str, zero: int, args, pool: SceneP
         total = torch.full((), float(global_targets or counts["targets"]), device=device)
         if global_targets is None:
             dist.all_reduce(total)
-        scale = world * args.grad_accum / total.clamp(min=1.0)
-        losses = []
-        for b in micro:
-            t0 = time.perf_counter()
-            loss, _ = engine(b.input_ids.to(device, non_blocking=True), b.targets.to(device, non_blocking=True))
-            t1 = time.perf_counter()
-            engine.backward(loss * scale)
-            t2 = time.perf_counter()
-            engine.step()
-            host["forward"] += t1 - t0
-            host["backward"] += t2 - t1
-            host["step"] += time.perf_counter() - t2
-            losses.append(loss.detach())
-        return counts, wait, torch.stack(losses).sum() / total
+        loss_sum = train_step(engine, micro, world * args.grad_accum / total.clamp(min=1.0), host)
+        return counts, wait, loss_sum / total
 
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     t0 = time.perf_counter()

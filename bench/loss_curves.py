@@ -18,20 +18,16 @@ import bench_train as bt
 
 
 def train(impl: str, mcfg, weights: dict, args, pool) -> list[float]:
-    import deepspeed
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     bt.apply_switches(impl)
-    model = bt.build_model(impl, mcfg, device, weights=weights)
-    cfg = bt.ds_config(args.zero, args.micro_batch, 1, 1, bf16=device.type == "cuda", lr=args.lr)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=bt.param_groups(model), config=cfg)
+    cfg, ds = bt.bench_config(args.zero, args.micro_batch, 1, 1, on_gpu=device.type == "cuda", lr=args.lr)
+    model = bt.build_model(impl, mcfg, device, weights=weights)  # whole: the weights are loaded into it
+    engine = bt.build_engine(model, ds, cfg.trainer)
     data = bt.FixedLengthData(pool, args.seq_len, args.micro_batch, 1, 0, 1)
     losses = []
     for _ in range(args.steps):
-        (batch,), total, _ = next(data)
-        loss, _ = engine(batch.input_ids.to(device, non_blocking=True), batch.targets.to(device, non_blocking=True))
-        engine.backward(loss / total)
-        engine.step()
-        losses.append(loss.detach() / total)
+        micro, total, _ = next(data)
+        losses.append(bt.train_step(engine, micro, 1.0 / total) / total)
     losses = torch.stack(losses).tolist()
     engine.destroy()
     return losses

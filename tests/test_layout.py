@@ -34,3 +34,22 @@ def test_every_module_is_in_the_design_doc():
     missing = [m for m, path in code_map.modules().items()
                if path.name != "__init__.py" and f"{path.relative_to(REPO / 'graspGPT').as_posix()}" not in design]
     assert not missing, missing
+
+
+def test_the_benchmark_runs_the_trainers_engine_and_step():
+    """bench/bench_train.py measures the trainer's step: no engine, step or DeepSpeed config of its own."""
+    import sys
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    import graspGPT.engine as engine
+
+    assert bench_train.build_engine is engine.build_engine and bench_train.train_step is engine.train_step
+    source = (REPO / "bench" / "bench_train.py").read_text() + (REPO / "bench" / "loss_curves.py").read_text()
+    assert "deepspeed.initialize" not in source and "engine.backward" not in source
+    cfg, ds = bench_train.bench_config(zero=2, micro=2, accum=4, world=1, on_gpu=False, overrides=("a.b=1",))
+    assert (ds.config["train_batch_size"], ds.config["gradient_accumulation_steps"], ds.zero_stage) == (8, 4, 2)
+    assert ds.config["gradient_clipping"] == 2.0 and ds.config["optimizer"]["params"]["fused"] is True
+    assert ds.config["a"] == {"b": 1} and cfg.trainer.lr_schedule == "constant" and cfg.trainer.warmup_iters == 0
