@@ -178,8 +178,7 @@ def _fill_derived(ds: dict, cfg: Config, batch: BatchPlan, resolved: ResolvedDee
         elif path == ["optimizer", "params"] and last != "lr" and not adam:
             continue  # not an argument every optimizer takes
         node[last] = value
-    if listed:
-        resolved.outdated.append(f"{', '.join(listed)} (the training config sets them)")
+    resolved.outdated += listed
     return problems
 
 
@@ -266,7 +265,7 @@ def _old_scheduler(ds: dict, cfg: Config, source: str, resolved: ResolvedDeepSpe
     if differ:
         return [f"the \"scheduler\" section says {', '.join(differ)}, but the trainer runs {schedule}; remove the "
                 f"section and set those training keys"]
-    resolved.outdated.append(f'the "scheduler" section (the trainer runs {schedule})')
+    resolved.outdated.append(f'a "scheduler" section (the trainer runs {Schedule.of(t).describe()})')
     return []
 
 
@@ -308,8 +307,8 @@ def outdated_warning(resolved: ResolvedDeepSpeed) -> str | None:
     """One line for the log when the JSON still carries what the training config decides."""
     if not resolved.outdated:
         return None
-    return (f"{resolved.source} still holds {'; and '.join(resolved.outdated)}: they agree with the training config "
-            f"and are not read; remove them (see the guide's table of which file owns which key)")
+    return (f"{resolved.source} still holds what the training config owns: {', '.join(resolved.outdated)}; they "
+            f"agree with it and are not read: remove them (the guide's table says which file owns which key)")
 
 
 def save_resolved(resolved: ResolvedDeepSpeed, path: str | Path) -> None:
