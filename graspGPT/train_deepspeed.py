@@ -21,10 +21,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-# The one path insertion left: `deepspeed graspGPT/train_deepspeed.py` (from the root or from inside
+# The one path change left: `deepspeed graspGPT/train_deepspeed.py` (from the root or from inside
 # graspGPT/) must run with the package not installed, and the file run decides which checkout is used.
+# Its own directory leaves the path: its modules (distributed.py, engine.py, config.py, ...) are the
+# package's, not top-level modules of those names (dask's `distributed`, say).
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
 
 import numpy as np
 import torch

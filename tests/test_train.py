@@ -109,6 +109,9 @@ def test_gradient_is_mean_over_global_batch_tokens(tmp_path, cache_dir, ranks, s
                           "--zero_stage", str(stage)], cache_dir))
     resolved = json.loads((tmp_path / "out" / "deepspeed_config.resolved.json").read_text())
     assert resolved["gradient_accumulation_steps"] == 4 // ranks
+    # an earlier JSON's "lr": "auto" works, and the log says the training config owns the key
+    assert "still holds what the training config owns: optimizer.params.lr;" in \
+        (tmp_path / "out" / "training_rank_0.log").read_text()
 
     w0, grads, loss = _reference_gradient(cfg, cache_dir)
     logged = json.loads((tmp_path / "out" / "metrics_rank0.jsonl").read_text().splitlines()[0])
