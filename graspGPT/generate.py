@@ -37,7 +37,7 @@ from .data.grammar import (GRASP_BLOCK, GRASP_TAG, Block, GrammarError, GrammarS
 from .data.render import PREDICTED, render_sample, tag_colours
 from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab, Workspace
-from .grasp_metrics import GraspScore, correct_grasps, score_grasps, touching_cells
+from .grasp_metrics import GraspScore, SceneVoxels, correct_grasps, score_grasps
 from .grasp_pose import pose_from_cells, tolerance
 from .model import ModelInputError
 
@@ -150,34 +150,49 @@ def _allowed_masks(states: list[GrammarState | None], vocab_size: int, device) -
     return mask
 
 
-def object_regions(prompt: np.ndarray, vocab: Vocab, device) -> dict[int, torch.Tensor]:
-    """{tag: (V,) bool} per block tag of the prompt's scene: the voxels within one cell (Chebyshev) of
-    that block's cells, where a finger touching the object can be. `incomplete` blocks (one camera's
-    view) get none: their objects go on where the camera does not see, and so may the fingers."""
-    regions: dict[int, torch.Tensor] = {}
-    for block in read_output(prompt, vocab).scene:
-        if block.tag == vocab.incomplete:
-            continue
-        around = touching_cells(vocab.cells_of(block.cells), vocab.dims)
-        mask = regions.get(block.tag)
-        if mask is None:
-            mask = regions[block.tag] = torch.zeros(vocab.size, dtype=torch.bool, device=device)
-        mask[torch.from_numpy(vocab.cell_ids(around)).to(device)] = True
-    return regions
+class Grounding:
+    """Where each grasp of one prompt's scene may put its cells: the two fingers touching the object its
+    tag names and not inside another one; with `gripper`, also the gripper's shape (second finger within
+    the opening, closing segment through the object, base FINGER_LENGTH behind the contacts with fingers
+    and palm clear), so that every grasp written passes grasp_metrics.valid_grasps. `incomplete` blocks
+    (one camera's view) are not held: their objects go on where the camera does not see."""
+
+    def __init__(self, prompt: np.ndarray, vocab: Vocab, voxel_size: float | None):
+        scene = [(b.tag, vocab.cells_of(b.cells)) for b in read_output(prompt, vocab).scene]
+        self.vocab, self.gripper = vocab, voxel_size is not None
+        self.voxels = SceneVoxels(scene, vocab.dims, voxel_size or 1.0)
+
+    def next_cells(self, tag: int, written: Sequence[int]) -> np.ndarray | None:
+        """Voxel ids the grasp's next cell may take after its `written` cell ids; None: no constraint."""
+        if tag == self.vocab.incomplete or tag not in self.voxels.label_of:
+            return None
+        cells = self.vocab.cells_of(np.asarray(written, dtype=np.int64))
+        if len(cells) == 0 or (len(cells) == 1 and not self.gripper):
+            allowed = self.voxels.left_cells(tag)
+        elif len(cells) == 1:
+            allowed = self.voxels.right_cells(tag, cells[0])
+        elif len(cells) == 2 and self.gripper:
+            allowed = self.voxels.base_cells(tag, cells[0], cells[1])
+        else:
+            return None
+        return self.vocab.cell_ids(allowed) if len(allowed) else None  # nothing fits: leave it to the model
 
 
 def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temperature: float,
                    top_k: int | None, generators: list[torch.Generator],
-                   fingers: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """(B,) next tokens from last-position logits (B, V): grammar mask (None rows are free), the finger
-    regions of grounded rows (a (V,) mask, or None), temperature, top-k, each row sampled with its own
+                   cells: list[np.ndarray | None] | None = None) -> torch.Tensor:
+    """(B,) next tokens from last-position logits (B, V): grammar mask (None rows are free), the voxel ids
+    a grounded row's grasp may take next (or None), temperature, top-k, each row sampled with its own
     generator."""
     logits = logits.float()
     if any(s is not None for s in states):
         logits = logits.masked_fill(~_allowed_masks(states, logits.size(-1), logits.device), float("-inf"))
-    for b, region in enumerate(fingers or []):
-        if region is not None:
-            logits[b].masked_fill_(~region, float("-inf"))
+    for b, ids in enumerate(cells or []):
+        if ids is not None:
+            keep = torch.full_like(logits[b], float("-inf"))
+            index = torch.from_numpy(ids).to(logits.device)
+            keep[index] = logits[b, index]
+            logits[b] = keep
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -191,7 +206,8 @@ def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temp
 @torch.no_grad()
 def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_new_tokens: int | None = None,
            temperature: float = 1.0, top_k: int | None = None, constrained: bool | Sequence[bool] = True, seed: int = 0,
-           sync: Callable[[bool], bool] | None = None, grounded: bool | Sequence[bool] = False) -> Decoded:
+           sync: Callable[[bool], bool] | None = None, grounded: bool | Sequence[bool] = False,
+           voxel_size: float | None = None) -> Decoded:
     """Sample `num_samples` continuations of `prompt` together, stopping at `end` (decode_many of one prompt).
 
     With `constrained` every row's logits are masked by its own GrammarState: the grammar, and grasp
@@ -200,7 +216,7 @@ def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_ne
     most `max_new_tokens` are written (default and cap: what the model's block size leaves).
     """
     return decode_many(model, [prompt], vocab, num_samples, max_new_tokens, temperature, top_k, constrained,
-                       [seed], sync, grounded)[0]
+                       [seed], sync, grounded, voxel_size)[0]
 
 
 @torch.no_grad()
@@ -208,7 +224,7 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
                 max_new_tokens: int | Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
                 constrained: bool | Sequence[bool] = True, seeds: Sequence[int] | None = None,
                 sync: Callable[[bool], bool] | None = None,
-                grounded: bool | Sequence[bool] = False) -> list[Decoded]:
+                grounded: bool | Sequence[bool] = False, voxel_size: float | None = None) -> list[Decoded]:
     """`num_samples` continuations of each prompt, all prompts in one batch; one Decoded per prompt.
 
     The prompts run once, left-padded to the longest with a key mask, and their KV cache is copied
@@ -220,7 +236,8 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
 
     `grounded` (for all rows or, as a list, per row) also holds constrained rows to the object each grasp
     names: its two finger cells must touch (lie within one cell of) a cell of the scene block with the
-    grasp's tag.
+    grasp's tag, and not lie inside another block. Given the data's `voxel_size` (metres), grounded rows
+    also keep to the gripper's shape (see Grounding): every grasp they write is physically valid.
 
     `sync(still_running) -> any_rank_running` keeps ranks in lock-step for ZeRO-3, whose
     forward passes gather parameters collectively: a rank that has finished keeps running a
@@ -257,8 +274,9 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
     B = P * K
     cap = np.repeat(caps, K)
     device = next(model.parameters()).device
-    regions = [object_regions(p, vocab, device) if any(ground) else {} for p in prompts]
+    grounding = [Grounding(p, vocab, voxel_size) if any(ground) else None for p in prompts]
     grasp_tag = [-1] * B  # per row: the tag of the grasp being written
+    grasp_cells: list[list[int]] = [[] for _ in range(B)]  # per row: its cells written so far
     generators = [g for s in seeds for g in _row_generators(s, K, device)]
     was_training = model.training
     model.eval()
@@ -285,16 +303,19 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
         dummy, forwards, steps, active = None, 0, 0, not done.all()
         while True:
             if active:
-                fingers = [regions[b // K].get(grasp_tag[b]) if ground[b % K] and s.mode == GRASP_BLOCK and s.cells < 2
-                           else None for b, s in enumerate(states)] if any(ground) else None
-                tok = _sample_tokens(logits, states, temperature, top_k, generators, fingers)
+                cells = [grounding[b // K].next_cells(grasp_tag[b], grasp_cells[b])
+                         if ground[b % K] and not done[b] and s.mode == GRASP_BLOCK else None
+                         for b, s in enumerate(states)] if any(ground) else None
+                tok = _sample_tokens(logits, states, temperature, top_k, generators, cells)
                 tok = torch.where(torch.as_tensor(done, device=device), end, tok)  # finished rows repeat `end`
                 for b, t in enumerate(tok.tolist()):
                     if not done[b]:
                         rows[b].append(t)
                         if states[b] is not None:
                             if states[b].mode == GRASP_TAG:
-                                grasp_tag[b] = t
+                                grasp_tag[b], grasp_cells[b] = t, []
+                            elif states[b].mode == GRASP_BLOCK and t >= vocab.voxel_base:
+                                grasp_cells[b].append(t)
                             states[b].advance(t)
                         ended[b] = t == vocab.end
                         done[b] = ended[b] or len(rows[b]) >= cap[b]
@@ -483,9 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help="cap on generated tokens (default: twice the sample's own continuation + 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_grounding", action="store_true",
-                   help="constrained decoding keeps to the grammar only (default: it also puts each grasp's two "
-                        "fingers on the object its tag names)")
+    p.add_argument("--grounding", choices=("gripper", "fingers", "none"), default="gripper",
+                   help="what constrained decoding holds each grasp to besides the grammar: gripper (default: the "
+                        "two fingers on the object its tag names and the gripper's shape, so every grasp is "
+                        "physically valid), fingers (the fingers only), none (the grammar alone)")
+    p.add_argument("--no_grounding", dest="grounding", action="store_const", const="none",
+                   help="the same as --grounding none")
     p.add_argument("--out", default="generated", help="output directory (default ./generated)")
     p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -512,7 +536,8 @@ def run(args) -> list[dict]:
     summaries = []
     for constrained, suffix in ((True, ""), (False, "_free")):
         decoded = decode(model, prompt, vocab, args.num_samples, max_new, args.temperature, args.top_k,
-                         constrained=constrained, seed=args.seed, grounded=not args.no_grounding)
+                         constrained=constrained, seed=args.seed, grounded=args.grounding != "none",
+                         voxel_size=store.workspace.voxel_size if args.grounding == "gripper" else None)
         s = write_outputs(out, suffix, args.index, decoded, truth, vocab, frame, constrained)
         s["tokens_per_s"] = round(decoded.new_tokens / max(decoded.seconds, 1e-9), 1)
         summaries.append(s)

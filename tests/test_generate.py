@@ -16,8 +16,9 @@ from graspGPT.data.grammar import Block, parse
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.generate import (GenerateError, accepts, decode, prompt_state, read_output, scene_prompt, task_of,
-                               task_prompt, truth_of)
+from graspGPT.generate import (GenerateError, accepts, decode, grasp_list, prompt_state, read_output, scene_prompt,
+                               task_of, task_prompt, truth_of)
+from graspGPT.grasp_metrics import valid_grasps
 from graspGPT.model import GraspGPT, ModelConfig
 
 COARSE = Workspace(voxel_size=0.03)
@@ -118,6 +119,32 @@ def test_grounded_decoding_puts_every_finger_on_the_named_object(scenes):
                     else:
                         plain, plain_near = plain + 1, plain_near + all(near)
     assert touching >= 15 and plain >= 15 and plain_near < 0.8 * plain  # alone, an untrained model often misses
+
+
+def test_gripper_grounding_writes_only_physically_valid_grasps(scenes):
+    """With the data's voxel size, grounded decoding also keeps to the gripper's shape: every grasp it
+    writes on a grasp task's scene passes valid_grasps; finger grounding alone leaves an untrained
+    model's grasps mostly invalid. (Completion and segmentation prompts are the scene alone, which the
+    model may go on writing: grasps of objects it made up are not held.)"""
+    model = tiny_model()
+    rate = {}
+    for voxel_size in (COARSE.voxel_size, None):
+        valid = total = 0
+        for ids in scenes:
+            truth = truth_of(ids, VOCAB)
+            if task_of(truth) != "grasp":
+                continue
+            prompt = task_prompt(ids, VOCAB, "grasp")
+            scene = [(b.tag, VOCAB.cells_of(b.cells)) for b in truth.scene]
+            out = decode(model, prompt, VOCAB, num_samples=16, max_new_tokens=200, seed=2, grounded=True,
+                         voxel_size=voxel_size)
+            for new in out.new:
+                grasps = grasp_list(read_output(np.concatenate([prompt, new]), VOCAB).grasps, VOCAB)
+                valid += valid_grasps(grasps, scene, VOCAB.dims, COARSE.voxel_size).sum()
+                total += len(grasps)
+        rate[voxel_size] = valid / total
+        assert total >= 30
+    assert rate[COARSE.voxel_size] == 1.0 and rate[None] < 0.7
 
 
 def test_unconstrained_decoding_of_untrained_model_is_mostly_invalid(scenes):
