@@ -128,11 +128,13 @@ def _widen(model, cache, samples: int):
     return wide
 
 
-def _row_generators(seed: int, rows: int, device) -> list[torch.Generator]:
-    """One generator per sample row, seeded from (seed, row): a row's draws do not depend on what
-    else shares its batch, so batching scenes together changes nothing."""
+def _row_uniforms(seed: int, rows: int, steps: int, device) -> torch.Tensor:
+    """(rows, steps) uniform [0, 1) draws, row r's from a generator seeded with (seed, r): a row's draws
+    do not depend on what else shares its batch, so batching scenes together changes nothing. Drawn
+    once, so that sampling a step is one batched kernel rather than one call per row."""
     seeds = np.random.SeedSequence(int(seed)).generate_state(rows, dtype=np.uint64) >> np.uint64(1)
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                        for s in seeds]).to(device)
 
 
 def _allowed_masks(states: list[GrammarState | None], vocab_size: int, device) -> torch.Tensor:
@@ -179,11 +181,11 @@ class Grounding:
 
 
 def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temperature: float,
-                   top_k: int | None, generators: list[torch.Generator],
+                   top_k: int | None, uniforms: torch.Tensor,
                    cells: list[np.ndarray | None] | None = None) -> torch.Tensor:
     """(B,) next tokens from last-position logits (B, V): grammar mask (None rows are free), the voxel ids
-    a grounded row's grasp may take next (or None), temperature, top-k, each row sampled with its own
-    generator."""
+    a grounded row's grasp may take next (or None), temperature, top-k; row b samples by inverting its
+    distribution's CDF at its own uniform draw uniforms[b]."""
     logits = logits.float()
     if any(s is not None for s in states):
         logits = logits.masked_fill(~_allowed_masks(states, logits.size(-1), logits.device), float("-inf"))
@@ -199,8 +201,10 @@ def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temp
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
+    cdf = torch.softmax(logits, -1, dtype=torch.float64).cumsum(-1)
+    # The first token whose cumulative probability exceeds u * total: never a token of probability 0.
+    tok = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return tok.clamp_(max=logits.size(-1) - 1)
 
 
 @torch.no_grad()
@@ -277,7 +281,7 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
     grounding = [Grounding(p, vocab, voxel_size) if any(ground) else None for p in prompts]
     grasp_tag = [-1] * B  # per row: the tag of the grasp being written
     grasp_cells: list[list[int]] = [[] for _ in range(B)]  # per row: its cells written so far
-    generators = [g for s in seeds for g in _row_generators(s, K, device)]
+    uniforms = torch.cat([_row_uniforms(s, K, max(int(cap.max()), 1), device) for s in seeds])
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -306,7 +310,7 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
                 cells = [grounding[b // K].next_cells(grasp_tag[b], grasp_cells[b])
                          if ground[b % K] and not done[b] and s.mode == GRASP_BLOCK else None
                          for b, s in enumerate(states)] if any(ground) else None
-                tok = _sample_tokens(logits, states, temperature, top_k, generators, cells)
+                tok = _sample_tokens(logits, states, temperature, top_k, uniforms[:, steps], cells)
                 tok = torch.where(torch.as_tensor(done, device=device), end, tok)  # finished rows repeat `end`
                 for b, t in enumerate(tok.tolist()):
                     if not done[b]:

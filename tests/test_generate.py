@@ -16,8 +16,8 @@ from graspGPT.data.grammar import Block, parse
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.generate import (GenerateError, accepts, decode, grasp_list, prompt_state, read_output, scene_prompt,
-                               task_of, task_prompt, truth_of)
+from graspGPT.generate import (GenerateError, _sample_tokens, accepts, decode, grasp_list, prompt_state, read_output,
+                               scene_prompt, task_of, task_prompt, truth_of)
 from graspGPT.grasp_metrics import valid_grasps
 from graspGPT.model import GraspGPT, ModelConfig
 
@@ -106,7 +106,7 @@ def test_grounded_decoding_puts_every_finger_on_the_named_object(scenes):
         for b in truth_of(ids, VOCAB).scene:
             blocks.setdefault(b.tag, []).append(VOCAB.cells_of(b.cells))
         for grounded in (True, False):
-            out = decode(model, prompt, VOCAB, num_samples=8, max_new_tokens=300, seed=4, grounded=grounded)
+            out = decode(model, prompt, VOCAB, num_samples=16, max_new_tokens=300, seed=4, grounded=grounded)
             start = prompt_state(prompt, VOCAB)
             assert all(accepts(start, new) for new in out.new if out.ended.all())
             for new in out.new:
@@ -119,6 +119,25 @@ def test_grounded_decoding_puts_every_finger_on_the_named_object(scenes):
                     else:
                         plain, plain_near = plain + 1, plain_near + all(near)
     assert touching >= 15 and plain >= 15 and plain_near < 0.8 * plain  # alone, an untrained model often misses
+
+
+def test_sampling_follows_the_distribution_and_never_picks_a_masked_token():
+    """Each row inverts its distribution's CDF at its own uniform draw: frequencies match the softmax
+    (at the temperature), and tokens of probability 0 (masked, or outside the top k) never come out, even
+    at the draws 0 and 1 - 1e-16."""
+    logits = torch.tensor([0.0, 1.0, float("-inf"), 2.0, -1.0, float("-inf")]).repeat(20000, 1)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for temperature, top_k in ((1.0, None), (0.5, None), (1.0, 2)):
+        tok = _sample_tokens(logits, [None] * len(u), temperature, top_k, u)
+        expected = torch.softmax(logits[0] / temperature, -1)
+        if top_k:
+            expected[expected < expected.topk(top_k).values[-1]] = 0
+            expected /= expected.sum()
+        freq = torch.bincount(tok, minlength=6).double() / len(u)
+        assert (freq - expected).abs().max() < 0.01, (temperature, top_k, freq)
+        assert freq[expected == 0].sum() == 0
+    edges = _sample_tokens(logits[:2], [None, None], 1.0, None, torch.tensor([0.0, 1 - 1e-16], dtype=torch.float64))
+    assert edges.tolist() == [0, 4]
 
 
 def test_gripper_grounding_writes_only_physically_valid_grasps(scenes):
