@@ -197,7 +197,15 @@ class SceneVoxels:
                 self.label_of[int(tag)] = k + 1
                 self._cells[k + 1] = cells
         self._padded = np.pad(self.grid, 1)
+        # Segments are read from a copy of the grid with a free margin wide enough for any segment the
+        # rules sample (a swept finger ends at most FINGER_LENGTH + rounding off the grid): no bounds
+        # checks per point. Farther points, which the rules never reach, are clipped onto the margin.
+        margin = int(np.ceil(FINGER_LENGTH / self.voxel_size + 2 * ROUNDING)) + 2
+        wide = np.pad(self.grid, margin)
+        self._margin, self._wide_max, self._wide = margin, np.asarray(wide.shape) - 1, wide.ravel()
+        self._strides = np.array([wide.shape[1] * wide.shape[2], wide.shape[2], 1])
         self._left: dict[int, np.ndarray] = {}
+        self._others: dict[int, np.ndarray] = {}
 
     # -- rules on arrays of candidates: each takes the object's label and (n, 3) cells
 
@@ -209,10 +217,8 @@ class SceneVoxels:
             return np.zeros((0, 1), np.int32)
         steps = np.maximum(2, np.ceil(4 * np.abs(b - a).max(axis=1)).astype(np.int64) + 1)  # per segment
         t = np.minimum(np.arange(int(steps.max()))[None, :] / (steps[:, None] - 1), 1.0)
-        cells = np.rint(a[:, None, :] + t[..., None] * (b - a)[:, None, :]).astype(np.int64)
-        inside = np.all((cells >= 0) & (cells < self.dims), axis=-1)
-        cells = np.where(inside[..., None], cells, 0)
-        return np.where(inside, self.grid[cells[..., 0], cells[..., 1], cells[..., 2]], 0)
+        cells = np.rint(a[:, None, :] + t[..., None] * (b - a)[:, None, :]).astype(np.int64) + self._margin
+        return self._wide[np.clip(cells, 0, self._wide_max) @ self._strides]
 
     def _fingers_ok(self, own: int, fingers: np.ndarray) -> np.ndarray:
         touching = (self._padded[tuple((fingers[:, None, :] + 1 + NEIGHBOURHOOD).transpose(2, 0, 1))] == own).any(1)
@@ -234,11 +240,21 @@ class SceneVoxels:
         ok = ((np.abs(reach - FINGER_LENGTH / self.voxel_size) <= ROUNDING)
               & (np.abs(out @ close) <= ROUNDING * (reach + np.linalg.norm(close)) + 3)
               & (self.grid[tuple(bases.T)] == 0))
+        if not self._others_near(own, np.minimum(left, right) - FINGER_LENGTH / self.voxel_size - 2 * ROUNDING,
+                                 np.maximum(left, right) + FINGER_LENGTH / self.voxel_size + 2 * ROUNDING):
+            return ok  # nothing else within the gripper's reach: fingers and palm are clear
         out = out[ok]
         swept = np.concatenate([self._labels_along(left, left + out), self._labels_along(right, right + out),
                                 self._labels_along(left + out, right + out)], axis=1)
         ok[ok] = ((swept == 0) | (swept == own)).all(1)
         return ok
+
+    def _others_near(self, own: int, lo: np.ndarray, hi: np.ndarray) -> bool:
+        """Whether a cell of another object lies in the box [lo, hi]."""
+        if own not in self._others:
+            self._others[own] = np.argwhere((self.grid != 0) & (self.grid != own))
+        others = self._others[own]
+        return bool(np.all((others >= lo - 1) & (others <= hi + 1), axis=1).any())
 
     # -- judging
 
