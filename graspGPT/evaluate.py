@@ -81,17 +81,18 @@ def _add(counts: dict[str, float], prefix: str, score: GraspScore) -> None:
 def evaluate_scene(model, ids: np.ndarray, vocab: Vocab, voxel_size: float, num_samples: int = 1,
                    temperature: float = 1.0, top_k: int | None = None, seed: int = 0, unconstrained: bool = True,
                    max_new_tokens: int | None = None, sync: Callable[[bool], bool] | None = None,
-                   grounding: str = "gripper") -> tuple[dict[str, float], list, Sample]:
+                   grounding: str = "gripper", cell_temperature: float | None = None
+                   ) -> tuple[dict[str, float], list, Sample]:
     """Counts (COUNT_KEYS) for one sample, the first constrained sequence's grasps, and the truth."""
     return evaluate_batch(model, [ids], vocab, voxel_size, [seed], num_samples, temperature, top_k, unconstrained,
-                          max_new_tokens, sync, grounding)[0]
+                          max_new_tokens, sync, grounding, cell_temperature)[0]
 
 
 def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, voxel_size: float, seeds: Sequence[int],
                    num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
                    unconstrained: bool = True, max_new_tokens: int | None = None,
-                   sync: Callable[[bool], bool] | None = None, grounding: str = "gripper"
-                   ) -> list[tuple[dict[str, float], list, Sample]]:
+                   sync: Callable[[bool], bool] | None = None, grounding: str = "gripper",
+                   cell_temperature: float | None = None) -> list[tuple[dict[str, float], list, Sample]]:
     """evaluate_scene for several samples decoded in one batch (decode_many): per sample, its counts, the
     first constrained sequence's grasps and the truth. `voxel_size` (metres) is the data's, for the
     physical check and the gripper's shape. `grounding` (GROUNDINGS): what constrained decoding holds each
@@ -110,7 +111,7 @@ def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, voxel_siz
     outs = decode_many(model, prompts, vocab, len(rows), caps, temperature, top_k,
                        constrained=[k != "free_" for k in rows], seeds=seeds, sync=sync,
                        grounded=[k == "" and grounded for k in rows],
-                       voxel_size=voxel_size if grounding == "gripper" else None)
+                       voxel_size=voxel_size if grounding == "gripper" else None, cell_temperature=cell_temperature)
     results = []
     for i, (out, truth, prompt, seed) in enumerate(zip(outs, truths, prompts, seeds)):
         c = _score(out, truth, prompt, rows, vocab, voxel_size, np.random.default_rng([seed, 1]))

@@ -181,11 +181,15 @@ class Grounding:
 
 
 def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temperature: float,
-                   top_k: int | None, uniforms: torch.Tensor,
-                   cells: list[np.ndarray | None] | None = None) -> torch.Tensor:
+                   top_k: int | None, uniforms: torch.Tensor, cells: list[np.ndarray | None] | None = None,
+                   cell_temperature: float | None = None, voxel_base: int = 0) -> torch.Tensor:
     """(B,) next tokens from last-position logits (B, V): grammar mask (None rows are free), the voxel ids
     a grounded row's grasp may take next (or None), temperature, top-k; row b samples by inverting its
-    distribution's CDF at its own uniform draw uniforms[b]."""
+    distribution's CDF at its own uniform draw uniforms[b].
+
+    With `cell_temperature`, the voxel ids (>= voxel_base) share among themselves the probability the
+    `temperature` gives them all, at their own temperature: where a cell goes is sharpened while the
+    odds of a cell against a tag, another grasp or `end` stay the model's."""
     logits = logits.float()
     if any(s is not None for s in states):
         logits = logits.masked_fill(~_allowed_masks(states, logits.size(-1), logits.device), float("-inf"))
@@ -197,7 +201,13 @@ def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temp
             logits[b] = keep
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if cell_temperature is not None and cell_temperature > 0:
+        cell = logits[:, voxel_base:]
+        sharp = cell / cell_temperature
+        shift = torch.logsumexp(cell / temperature, -1, keepdim=True) - torch.logsumexp(sharp, -1, keepdim=True)
+        logits = torch.cat([logits[:, :voxel_base] / temperature, sharp + shift.nan_to_num(0.0)], -1)
+    else:
+        logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -211,7 +221,7 @@ def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temp
 def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_new_tokens: int | None = None,
            temperature: float = 1.0, top_k: int | None = None, constrained: bool | Sequence[bool] = True, seed: int = 0,
            sync: Callable[[bool], bool] | None = None, grounded: bool | Sequence[bool] = False,
-           voxel_size: float | None = None) -> Decoded:
+           voxel_size: float | None = None, cell_temperature: float | None = None) -> Decoded:
     """Sample `num_samples` continuations of `prompt` together, stopping at `end` (decode_many of one prompt).
 
     With `constrained` every row's logits are masked by its own GrammarState: the grammar, and grasp
@@ -220,7 +230,7 @@ def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_ne
     most `max_new_tokens` are written (default and cap: what the model's block size leaves).
     """
     return decode_many(model, [prompt], vocab, num_samples, max_new_tokens, temperature, top_k, constrained,
-                       [seed], sync, grounded, voxel_size)[0]
+                       [seed], sync, grounded, voxel_size, cell_temperature)[0]
 
 
 @torch.no_grad()
@@ -228,7 +238,8 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
                 max_new_tokens: int | Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
                 constrained: bool | Sequence[bool] = True, seeds: Sequence[int] | None = None,
                 sync: Callable[[bool], bool] | None = None,
-                grounded: bool | Sequence[bool] = False, voxel_size: float | None = None) -> list[Decoded]:
+                grounded: bool | Sequence[bool] = False, voxel_size: float | None = None,
+                cell_temperature: float | None = None) -> list[Decoded]:
     """`num_samples` continuations of each prompt, all prompts in one batch; one Decoded per prompt.
 
     The prompts run once, left-padded to the longest with a key mask, and their KV cache is copied
@@ -242,6 +253,8 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
     names: its two finger cells must touch (lie within one cell of) a cell of the scene block with the
     grasp's tag, and not lie inside another block. Given the data's `voxel_size` (metres), grounded rows
     also keep to the gripper's shape (see Grounding): every grasp they write is physically valid.
+    `cell_temperature` sharpens (or flattens) where cells go without changing the odds of a cell against
+    the other tokens (see _sample_tokens); None: the one `temperature` for all.
 
     `sync(still_running) -> any_rank_running` keeps ranks in lock-step for ZeRO-3, whose
     forward passes gather parameters collectively: a rank that has finished keeps running a
@@ -310,7 +323,8 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
                 cells = [grounding[b // K].next_cells(grasp_tag[b], grasp_cells[b])
                          if ground[b % K] and not done[b] and s.mode == GRASP_BLOCK else None
                          for b, s in enumerate(states)] if any(ground) else None
-                tok = _sample_tokens(logits, states, temperature, top_k, uniforms[:, steps], cells)
+                tok = _sample_tokens(logits, states, temperature, top_k, uniforms[:, steps], cells, cell_temperature,
+                                     vocab.voxel_base)
                 tok = torch.where(torch.as_tensor(done, device=device), end, tok)  # finished rows repeat `end`
                 for b, t in enumerate(tok.tolist()):
                     if not done[b]:
