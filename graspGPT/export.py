@@ -26,13 +26,13 @@ import torch
 from graspGPT import checkpoint
 from graspGPT.data.storage import grasp_cells_of_meta
 from graspGPT.data.vocab import SCENE_GRID, UPSTREAM_GRID, Vocab, VocabError, Workspace
-from graspGPT.model import AXIS_KEYS, GraspGPT, ModelConfig, ModelConfigError, fold_axes
+from graspGPT.model import AXIS_KEYS, GraspGPT, GraspGPTConfig, ModelConfigError, fold_axes
 
 META_FILE = "graspgpt_meta.json"
 WEIGHTS_FILE = "model.safetensors"
 HF_FILES = ("config.json", WEIGHTS_FILE, META_FILE)
 META_FORMAT, META_VERSION = "graspgpt-hf", 1
-# ModelConfig fields that define what the weights compute (dropout etc. are training settings)
+# GraspGPTConfig fields that define what the weights compute (dropout etc. are training settings)
 ARCH_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "rope_theta", "rms_norm_eps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TIED = "lm_head.weight"  # the same tensor as model.embed_tokens.weight; stored once
@@ -109,7 +109,7 @@ def checkpoint_meta(ckpt: Path) -> dict:
                              f"{list(vocab.dims)} (V = {vocab.size})")
         model = {"vocab_size": vocab.size, "block_size": cfg["dataset"]["max_sequence_length"],
                  **{k: shape[k] for k in ("n_layer", "n_head", "n_embd", "n_kv_head")},
-                 "rope_theta": cfg["model"]["rope_theta"], "rms_norm_eps": ModelConfig.rms_norm_eps}
+                 "rope_theta": cfg["model"]["rope_theta"], "rms_norm_eps": GraspGPTConfig.rms_norm_eps}
         meta = {"format": META_FORMAT, "format_version": META_VERSION,
                 "vocab": {**vocab.to_meta(), "voxel_base": vocab.voxel_base, "end_id": vocab.end},
                 "workspace": _workspace(state, vocab), "model": model, "step": state["step"],
@@ -143,9 +143,9 @@ def fp32_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 # -- meta and model construction ----------------------------------------------------------
-def model_config(meta: dict, source: Path) -> ModelConfig:
+def model_config(meta: dict, source: Path) -> GraspGPTConfig:
     try:
-        return ModelConfig(**{k: meta["model"][k] for k in ARCH_FIELDS})
+        return GraspGPTConfig(**{k: meta["model"][k] for k in ARCH_FIELDS})
     except (KeyError, TypeError, ModelConfigError) as exc:
         raise ExportError(f"{source}: bad model shape in the metadata ({exc!r}); export the checkpoint again") from exc
 

@@ -41,7 +41,7 @@ from graspGPT.data.upstream import UpstreamError
 from graspGPT.data.vocab import Vocab
 from graspGPT.evaluate import TrainingEvaluator
 from graspGPT.ds_config import DeepSpeedConfigError, load_deepspeed_json, resolve_deepspeed_config, save_resolved
-from graspGPT.model import GraspGPT, ModelConfig, ModelConfigError
+from graspGPT.model import GraspGPT, GraspGPTConfig, ModelConfigError
 from graspGPT.observe import Progress, Throughput, Wandb, oom_message, rank_logger
 from graspGPT.runlock import OutputLock, OutputLockError
 from graspGPT.schedule import make_lr_scheduler
@@ -84,16 +84,16 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
+def model_config(cfg: Config, vocab: Vocab) -> GraspGPTConfig:
     m = cfg.model
-    return ModelConfig.from_shape(model_type=m.model_type, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
+    return GraspGPTConfig.from_shape(model_type=m.model_type, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                                   n_kv_head=m.n_kv_head, vocab_size=vocab.size,
                                   block_size=cfg.dataset.max_sequence_length, dropout=m.dropout,
                                   rope_theta=m.rope_theta, activation_checkpointing=m.activation_checkpointing,
                                   voxel_grid=tuple(vocab.dims) if m.coordinate_embedding else None)
 
 
-def model_shape(mcfg: ModelConfig) -> dict:
+def model_shape(mcfg: GraspGPTConfig) -> dict:
     """What a checkpoint must share with the run that resumes it."""
     shape = {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "vocab_size")}
     return {**shape, "coordinate_embedding": mcfg.voxel_grid is not None}

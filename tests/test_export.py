@@ -16,7 +16,7 @@ import torch
 
 from conftest import REPO, end_worker, launch, run_ok, train_env, write_config
 from graspGPT.export import ExportError, export, load_hf_weights, load_model, main, model_config, read_meta
-from graspGPT.model import GraspGPT, ModelConfig
+from graspGPT.model import GraspGPT, GraspGPTConfig
 
 STAGES = {0: 1, 1: 1, 3: 2}  # ZeRO stage: ranks
 STEPS = 3
@@ -119,11 +119,11 @@ def test_load_hf_weights_round_trip_and_mismatches(exported, tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
     shape = dict(vocab_size=2859, block_size=64, n_layer=2, n_head=2, n_embd=32, n_kv_head=2)
-    load_hf_weights(GraspGPT(ModelConfig(**shape)), d)  # another block_size is fine: RoPE has no learned positions
+    load_hf_weights(GraspGPT(GraspGPTConfig(**shape)), d)  # another block_size is fine: RoPE has no learned positions
     with pytest.raises(ExportError, match=r"n_embd is 32 in .* but 64 in this model"):
-        load_hf_weights(GraspGPT(ModelConfig(**{**shape, "n_embd": 64})), d)
+        load_hf_weights(GraspGPT(GraspGPTConfig(**{**shape, "n_embd": 64})), d)
     with pytest.raises(ExportError, match=r"vocab_size is 2859 in .* but 3000 in this model"):
-        load_hf_weights(GraspGPT(ModelConfig(**{**shape, "vocab_size": 3000})), d)
+        load_hf_weights(GraspGPT(GraspGPTConfig(**{**shape, "vocab_size": 3000})), d)
     # the same V from another grid is another vocabulary
     with pytest.raises(ExportError, match=r"vocabulary dims is \[20, 14, 9\] in .* but \[14, 20, 9\] in this run"):
         load_hf_weights(model, d, vocab_meta={"dims": [14, 20, 9], "dynamic_tags": [], "vocab_size": 2859})
@@ -135,7 +135,7 @@ def test_load_hf_weights_round_trip_and_mismatches(exported, tmp_path):
     m["model"]["n_layer"] = 3
     (liar / "graspgpt_meta.json").write_text(json.dumps(m))
     with pytest.raises(ExportError, match=r"missing 12: .*model\.layers\.2\."):
-        load_hf_weights(GraspGPT(ModelConfig(**{**shape, "n_layer": 3})), liar)
+        load_hf_weights(GraspGPT(GraspGPTConfig(**{**shape, "n_layer": 3})), liar)
     (liar / "model.safetensors").unlink()
     with pytest.raises(ExportError, match="lacks model.safetensors"):
         load_model(liar)

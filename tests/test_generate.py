@@ -18,7 +18,7 @@ from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.generate import (GenerateError, accepts, decode, prompt_state, read_output, scene_prompt, task_of,
                                task_prompt, truth_of)
-from graspGPT.model import GraspGPT, ModelConfig
+from graspGPT.model import GraspGPT, GraspGPTConfig
 
 COARSE = Workspace(voxel_size=0.03)
 VOCAB = Vocab.for_workspace(COARSE)
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_model(block_size: int = 1024, seed: int = 0) -> GraspGPT:
     torch.manual_seed(seed)
-    return GraspGPT(ModelConfig(vocab_size=VOCAB.size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    return GraspGPT(GraspGPTConfig(vocab_size=VOCAB.size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
 
 
 @pytest.fixture(scope="module")
