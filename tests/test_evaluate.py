@@ -308,16 +308,16 @@ def write_exported(model: GraspGPT, vocab: Vocab, path: Path) -> Path:
     """An exported model directory in the format `python -m graspGPT.export` writes."""
     from safetensors.torch import save_file
 
-    from graspGPT import export
+    from graspGPT import artifact
 
     path.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != export.TIED},
-              str(path / export.WEIGHTS_FILE))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != artifact.TIED},
+              str(path / artifact.WEIGHTS_FILE))
     (path / "config.json").write_text(json.dumps(model.to_hf_config("float32")))
-    meta = {"format": export.META_FORMAT, "format_version": export.META_VERSION, "vocab": vocab.to_meta(),
-            "model": {k: getattr(model.cfg, k) for k in export.ARCH_FIELDS}, "step": 0,
+    meta = {"format": artifact.META_FORMAT, "format_version": artifact.META_VERSION,
+            **artifact.ModelRecord(model.cfg, vocab).to_json(), "step": 0,
             "training_config": {"dataset": {"val_fraction": 0.3}, "system": {"seed": 4}}}
-    (path / export.META_FILE).write_text(json.dumps(meta))
+    (path / artifact.META_FILE).write_text(json.dumps(meta))
     return path
 
 
