@@ -45,6 +45,7 @@ ARCH_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_
 FIT_FIELDS = tuple(k for k in ARCH_FIELDS if k != "block_size") + ("coordinate_embedding",)
 TIED = "lm_head.weight"  # the same tensor as model.embed_tokens.weight; stored once
 TRUST_NOTE = "DeepSpeed shards are pickles: use only checkpoints from a trusted source"
+DAMAGED = "the file is damaged or from another toolkit version"
 
 
 class ArtifactError(checkpoint.CheckpointError):
@@ -54,6 +55,8 @@ class ArtifactError(checkpoint.CheckpointError):
 # -- the record -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelRecord:
+    """What a trained model is: enough to rebuild it and to read its output, with nothing else at hand."""
+
     model: GraspGPTConfig  # only the architecture is recorded; a record read back has training settings at defaults
     vocab: Vocab
     workspace: Workspace | None = None  # None: unknown (an export of a checkpoint from before it was recorded)
@@ -70,8 +73,7 @@ class ModelRecord:
         return {"model": model, "vocab": vocab, "workspace": workspace}
 
     @classmethod
-    def from_json(cls, d: dict, source: str | Path, fix: str = "the file is damaged or from another toolkit "
-                                                                  "version") -> ModelRecord:
+    def from_json(cls, d: dict, source: str | Path, fix: str = DAMAGED) -> ModelRecord:
         """The record held in `d` (a toolkit_state.json or graspgpt_meta.json), checked for consistency."""
         try:
             voc, m = d["vocab"], d["model"]
