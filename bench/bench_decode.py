@@ -25,7 +25,7 @@ import torch
 import graspGPT.generate as gen
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.model import GraspGPT, ModelConfig
+from graspGPT.model import GraspGPT, GraspGPTConfig
 
 
 def no_end(vocab: Vocab):
@@ -75,7 +75,7 @@ def main() -> int:
     for name in args.model.split(","):
         torch.manual_seed(0)
         block = max(len(p) for p in prompts) + args.max_new + 1
-        model = GraspGPT(ModelConfig.from_shape(model_type=name, vocab_size=vocab.size, block_size=block)).to(device)
+        model = GraspGPT(GraspGPTConfig.from_shape(model_type=name, vocab_size=vocab.size, block_size=block)).to(device)
         if device == "cuda":
             model = model.to(torch.bfloat16)
         run_case(model, prompts[:1], vocab, args.voxel_size, 1, 8, 0)  # warm-up

@@ -151,7 +151,7 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
     from graspGPT.data.source import resolve_data_dir
     from graspGPT.data.storage import TokenStore
     from graspGPT.evaluate import evaluate as evaluate_model
-    from graspGPT.export import load_model
+    from graspGPT.artifact import load_model
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this run was given (taskset)
     model, meta = load_model(train_dir, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)

@@ -3,7 +3,8 @@
 A checkpoint directory holds
   DeepSpeed's shards              written by `engine.save_checkpoint`; pickles, so load only checkpoints
                                   from a trusted source
-  toolkit_state.json              step, config, model shape, vocabulary, world size, ZeRO stage, counters
+  toolkit_state.json              step, config, the model record (artifact.py: architecture, vocabulary,
+                                  workspace), world size, ZeRO stage, counters
   rng_rank{r}.json/.safetensors   python/numpy/torch/device RNG states of rank r
   COMPLETE                        written last, by rank 0, once every rank has written its files: JSON
                                   naming every file of the checkpoint with its size
@@ -149,22 +150,6 @@ def read_state(path: Path) -> dict:
                               f"resume from an earlier one") from exc
 
 
-def check_compatible(path: Path, state: dict, model_shape: dict, vocab_meta: dict) -> None:
-    """Same model size and vocabulary as this run, or a clear error naming both."""
-    problems = []
-    for key, ours in model_shape.items():
-        theirs = state.get("model", {}).get(key)
-        if theirs != ours:
-            problems.append(f"model.{key} is {theirs} in the checkpoint but {ours} in this run")
-    for key in ("dims", "dynamic_tags", "vocab_size"):
-        theirs, ours = state.get("vocab", {}).get(key), vocab_meta.get(key)
-        if theirs != ours:
-            problems.append(f"vocabulary {key} is {theirs} in the checkpoint but {ours} in this run's data")
-    if problems:
-        raise CheckpointError(f"{path / STATE_FILE}: does not match this run: " + "; ".join(problems)
-                              + ". Resume with the same model and data, or start fresh in another --output_dir")
-
-
 def verify_files(path: Path) -> None:
     """Every file COMPLETE lists is there with its size: a missing or truncated shard is named before
     DeepSpeed would fail on it deep inside torch.load (and on some ranks only)."""
@@ -204,15 +189,17 @@ class ResumePlan:
         return int(self.state["step"])
 
 
-def plan_resume(resume: str | None, output_dir: Path, world: int, zero_stage: int, model_shape: dict,
-                vocab_meta: dict) -> ResumePlan | None:
-    """Everything about a resume that can be checked before the engine exists (files only, no collective)."""
+def plan_resume(resume: str | None, output_dir: Path, world: int, zero_stage: int,
+                check_fits: Callable[[Path, dict], None]) -> ResumePlan | None:
+    """Everything about a resume that can be checked before the engine exists (files only, no collective).
+    `check_fits(path, state)` raises CheckpointError when the saved model does not fit this run
+    (`artifact.ModelRecord.check_resume`)."""
     path = resolve_resume(resume, output_dir)
     check_output_dir(output_dir, path)
     if path is None:
         return None
     state = read_state(path)
-    check_compatible(path, state, model_shape, vocab_meta)
+    check_fits(path, state)
     verify_files(path)
     return ResumePlan(path, state, needs_conversion(path, state, world, zero_stage))
 

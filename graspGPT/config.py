@@ -30,6 +30,9 @@ def choice(default: str, *options: str):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model as a user chooses it: a preset or a shape, and a few settings. The trainer turns it,
+    with the data's vocabulary, into the full `model.GraspGPTConfig`."""
+
     model_type: str | None = "gpt2"  # a preset of model.py, or None for the custom shape below
     n_layer: int | None = None
     n_head: int | None = None

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .artifact import ModelRecord, check_compatible, load_model
 from .checkpoint import CheckpointError
 from .data.grammar import (GRASP_BLOCK, GRASP_TAG, Block, GrammarError, GrammarState, Sample, parse, read_output,
                            section_starts)
@@ -357,31 +358,18 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
 
 # -- the command line -----------------------------------------------------------------------
 
-def check_vocab(meta: dict, vocab: Vocab, checkpoint: str | Path, data: str | Path) -> None:
-    """The checkpoint's vocabulary must be the data set's; else a GenerateError naming both."""
-    vocab_meta = meta.get("vocab") or {}
-    theirs = {k: vocab_meta.get(k) for k in ("dims", "dynamic_tags", "vocab_size")}
-    ours = vocab.to_meta()
-    if any(theirs[k] != ours[k] for k in ours):
-        raise GenerateError(
-            f"the checkpoint {checkpoint} has vocabulary dims {theirs['dims']}, {len(theirs['dynamic_tags'] or [])} "
-            f"dynamic tags, V={theirs['vocab_size']}, but the data set {data} has dims {list(vocab.dims)}, "
-            f"{len(vocab.dynamic_tags)} dynamic tags, V={vocab.size}; use data made on the same voxel grid "
-            f"(and vocabulary file) as the model's training data")
-
-
 def load_checked(checkpoint: str | Path, store: TokenStore, device: str, dtype: str | None = None):
     """(model, meta) of CKPT, checked to share the vocabulary of the data set `store`."""
-    from .export import load_model
-
     if not Path(checkpoint).exists():
         raise GenerateError(f"--checkpoint {checkpoint}: no such file or directory; give an exported model "
                             f"directory or a training checkpoint (OUTPUT/checkpoint_iter_N)")
     try:
         model, meta = load_model(checkpoint, device=device, dtype=getattr(torch, dtype) if dtype else None)
-    except CheckpointError as err:  # export's errors are CheckpointErrors too
+        check_compatible(ModelRecord.from_json(meta, checkpoint), store.vocab, checkpoint, "the model", "the data set",
+                         f"Give a data set made on the voxel grid (and vocabulary file) of the model's training data, "
+                         f"not {store.path}")
+    except CheckpointError as err:  # the artifact layer's errors are CheckpointErrors
         raise GenerateError(str(err)) from None
-    check_vocab(meta, store.vocab, checkpoint, store.path)
     return model, meta
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from graspGPT import checkpoint
+from graspGPT import artifact, checkpoint
 from graspGPT.config import Config, ConfigError, load_config
 from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, val_batches
 from graspGPT.data.source import DataSourceError, resolve_data_dir
@@ -41,7 +41,7 @@ from graspGPT.data.upstream import UpstreamError
 from graspGPT.data.vocab import Vocab
 from graspGPT.evaluate import TrainingEvaluator
 from graspGPT.ds_config import DeepSpeedConfigError, load_deepspeed_json, resolve_deepspeed_config, save_resolved
-from graspGPT.model import GraspGPT, ModelConfig, ModelConfigError
+from graspGPT.model import GraspGPT, GraspGPTConfig, ModelConfigError
 from graspGPT.observe import Progress, Throughput, Wandb, oom_message, rank_logger
 from graspGPT.runlock import OutputLock, OutputLockError
 from graspGPT.schedule import make_lr_scheduler
@@ -84,19 +84,13 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
+def model_config(cfg: Config, vocab: Vocab) -> GraspGPTConfig:
     m = cfg.model
-    return ModelConfig.from_shape(model_type=m.model_type, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
+    return GraspGPTConfig.from_shape(model_type=m.model_type, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                                   n_kv_head=m.n_kv_head, vocab_size=vocab.size,
                                   block_size=cfg.dataset.max_sequence_length, dropout=m.dropout,
                                   rope_theta=m.rope_theta, activation_checkpointing=m.activation_checkpointing,
                                   voxel_grid=tuple(vocab.dims) if m.coordinate_embedding else None)
-
-
-def model_shape(mcfg: ModelConfig) -> dict:
-    """What a checkpoint must share with the run that resumes it."""
-    shape = {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "vocab_size")}
-    return {**shape, "coordinate_embedding": mcfg.voxel_grid is not None}
 
 
 def data_identity(store: TokenStore) -> dict:
@@ -294,14 +288,15 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     ds = resolve_deepspeed_config(load_deepspeed_json(cfg.deepspeed.config), cfg, world, accel.device_name(), bf16_ok,
                                   source=cfg.deepspeed.config)
     batch = ds.batch
-    mcfg = model_config(cfg, vocab)
+    # what a checkpoint of this run is, and what one it resumes from must fit
+    record = artifact.ModelRecord(model_config(cfg, vocab), vocab, store.workspace, store.grasp_cells)
     # The output directory: held by this run (a second run is refused), then what to resume from in it.
     out = Path(cfg.system.output_dir)
     lock = checkpoint.agree(device, take_output_dir, out, rank, errors=USER_ERRORS)
     if lock is not None:
         cleanup.callback(lock.release)
     plan = checkpoint.agree(device, checkpoint.plan_resume, cfg.trainer.resume, out, world, ds.zero_stage,
-                            model_shape(mcfg), vocab.to_meta())
+                            record.check_resume)
     checkpoint.check_same_plan(device, plan)
 
     # Accepted: from here on the run writes its output directory.
@@ -321,8 +316,7 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     # Model and engine; then the resumed state, or the weights of --init_from.
     model = build_model(cfg, vocab, ds.config, ds.zero_stage)
     if plan is None and cfg.trainer.init_from:
-        from graspGPT.export import load_hf_weights
-        checkpoint.agree(device, load_hf_weights, model, cfg.trainer.init_from, vocab.to_meta())
+        checkpoint.agree(device, artifact.load_hf_weights, model, cfg.trainer.init_from, vocab)
         log.info(f"initial weights from {cfg.trainer.init_from}")
     elif cfg.trainer.init_from:
         log.info(f"trainer.init_from {cfg.trainer.init_from} is not used: the run resumes from {plan.path}")
@@ -361,12 +355,8 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     metrics = MetricsFile(out / METRICS_FILE, rank, start_step)
     skips = NonFiniteSteps(cfg.trainer.max_nonfinite_steps, plan.state.get("skipped_steps", 0) if plan else 0, log)
     saver = checkpoint.Saver(engine, out, rank, cfg.trainer.keep_last, plan)
-    ws = store.workspace
     run_state = {"config": cfg.to_dict(), "world_size": world, "zero_stage": ds.zero_stage, "precision": ds.precision,
-                 "global_batch": batch.global_batch, "model": model_shape(mcfg), "vocab": vocab.to_meta(),
-                 "workspace": {"bbox_min": list(ws.bbox_min), "bbox_max": list(ws.bbox_max),
-                               "voxel_size": ws.voxel_size, "grasp_cells": store.grasp_cells},
-                 "data": data_identity(store)}
+                 "global_batch": batch.global_batch, **record.to_json(), "data": data_identity(store)}
 
     def save(step):
         path = saver(step, {**run_state, "skipped_steps": skips.total})

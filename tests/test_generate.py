@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.generate import (GenerateError, _sample_tokens, accepts, decode, grasp_list, prompt_state, read_output,
                                scene_prompt, task_of, task_prompt, truth_of)
 from graspGPT.grasp_metrics import valid_grasps
-from graspGPT.model import GraspGPT, ModelConfig
+from graspGPT.model import GraspGPT, GraspGPTConfig
 
 COARSE = Workspace(voxel_size=0.03)
 VOCAB = Vocab.for_workspace(COARSE)
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_model(block_size: int = 1024, seed: int = 0) -> GraspGPT:
     torch.manual_seed(seed)
-    return GraspGPT(ModelConfig(vocab_size=VOCAB.size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    return GraspGPT(GraspGPTConfig(vocab_size=VOCAB.size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
 
 
 @pytest.fixture(scope="module")
@@ -266,17 +267,21 @@ def test_decode_errors(scenes):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
-    """A real toolkit checkpoint (one CPU rank, TINY model, 4 steps) and its synthetic data set."""
+    """A real toolkit checkpoint (one CPU rank, TINY model, 4 steps) and a copy of its data set: the run
+    trained on a data directory that is deleted afterwards, so everything here uses the checkpoint alone."""
     from graspGPT.data.source import builtin_dataset
 
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = write_config(tmp / "cfg.json", {"trainer": {"batch_size": 4, "micro_batch_size": 4, "max_iters": 4,
-                                                      "save_every": 4, "eval_every": 4},
-                                          "system": {"deterministic": False}})
-    run_ok(launch(1, ["--config", str(cfg), "--output_dir", str(tmp / "out")], cache_dir))
     d = TINY["dataset"]
     data = builtin_dataset(d["synthetic_scenes"], 42, d["synthetic_voxel_size"], "grasp", d["max_grasps_per_object"],
                            root=cache_dir)
+    shutil.copytree(data, tmp / "train_data")
+    cfg = write_config(tmp / "cfg.json", {"trainer": {"batch_size": 4, "micro_batch_size": 4, "max_iters": 4,
+                                                      "save_every": 4, "eval_every": 4},
+                                          "system": {"deterministic": False}})
+    run_ok(launch(1, ["--config", str(cfg), "--output_dir", str(tmp / "out"), "--data_path", str(tmp / "train_data")],
+                  cache_dir))
+    shutil.rmtree(tmp / "train_data")
     return tmp / "out" / "checkpoint_iter_4", data
 
 
@@ -354,6 +359,29 @@ def test_cli_bad_inputs_exit_2(trained, tmp_path):
     proc = cli("--checkpoint", str(ckpt), "--data", str(other), "--index", "0", "--device", "cpu")
     assert proc.returncode == 2 and "vocabulary" in proc.stderr
     assert "[20, 14, 9]" in proc.stderr and "[30, 20, 13]" in proc.stderr
+
+
+@pytest.mark.ranks
+def test_real_checkpoint_records_its_model_and_its_old_layout_loads(trained, tmp_path):
+    """The trainer writes the whole record; the same checkpoint in the layout before the record loads the same."""
+    from graspGPT.artifact import load_model
+
+    ckpt, _ = trained
+    state = json.loads((ckpt / "toolkit_state.json").read_text())
+    assert state["model"] == {"vocab_size": VOCAB.size, "block_size": 512, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                              "n_kv_head": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "coordinate_embedding": True}
+    assert state["workspace"]["grasp_cells"] == "scene_grid" and state["vocab"]["dims"] == [20, 14, 9]
+    old = tmp_path / "old" / ckpt.name
+    shutil.copytree(ckpt, old)
+    shape = {k: state["model"][k] for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "vocab_size",
+                                            "coordinate_embedding")}
+    vocab = {k: state["vocab"][k] for k in ("dims", "dynamic_tags", "vocab_size")}
+    (old / "toolkit_state.json").write_text(json.dumps({**state, "model": shape, "vocab": vocab}))
+    new_model, new_meta = load_model(ckpt)
+    old_model, old_meta = load_model(old)
+    assert {**old_meta, "source_checkpoint": None} == {**new_meta, "source_checkpoint": None}
+    for (name, a), b in zip(new_model.state_dict().items(), old_model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_batched_grammar_masks_equal_each_states_own_mask(scenes):
