@@ -95,6 +95,7 @@ def summary(results: list[dict]) -> dict:
     keys = (*HEADLINE, *("grammar_" + k for k in HEADLINE), "baseline_precision", "baseline_any_tag_precision",
             "baseline_validity", "baseline_coverage", "prefix_precision", "val_loss", "valid_rate")
     return {"step": r["step"], "grounding": r.get("grounding"), "temperature": r["temperature"],
+            "cell_temperature": r.get("cell_temperature"),
             **{k: r.get(k) for k in keys}}
 
 
@@ -145,7 +146,7 @@ def latest_step(train_dir: Path) -> int:
 
 
 def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], groundings: list[str],
-             device: str) -> list[dict]:
+             device: str, cell_temperature: float | None = None) -> list[dict]:
     import torch
 
     from graspGPT.data.source import resolve_data_dir
@@ -162,10 +163,11 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
         for t in temperatures:
             t0 = time.perf_counter()
             m = evaluate_model(model, store, val, num_scenes, seed=0, loss_on=cfg.dataset.loss_on, temperature=t,
-                               grounding=grounding)
+                               grounding=grounding, cell_temperature=cell_temperature)
             m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
             seconds = round(time.perf_counter() - t0, 1)
-            results.append({"step": meta["step"], "grounding": grounding, "temperature": t, **m,
+            results.append({"step": meta["step"], "grounding": grounding, "temperature": t,
+                            "cell_temperature": cell_temperature, **m,
                             "eval_seconds": seconds})
     return results
 
@@ -178,6 +180,8 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="run directory")
     ap.add_argument("--num_scenes", type=int, default=50, help="validation scenes to evaluate (default 50)")
     ap.add_argument("--temperatures", default="1.0,0.5", help="sampling temperatures to evaluate (default 1.0,0.5)")
+    ap.add_argument("--cell_temperature", type=float, default=None,
+                    help="temperature of the cells within their share of the probability (default: as the rest)")
     ap.add_argument("--groundings", default="gripper",
                     help="constrained decodings to evaluate, each at every temperature (gripper, fingers, none; "
                          "default gripper)")
@@ -248,7 +252,7 @@ def main() -> int:
             return 0
 
     results = evaluate(cfg, train_dir, args.num_scenes, [float(t) for t in args.temperatures.split(",")],
-                       args.groundings.split(","), device)
+                       args.groundings.split(","), device, args.cell_temperature)
     for r in results:
         budget = {"train_steps": plan["steps"]} if "steps" in plan else {"train_minutes": plan["minutes"]}
         emit({"model": args.model, **budget, "train_wall_s": plan["train_wall_s"], **r})

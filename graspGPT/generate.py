@@ -164,9 +164,18 @@ class Grounding:
         scene = [(b.tag, vocab.cells_of(b.cells)) for b in read_output(prompt, vocab).scene]
         self.vocab, self.gripper = vocab, voxel_size is not None
         self.voxels = SceneVoxels(scene, vocab.dims, voxel_size or 1.0)
+        self._known: dict[tuple[int, ...], np.ndarray | None] = {}  # a model repeats grasps: each set is built once
 
     def next_cells(self, tag: int, written: Sequence[int]) -> np.ndarray | None:
         """Voxel ids the grasp's next cell may take after its `written` cell ids; None: no constraint."""
+        key = (int(tag), *map(int, written))
+        if key not in self._known:
+            if len(self._known) >= 100_000:
+                self._known.clear()
+            self._known[key] = self._next_cells(tag, written)
+        return self._known[key]
+
+    def _next_cells(self, tag: int, written: Sequence[int]) -> np.ndarray | None:
         if tag == self.vocab.incomplete or tag not in self.voxels.label_of:
             return None
         cells = self.vocab.cells_of(np.asarray(written, dtype=np.int64))
@@ -194,12 +203,13 @@ def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temp
     logits = logits.float()
     if any(s is not None for s in states):
         logits = logits.masked_fill(~_allowed_masks(states, logits.size(-1), logits.device), float("-inf"))
-    for b, ids in enumerate(cells or []):
-        if ids is not None:
-            keep = torch.full_like(logits[b], float("-inf"))
-            index = torch.from_numpy(ids).to(logits.device)
-            keep[index] = logits[b, index]
-            logits[b] = keep
+    held = [(b, ids) for b, ids in enumerate(cells or []) if ids is not None]
+    if held:  # one scatter for all rows: (row, voxel id) pairs flattened
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        keep[torch.tensor([b for b, _ in held], device=logits.device)] = False
+        flat = np.concatenate([b * logits.size(-1) + ids for b, ids in held])
+        keep.view(-1)[torch.from_numpy(flat).to(logits.device)] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
     if temperature <= 0:
         return logits.argmax(-1)
     if cell_temperature is not None and cell_temperature > 0:

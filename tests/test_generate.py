@@ -139,6 +139,12 @@ def test_sampling_follows_the_distribution_and_never_picks_a_masked_token():
         assert freq[expected == 0].sum() == 0
     edges = _sample_tokens(logits[:2], [None, None], 1.0, None, torch.tensor([0.0, 1 - 1e-16], dtype=torch.float64))
     assert edges.tolist() == [0, 4]
+    # A cell temperature: ids >= 3 (the "cells") keep their share at the temperature, split at their own.
+    tok = _sample_tokens(logits, [None] * len(u), 1.0, None, u, cell_temperature=0.5, voxel_base=3)
+    freq = torch.bincount(tok, minlength=6).double() / len(u)
+    p1 = torch.softmax(logits[0], -1)
+    cells = torch.softmax(logits[0, 3:] / 0.5, -1) * p1[3:].sum()
+    assert (freq[:3] - p1[:3]).abs().max() < 0.01 and (freq[3:] - cells).abs().max() < 0.01
 
 
 def test_gripper_grounding_writes_only_physically_valid_grasps(scenes):
