@@ -35,7 +35,7 @@ from graspGPT import artifact, checkpoint
 from graspGPT.config import Config, ConfigError, load_config
 from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, val_batches
 from graspGPT.data.source import DataSourceError, resolve_data_dir
-from graspGPT.data.storage import StorageError, TokenStore
+from graspGPT.data.storage import DataChangedError, StorageError, TokenStore
 from graspGPT.data.synth import SynthError
 from graspGPT.data.upstream import UpstreamError
 from graspGPT.data.vocab import Vocab
@@ -472,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv)
         with contextlib.ExitStack() as cleanup:
             return train(cfg, stop, cleanup)
+    except DataChangedError as exc:  # met mid-run, maybe by some ranks only: each one that met it says so
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except USER_ERRORS as exc:
         if not quiet:
             print(f"error: {exc}", file=sys.stderr)
