@@ -391,12 +391,13 @@ class TrainingEvaluator:
     def __init__(self, store: TokenStore, val_indices: np.ndarray, num_scenes: int, output_dir: str | Path,
                  seed: int = 0, max_len: int | None = None, num_samples: int = 1, temperature: float = 1.0,
                  top_k: int | None = None, unconstrained: bool = True, max_new_tokens: int | None = None,
-                 grounding: str = "gripper"):
+                 grounding: str = "gripper", cell_temperature: float | None = None):
         self.store, self.seed = store, seed
         self.scenes = pick_scenes(val_indices, num_scenes, seed, store.lengths, max_len)
         self.output_dir = Path(output_dir)
         self.options = dict(num_samples=num_samples, temperature=temperature, top_k=top_k,
-                            unconstrained=unconstrained, max_new_tokens=max_new_tokens, grounding=grounding)
+                            unconstrained=unconstrained, max_new_tokens=max_new_tokens, grounding=grounding,
+                            cell_temperature=cell_temperature)
 
     def run(self, model, step: int, rank: int = 0, world: int = 1, lockstep: bool = False) -> dict:
         """Metrics (see `summarize`, plus eval_seconds) and, on rank 0, "picture": the PNG's path.
@@ -499,6 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_scenes", type=int, default=50, help="scenes to evaluate, picked with --seed (default 50)")
     p.add_argument("--num_samples", type=int, default=1, help="sequences per scene and mode (default 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")
+    p.add_argument("--cell_temperature", type=float, default=None,
+                   help="temperature of the cells (where grasps go) within the share of probability --temperature "
+                        "gives them; the odds of a cell against a tag, another grasp or end stay at --temperature "
+                        "(default: --temperature for all)")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="scene choice and sampling seed")
     p.add_argument("--no_free", action="store_true", help="skip the unconstrained run")
@@ -542,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_scenes < 1:
             raise GenerateError(f"--num_scenes must be >= 1, got {args.num_scenes}")
+        if args.cell_temperature is not None and args.cell_temperature <= 0:
+            raise GenerateError(f"--cell_temperature must be > 0, got {args.cell_temperature}; leave it out to "
+                                f"sample the cells at --temperature")
         store = TokenStore.open(args.data)
         model, meta = load_checked(args.checkpoint, store, args.device, args.dtype)
         indices = select_indices(store, args.split, meta, args.val_fraction, args.split_seed)
@@ -549,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         loss_on = (meta.get("training_config") or {}).get("dataset", {}).get("loss_on", "all")
         metrics = evaluate(model, store, indices, args.num_scenes, args.seed, args.batch_size, loss_on,
                            num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
-                           unconstrained=not args.no_free, grounding=args.grounding)
+                           unconstrained=not args.no_free, grounding=args.grounding,
+                           cell_temperature=args.cell_temperature)
         metrics.update(split=args.split, checkpoint=str(args.checkpoint), data=str(args.data),
                        seconds=round(time.perf_counter() - t0, 2))
     except (GenerateError, StorageError, ModelInputError, OSError) as err:

@@ -516,6 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, required=True, help="sample whose scene is the prompt")
     p.add_argument("--num_samples", type=int, default=4, help="sequences to sample (default 4)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1)")
+    p.add_argument("--cell_temperature", type=float, default=None,
+                   help="temperature of the cells (where grasps go) within the share of probability --temperature "
+                        "gives them; the odds of a cell against a tag, another grasp or end stay at --temperature "
+                        "(default: --temperature for all)")
     p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help="cap on generated tokens (default: twice the sample's own continuation + 64)")
@@ -534,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> list[dict]:
+    if args.cell_temperature is not None and args.cell_temperature <= 0:
+        raise GenerateError(f"--cell_temperature must be > 0, got {args.cell_temperature}; leave it out to sample "
+                            f"the cells at --temperature")
     store = TokenStore.open(args.data)
     if not 0 <= args.index < len(store):
         raise GenerateError(f"--index {args.index} is out of range: {args.data} has {len(store)} samples "
@@ -553,7 +560,8 @@ def run(args) -> list[dict]:
     for constrained, suffix in ((True, ""), (False, "_free")):
         decoded = decode(model, prompt, vocab, args.num_samples, max_new, args.temperature, args.top_k,
                          constrained=constrained, seed=args.seed, grounded=args.grounding != "none",
-                         voxel_size=store.workspace.voxel_size if args.grounding == "gripper" else None)
+                         voxel_size=store.workspace.voxel_size if args.grounding == "gripper" else None,
+                         cell_temperature=args.cell_temperature)
         s = write_outputs(out, suffix, args.index, decoded, truth, vocab, frame, constrained)
         s["tokens_per_s"] = round(decoded.new_tokens / max(decoded.seconds, 1e-9), 1)
         summaries.append(s)

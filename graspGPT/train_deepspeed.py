@@ -344,7 +344,8 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     val = val_batches(val_samples.lengths, batch.micro_batch_size, world, rank,
                       limit=cfg.trainer.eval_iters * batch.micro_batch_size * world)
     grasp_eval = TrainingEvaluator(store, val_idx, cfg.trainer.eval_scenes, out, seed=cfg.system.seed, max_len=max_len,
-                                   temperature=cfg.trainer.eval_temperature)
+                                   temperature=cfg.trainer.eval_temperature,
+                                   cell_temperature=cfg.trainer.eval_cell_temperature)
     run_config = {**cfg.to_dict(), "batch": vars(batch), "world_size": world, "num_params": n_params}
     wandb = Wandb(cfg.wandb, rank, run_config, out, log)
     if batch.adjusted:

@@ -336,7 +336,7 @@ def test_cli_table_json_and_errors(mixed, tmp_path):
     ckpt = write_exported(model, mixed.vocab, tmp_path / "model")
     out = tmp_path / "metrics.json"
     proc = cli("--checkpoint", str(ckpt), "--data", str(mixed.path), "--num_scenes", "2", "--out", str(out),
-               "--device", "cpu")
+               "--cell_temperature", "0.7", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     for text in ("grasp precision", "grammar only", "random", "grasp validity (physical)", "validation loss"):
         assert text in proc.stdout, text
@@ -357,7 +357,8 @@ def test_cli_table_json_and_errors(mixed, tmp_path):
     for args, words in (((tmp_path / "missing", mixed.path), ["missing", "no such file"]),
                         ((ckpt, tmp_path / "nodata"), ["nodata"]),
                         ((ckpt, other), ["vocabulary", "[20, 14, 9]", "[30, 20, 13]"]),
-                        ((ckpt, mixed.path, "--num_scenes", "0"), ["--num_scenes"])):
+                        ((ckpt, mixed.path, "--num_scenes", "0"), ["--num_scenes"]),
+                        ((ckpt, mixed.path, "--cell_temperature", "0"), ["--cell_temperature"])):
         proc = cli("--checkpoint", str(args[0]), "--data", str(args[1]), *args[2:], "--device", "cpu")
         assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and all(w in proc.stderr for w in words), proc.stderr
