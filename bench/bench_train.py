@@ -103,14 +103,14 @@ def bench_config(zero: int, micro: int, accum: int, world: int, on_gpu: bool, lr
 
 
 def model_config(model_type: str, vocab_size: int, block_size: int, ckpt: bool = False,
-                 coordinates: bool = False) -> gm.ModelConfig:
+                 coordinates: bool = False) -> gm.GraspGPTConfig:
     """coordinates: the trainer's default coordinate embedding over the real grid (only the fast model has it)."""
     grid = Vocab.for_workspace(Workspace(voxel_size=VOXEL)).dims if coordinates else None
-    return gm.ModelConfig.from_shape(model_type, vocab_size=vocab_size, block_size=block_size,
+    return gm.GraspGPTConfig.from_shape(model_type, vocab_size=vocab_size, block_size=block_size,
                                      activation_checkpointing=ckpt, voxel_grid=grid)
 
 
-def build_model(impl: str, mcfg: gm.ModelConfig, device: torch.device, seed: int = 0,
+def build_model(impl: str, mcfg: gm.GraspGPTConfig, device: torch.device, seed: int = 0,
                 weights: dict | None = None) -> nn.Module:
     """The model of `impl` ("baseline" or "fast") on `device`, seeded, or with the GraspGPT state dict `weights`."""
     torch.manual_seed(seed)

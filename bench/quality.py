@@ -4,6 +4,7 @@
     python bench/quality.py --model gpt2 --minutes 12 --out runs/quality/gpt2
     python bench/quality.py --model cpu_smoke --minutes 0.3 --num_scenes 4 --out /tmp/quality  # CPU, < 1 min
     python bench/quality.py --model lab --steps 300 --set dataset.loss_on=answer --out runs/lab/answer  # CPU lab
+    python bench/quality.py --model lab --steps 300 --groundings gripper,fingers --out runs/lab/g  # decodings
 
 The lab (configs/quality_lab.json: the quickstart's model and data on the coarse 0.03 m grid, more
 validation scenes) is the fast proxy for research on grasp quality: --steps fixes the run length (no
@@ -15,8 +16,9 @@ configs/quality_<model>.json holds the run (real 0.0075 m grid, grasp task, but 
                 set is generated here once (cached in $GRASPGPT_CACHE or ~/.cache/graspgpt)
   2. train      max_iters = minutes * 60 / (seconds per step), so the LR schedule ends on time;
                 `--resume auto`, so an interrupted run continues from its last checkpoint
-  3. evaluate   the newest checkpoint on --num_scenes validation scenes at each --temperatures:
-                constrained and unconstrained decoding and the random baseline (graspGPT.evaluate)
+  3. evaluate   the newest checkpoint on --num_scenes validation scenes at each --temperatures and each
+                --groundings: constrained, grammar-only and unconstrained decoding and the random
+                baseline (graspGPT.evaluate)
 Calibration and training are skipped when OUT holds their result. --session_minutes M stops training
 gracefully (checkpoint, exit) after M minutes of this invocation; run the same command again to go on.
 Prints one JSON line per result, then one "summary" line (the headline figures beside the random
@@ -87,12 +89,14 @@ HEADLINE = ("grasp_precision", "any_tag_precision", "grasp_validity", "grasp_cov
 
 
 def summary(results: list[dict]) -> dict:
-    """The headline figures of the first evaluated temperature: constrained decoding (grammar and
-    grounding), the grammar alone (grammar_*), and the random baseline's."""
+    """The headline figures of the first evaluation (first grounding, first temperature): constrained
+    decoding (grammar and grounding), the grammar alone (grammar_*), and the random baseline's."""
     r = results[0]
     keys = (*HEADLINE, *("grammar_" + k for k in HEADLINE), "baseline_precision", "baseline_any_tag_precision",
             "baseline_validity", "baseline_coverage", "prefix_precision", "val_loss", "valid_rate")
-    return {"step": r["step"], "temperature": r["temperature"], **{k: r.get(k) for k in keys}}
+    return {"step": r["step"], "grounding": r.get("grounding"), "temperature": r["temperature"],
+            "cell_temperature": r.get("cell_temperature"),
+            **{k: r.get(k) for k in keys}}
 
 
 def run_trainer(config: Path, output_dir: Path, flags: list[str], session_s: float | None = None
@@ -141,25 +145,30 @@ def latest_step(train_dir: Path) -> int:
     return checkpoint.step_of(found[-1]) if found else 0
 
 
-def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], device: str) -> list[dict]:
+def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], groundings: list[str],
+             device: str, cell_temperature: float | None = None) -> list[dict]:
     import torch
 
     from graspGPT.data.source import resolve_data_dir
     from graspGPT.data.storage import TokenStore
     from graspGPT.evaluate import evaluate as evaluate_model
-    from graspGPT.export import load_model
+    from graspGPT.artifact import load_model
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this run was given (taskset)
     model, meta = load_model(train_dir, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
     store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
     _, val = store.split(cfg.dataset.val_fraction, cfg.system.seed)
     results = []
-    for t in temperatures:
-        t0 = time.perf_counter()
-        m = evaluate_model(model, store, val, num_scenes, seed=0, loss_on=cfg.dataset.loss_on, temperature=t)
-        m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
-        seconds = round(time.perf_counter() - t0, 1)
-        results.append({"step": meta["step"], "temperature": t, **m, "eval_seconds": seconds})
+    for grounding in groundings:
+        for t in temperatures:
+            t0 = time.perf_counter()
+            m = evaluate_model(model, store, val, num_scenes, seed=0, loss_on=cfg.dataset.loss_on, temperature=t,
+                               grounding=grounding, cell_temperature=cell_temperature)
+            m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+            seconds = round(time.perf_counter() - t0, 1)
+            results.append({"step": meta["step"], "grounding": grounding, "temperature": t,
+                            "cell_temperature": cell_temperature, **m,
+                            "eval_seconds": seconds})
     return results
 
 
@@ -171,6 +180,11 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="run directory")
     ap.add_argument("--num_scenes", type=int, default=50, help="validation scenes to evaluate (default 50)")
     ap.add_argument("--temperatures", default="1.0,0.5", help="sampling temperatures to evaluate (default 1.0,0.5)")
+    ap.add_argument("--cell_temperature", type=float, default=None,
+                    help="temperature of the cells within their share of the probability (default: as the rest)")
+    ap.add_argument("--groundings", default="gripper",
+                    help="constrained decodings to evaluate, each at every temperature (gripper, fingers, none; "
+                         "default gripper)")
     ap.add_argument("--calibration_steps", type=int, default=40)
     ap.add_argument("--session_minutes", type=float, default=None,
                     help="stop training after this long in this invocation (checkpoint; rerun to continue)")
@@ -190,6 +204,11 @@ def main() -> int:
     if not base.is_file():
         names = sorted(p.stem.removeprefix("quality_") for p in (ROOT / "configs").glob("quality_*.json"))
         raise SystemExit(f"error: {base} not found; --model takes one of {', '.join(names)}")
+    from graspGPT.evaluate import GROUNDINGS
+
+    unknown = sorted(set(args.groundings.split(",")) - set(GROUNDINGS))
+    if unknown:
+        raise SystemExit(f"error: --groundings {args.groundings}: unknown {', '.join(unknown)}; use {', '.join(GROUNDINGS)}")
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"error: --steps must be >= 1, got {args.steps}")
     out = Path(args.out)
@@ -232,7 +251,8 @@ def main() -> int:
             emit({"note": f"stopped at step {done} of {max_iters}; run the same command again to continue"})
             return 0
 
-    results = evaluate(cfg, train_dir, args.num_scenes, [float(t) for t in args.temperatures.split(",")], device)
+    results = evaluate(cfg, train_dir, args.num_scenes, [float(t) for t in args.temperatures.split(",")],
+                       args.groundings.split(","), device, args.cell_temperature)
     for r in results:
         budget = {"train_steps": plan["steps"]} if "steps" in plan else {"train_minutes": plan["minutes"]}
         emit({"model": args.model, **budget, "train_wall_s": plan["train_wall_s"], **r})

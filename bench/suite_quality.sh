@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Grasp quality (docs/BENCHMARKS.md, "Grasp quality"): the CPU lab sweep and the real-grid runs.
 #   OUT=dir bash bench/suite_quality.sh lab        the lab variants in parallel, 2 CPU cores each (no GPU)
+#   OUT=dir bash bench/suite_quality.sh decoding   the lab's recipe, evaluated with each grounding at T = 1 and 0.5
 #   OUT=dir MIN=8 bash bench/suite_quality.sh real gpt-mini and gpt2 on the real grid, together on one GPU, each
-#                                                  with a budget of REAL_MINUTES (default 10) of training, of
+#                                                  with a budget of REAL_MINUTES (default 15) of training, of
 #                                                  which this call trains at most MIN minutes (default 8)
 # `real lab` runs both at once (the real runs on cores 0-5, the five lab runs on two cores each above them:
 # 16 cores in all). `real` resumes where an earlier call left OUT (run it again to go on); once a run has
@@ -25,11 +26,11 @@ lab() {  # NAME [--set ...]: one lab run pinned to two cores, counted down from 
     --temperatures 1.0 --out "$OUT/lab/$name" --log "$OUT/lab.jsonl" "$@" > "$OUT/lab_$name.log" 2>&1 &
 }
 
-real() {  # NAME MODEL SCENES: one real-grid run of the recipe on the GPU
+real() {  # NAME MODEL SCENES: one real-grid run of the recipe (the configs' defaults) on the GPU
   local name=$1 model=$2 scenes=$3
-  taskset -c 0-5 python3 bench/quality.py --model "$model" --minutes "${REAL_MINUTES:-10}" --session_minutes "$MIN" \
-    --num_scenes "$scenes" --temperatures 1.0 --out "$OUT/real/$name" --log "$OUT/real.jsonl" \
-    --set dataset.grasp_order=random --set dataset.loss_on=answer >> "$OUT/real_$name.log" 2>&1 &
+  taskset -c 0-5 python3 bench/quality.py --model "$model" --minutes "${REAL_MINUTES:-15}" --session_minutes "$MIN" \
+    --num_scenes "$scenes" --temperatures 0.5 --groundings gripper,fingers --out "$OUT/real/$name" \
+    --log "$OUT/real.jsonl" >> "$OUT/real_$name.log" 2>&1 &
 }
 
 for part in "${@:-lab}"; do
@@ -42,6 +43,9 @@ for part in "${@:-lab}"; do
       lab random_answer_g16 --set dataset.grasp_order=random --set dataset.loss_on=answer \
         --set dataset.max_grasps_per_object=16
       ;;
+    decoding)
+      lab decoding --temperatures 1.0,0.5 --groundings gripper,fingers
+      ;;
     real)
       MIN=${MIN:-8}
       # The runs share one data set: build it once before they start.
@@ -51,7 +55,7 @@ c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_da
       real gpt-mini gpt-mini 20
       real gpt2 gpt2 12
       ;;
-    *) echo "unknown part $part (lab, real)"; exit 2 ;;
+    *) echo "unknown part $part (lab, decoding, real)"; exit 2 ;;
   esac
 done
 wait

@@ -3,7 +3,8 @@
 A checkpoint directory holds
   DeepSpeed's shards              written by `engine.save_checkpoint`; pickles, so load only checkpoints
                                   from a trusted source
-  toolkit_state.json              step, config, model shape, vocabulary, world size, ZeRO stage, counters
+  toolkit_state.json              step, config, the model record (artifact.py: architecture, vocabulary,
+                                  workspace), world size, ZeRO stage, counters
   rng_rank{r}.json/.safetensors   python/numpy/torch/device RNG states of rank r
   COMPLETE                        written last, by rank 0, once every rank has written its files: JSON
                                   naming every file of the checkpoint with its size
@@ -139,22 +140,6 @@ def read_state(path: Path) -> dict:
                               f"resume from an earlier one") from exc
 
 
-def check_compatible(path: Path, state: dict, model_shape: dict, vocab_meta: dict) -> None:
-    """Same model size and vocabulary as this run, or a clear error naming both."""
-    problems = []
-    for key, ours in model_shape.items():
-        theirs = state.get("model", {}).get(key)
-        if theirs != ours:
-            problems.append(f"model.{key} is {theirs} in the checkpoint but {ours} in this run")
-    for key in ("dims", "dynamic_tags", "vocab_size"):
-        theirs, ours = state.get("vocab", {}).get(key), vocab_meta.get(key)
-        if theirs != ours:
-            problems.append(f"vocabulary {key} is {theirs} in the checkpoint but {ours} in this run's data")
-    if problems:
-        raise CheckpointError(f"{path / STATE_FILE}: does not match this run: " + "; ".join(problems)
-                              + ". Resume with the same model and data, or start fresh in another --output_dir")
-
-
 def verify_files(path: Path) -> None:
     """Every file COMPLETE lists is there with its size: a missing or truncated shard is named before
     DeepSpeed would fail on it deep inside torch.load (and on some ranks only)."""
@@ -194,23 +179,19 @@ class ResumePlan:
         return int(self.state["step"])
 
 
-def plan_resume(resume: str | None, output_dir: Path, world: int, zero_stage: int, model_shape: dict,
-                vocab_meta: dict) -> ResumePlan | None:
-    """Everything about a resume that can be checked before the engine exists (files only, no collective)."""
+def plan_resume(resume: str | None, output_dir: Path, world: int, zero_stage: int,
+                check_fits: Callable[[Path, dict], None]) -> ResumePlan | None:
+    """Everything about a resume that can be checked before the engine exists (files only, no collective).
+    `check_fits(path, state)` raises CheckpointError when the saved model does not fit this run
+    (`artifact.ModelRecord.check_resume`)."""
     path = resolve_resume(resume, output_dir)
     check_output_dir(output_dir, path)
     if path is None:
         return None
     state = read_state(path)
-    check_compatible(path, state, model_shape, vocab_meta)
+    check_fits(path, state)
     verify_files(path)
     return ResumePlan(path, state, needs_conversion(path, state, world, zero_stage))
-
-
-def model_shape(mcfg) -> dict:
-    """What a checkpoint must share with the run that resumes it (`mcfg`: model.ModelConfig)."""
-    shape = {k: getattr(mcfg, k) for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "vocab_size")}
-    return {**shape, "coordinate_embedding": mcfg.voxel_grid is not None}
 
 
 def data_identity(store) -> dict:
@@ -220,23 +201,19 @@ def data_identity(store) -> dict:
             "offsets_sha1": hashlib.sha1(np.ascontiguousarray(store.offsets, dtype=np.int64).tobytes()).hexdigest()}
 
 
-def run_state(cfg, world: int, ds, mcfg, store) -> dict:
+def run_state(cfg, world: int, ds, record, store) -> dict:
     """The run as toolkit_state.json records it (the step and skipped-step count are added at each save):
-    `cfg` the training Config, `ds` the ds_config.ResolvedDeepSpeed, `mcfg` the model's ModelConfig,
+    `cfg` the training Config, `ds` the ds_config.ResolvedDeepSpeed, `record` the artifact.ModelRecord,
     `store` the data's TokenStore."""
-    ws = store.workspace
     return {"config": cfg.to_dict(), "world_size": world, "zero_stage": ds.zero_stage, "precision": ds.precision,
-            "global_batch": ds.batch.global_batch, "model": model_shape(mcfg), "vocab": store.vocab.to_meta(),
-            "workspace": {"bbox_min": list(ws.bbox_min), "bbox_max": list(ws.bbox_max), "voxel_size": ws.voxel_size,
-                          "grasp_cells": store.grasp_cells},
-            "data": data_identity(store)}
+            "global_batch": ds.batch.global_batch, **record.to_json(), "data": data_identity(store)}
 
 
-def plan_run(resume: str | None, output_dir: Path, state: dict, device) -> ResumePlan | None:
+def plan_run(resume: str | None, output_dir: Path, state: dict, check_fits: Callable[[Path, dict], None],
+             device) -> ResumePlan | None:
     """Where this run starts (None: from scratch), checked on every rank (`plan_resume`), the same on all.
     `state`: this run's run_state."""
-    plan = agree(device, plan_resume, resume, output_dir, state["world_size"], state["zero_stage"], state["model"],
-                 state["vocab"])
+    plan = agree(device, plan_resume, resume, output_dir, state["world_size"], state["zero_stage"], check_fits)
     check_same_plan(device, plan)
     return plan
 

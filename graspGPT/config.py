@@ -38,6 +38,9 @@ def flag(default, help: str, name: str | None = None):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model as a user chooses it: a preset or a shape, and a few settings. The trainer turns it,
+    with the data's vocabulary, into the full `model.GraspGPTConfig`."""
+
     # a preset of model.py, or None for the custom shape below
     model_type: str | None = flag("gpt2", "model preset (replaces a custom shape from --config)")
     n_layer: int | None = None
@@ -70,6 +73,7 @@ class TrainerConfig:
     eval_iters: int = 20  # validation micro-batches per rank for the validation loss
     eval_scenes: int = 16  # validation scenes decoded for grasp metrics at each evaluation; 0 turns it off
     eval_temperature: float = 1.0  # sampling temperature of that decoding; 0 is greedy
+    eval_cell_temperature: float | None = None  # temperature of the cells within their share; None: as the rest
     keep_last: int = 3
     max_nonfinite_steps: int = 10
     resume: str | None = flag(None, "checkpoint directory to resume from, OUTPUT/latest, or auto")
@@ -258,6 +262,8 @@ def _validate(cfg: Config) -> Config:
          f"deepspeed.zero_stage must be 0, 1, 2 or 3 (or null for the JSON's stage), got {cfg.deepspeed.zero_stage}"),
         (t.eval_scenes >= 0, f"trainer.eval_scenes must be >= 0 (0 turns grasp metrics off), got {t.eval_scenes}"),
         (t.eval_temperature >= 0, f"trainer.eval_temperature must be >= 0 (0 is greedy), got {t.eval_temperature}"),
+        (t.eval_cell_temperature is None or t.eval_cell_temperature > 0,
+         f"trainer.eval_cell_temperature must be > 0 (or null: the eval_temperature), got {t.eval_cell_temperature}"),
         (cfg.system.collective_timeout_min is None or cfg.system.collective_timeout_min > 0,
          f"system.collective_timeout_min must be > 0 minutes (or null), got {cfg.system.collective_timeout_min}"),
     ]

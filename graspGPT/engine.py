@@ -17,14 +17,14 @@ from .data.dataset import TrainingSamples
 from .data.vocab import Vocab
 from .distributed import all_sum
 from .ds_config import ResolvedDeepSpeed
-from .model import GraspGPT, ModelConfig
+from .model import GraspGPT, GraspGPTConfig
 from .schedule import make_lr_scheduler
 
 
-def model_config(cfg: Config, vocab: Vocab) -> ModelConfig:
-    """The model's shape from the training config's model section and the data's vocabulary."""
+def model_config(cfg: Config, vocab: Vocab) -> GraspGPTConfig:
+    """The model as the training config's model section and the data's vocabulary make it."""
     m = cfg.model
-    return ModelConfig.from_shape(model_type=m.model_type, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
+    return GraspGPTConfig.from_shape(model_type=m.model_type, n_layer=m.n_layer, n_head=m.n_head, n_embd=m.n_embd,
                                   n_kv_head=m.n_kv_head, vocab_size=vocab.size,
                                   block_size=cfg.dataset.max_sequence_length, dropout=m.dropout,
                                   rope_theta=m.rope_theta, activation_checkpointing=m.activation_checkpointing,
@@ -40,7 +40,7 @@ def zero_init(ds: ResolvedDeepSpeed | None):
     return contextlib.nullcontext()
 
 
-def build_model(mcfg: ModelConfig, ds: ResolvedDeepSpeed | None = None) -> GraspGPT:
+def build_model(mcfg: GraspGPTConfig, ds: ResolvedDeepSpeed | None = None) -> GraspGPT:
     with zero_init(ds):
         return GraspGPT(mcfg)
 

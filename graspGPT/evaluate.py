@@ -55,11 +55,15 @@ from .grasp_metrics import (NEIGHBOURHOOD, GraspScore, correct_grasps, random_gr
 from .model import ModelInputError
 
 # Each scene is decoded in up to three ways, in one batch; counts of each carry its prefix:
-#   ""          constrained, as generation does it: the grammar, and (grounded) each grasp's fingers on
-#               the object its tag names
+#   ""          constrained, as generation does it: the grammar and the grounding (GROUNDINGS)
 #   "grammar_"  the grammar alone, where grounding is on: which object the model binds a tag to by itself
 #   "free_"     no mask: what the model learned of the grammar
 DECODINGS = ("", "grammar_", "free_")
+# What constrained decoding holds each grasp to, besides the grammar (generate.Grounding):
+#   gripper  fingers on the object its tag names, and the gripper's shape: every grasp physically valid
+#   fingers  the two fingers on the object only
+#   none     nothing: the grammar alone
+GROUNDINGS = ("gripper", "fingers", "none")
 ROW_COUNTS = ("sequences", "valid", "predicted", "correct", "objects", "covered", "any_tag_correct", "feasible")
 BASELINE_COUNTS = ("predicted", "correct", "objects", "covered", "any_tag_correct", "feasible")
 # Sums kept per scene and added over scenes and ranks; every metric is a ratio of two of them.
@@ -77,22 +81,26 @@ def _add(counts: dict[str, float], prefix: str, score: GraspScore) -> None:
 def evaluate_scene(model, ids: np.ndarray, vocab: Vocab, voxel_size: float, num_samples: int = 1,
                    temperature: float = 1.0, top_k: int | None = None, seed: int = 0, unconstrained: bool = True,
                    max_new_tokens: int | None = None, sync: Callable[[bool], bool] | None = None,
-                   grounded: bool = True) -> tuple[dict[str, float], list, Sample]:
+                   grounding: str = "gripper", cell_temperature: float | None = None
+                   ) -> tuple[dict[str, float], list, Sample]:
     """Counts (COUNT_KEYS) for one sample, the first constrained sequence's grasps, and the truth."""
     return evaluate_batch(model, [ids], vocab, voxel_size, [seed], num_samples, temperature, top_k, unconstrained,
-                          max_new_tokens, sync, grounded)[0]
+                          max_new_tokens, sync, grounding, cell_temperature)[0]
 
 
 def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, voxel_size: float, seeds: Sequence[int],
                    num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
                    unconstrained: bool = True, max_new_tokens: int | None = None,
-                   sync: Callable[[bool], bool] | None = None, grounded: bool = True
-                   ) -> list[tuple[dict[str, float], list, Sample]]:
+                   sync: Callable[[bool], bool] | None = None, grounding: str = "gripper",
+                   cell_temperature: float | None = None) -> list[tuple[dict[str, float], list, Sample]]:
     """evaluate_scene for several samples decoded in one batch (decode_many): per sample, its counts, the
     first constrained sequence's grasps and the truth. `voxel_size` (metres) is the data's, for the
-    physical check. `grounded`: constrained decoding puts each grasp's fingers on the object it names
-    (decode_many), and the grammar-only rows are decoded beside it. The decoding time is counted once,
-    on the first sample."""
+    physical check and the gripper's shape. `grounding` (GROUNDINGS): what constrained decoding holds each
+    grasp to; unless "none", the grammar-only rows are decoded beside it. The decoding time is counted
+    once, on the first sample."""
+    if grounding not in GROUNDINGS:
+        raise GenerateError(f"grounding must be one of {', '.join(GROUNDINGS)}, got {grounding!r}")
+    grounded = grounding != "none"
     samples = [np.asarray(ids, dtype=np.int64) for ids in samples]
     truths = [truth_of(ids, vocab) for ids in samples]
     prompts = [task_prompt(ids, vocab, task_of(t)) for ids, t in zip(samples, truths)]
@@ -102,7 +110,8 @@ def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, voxel_siz
     rows = [k for k in kinds for _ in range(num_samples)]  # the prefix of each row of a sample
     outs = decode_many(model, prompts, vocab, len(rows), caps, temperature, top_k,
                        constrained=[k != "free_" for k in rows], seeds=seeds, sync=sync,
-                       grounded=[k == "" and grounded for k in rows])
+                       grounded=[k == "" and grounded for k in rows],
+                       voxel_size=voxel_size if grounding == "gripper" else None, cell_temperature=cell_temperature)
     results = []
     for i, (out, truth, prompt, seed) in enumerate(zip(outs, truths, prompts, seeds)):
         c = _score(out, truth, prompt, rows, vocab, voxel_size, np.random.default_rng([seed, 1]))
@@ -382,12 +391,13 @@ class TrainingEvaluator:
     def __init__(self, store: TokenStore, val_indices: np.ndarray, num_scenes: int, output_dir: str | Path,
                  seed: int = 0, max_len: int | None = None, num_samples: int = 1, temperature: float = 1.0,
                  top_k: int | None = None, unconstrained: bool = True, max_new_tokens: int | None = None,
-                 grounded: bool = True):
+                 grounding: str = "gripper", cell_temperature: float | None = None):
         self.store, self.seed = store, seed
         self.scenes = pick_scenes(val_indices, num_scenes, seed, store.lengths, max_len)
         self.output_dir = Path(output_dir)
         self.options = dict(num_samples=num_samples, temperature=temperature, top_k=top_k,
-                            unconstrained=unconstrained, max_new_tokens=max_new_tokens, grounded=grounded)
+                            unconstrained=unconstrained, max_new_tokens=max_new_tokens, grounding=grounding,
+                            cell_temperature=cell_temperature)
 
     def run(self, model, step: int, rank: int = 0, world: int = 1, lockstep: bool = False) -> dict:
         """Metrics (see `summarize`, plus eval_seconds) and, on rank 0, "picture": the PNG's path.
@@ -490,12 +500,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_scenes", type=int, default=50, help="scenes to evaluate, picked with --seed (default 50)")
     p.add_argument("--num_samples", type=int, default=1, help="sequences per scene and mode (default 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")
+    p.add_argument("--cell_temperature", type=float, default=None,
+                   help="temperature of the cells (where grasps go) within the share of probability --temperature "
+                        "gives them; the odds of a cell against a tag, another grasp or end stay at --temperature "
+                        "(default: --temperature for all)")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="scene choice and sampling seed")
     p.add_argument("--no_free", action="store_true", help="skip the unconstrained run")
-    p.add_argument("--no_grounding", action="store_true",
-                   help="constrained decoding keeps to the grammar only; by default it also puts each grasp's fingers "
-                        "on the object its tag names (the grammar-only figures are then reported beside)")
+    p.add_argument("--grounding", choices=GROUNDINGS, default="gripper",
+                   help="what constrained decoding holds each grasp to besides the grammar: gripper (default: the "
+                        "fingers on the object its tag names and the gripper's shape, so every grasp is physically "
+                        "valid), fingers (the fingers only), none (the grammar alone); unless none, the "
+                        "grammar-only figures are reported beside")
+    p.add_argument("--no_grounding", dest="grounding", action="store_const", const="none",
+                   help="the same as --grounding none")
     p.add_argument("--batch_size", type=int, default=4, help="samples per forward for the loss")
     p.add_argument("--val_fraction", type=float, default=None,
                    help="split of a data set without a recorded one (default: the checkpoint's training config)")
@@ -529,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_scenes < 1:
             raise GenerateError(f"--num_scenes must be >= 1, got {args.num_scenes}")
+        if args.cell_temperature is not None and args.cell_temperature <= 0:
+            raise GenerateError(f"--cell_temperature must be > 0, got {args.cell_temperature}; leave it out to "
+                                f"sample the cells at --temperature")
         store = TokenStore.open(args.data)
         model, meta = load_checked(args.checkpoint, store, args.device, args.dtype)
         indices = select_indices(store, args.split, meta, args.val_fraction, args.split_seed)
@@ -536,7 +557,8 @@ def main(argv: list[str] | None = None) -> int:
         loss_on = (meta.get("training_config") or {}).get("dataset", {}).get("loss_on", "all")
         metrics = evaluate(model, store, indices, args.num_scenes, args.seed, args.batch_size, loss_on,
                            num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
-                           unconstrained=not args.no_free, grounded=not args.no_grounding)
+                           unconstrained=not args.no_free, grounding=args.grounding,
+                           cell_temperature=args.cell_temperature)
         metrics.update(split=args.split, checkpoint=str(args.checkpoint), data=str(args.data),
                        seconds=round(time.perf_counter() - t0, 2))
     except (GenerateError, StorageError, ModelInputError, OSError) as err:

@@ -31,13 +31,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .artifact import ModelRecord, check_compatible, load_model
 from .checkpoint import CheckpointError
 from .data.grammar import (GRASP_BLOCK, GRASP_TAG, Block, GrammarError, GrammarState, Sample, parse, read_output,
                            section_starts)
 from .data.render import PREDICTED, render_sample, tag_colours
 from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab, Workspace
-from .grasp_metrics import GraspScore, correct_grasps, score_grasps, touching_cells
+from .grasp_metrics import GraspScore, SceneVoxels, correct_grasps, score_grasps
 from .grasp_pose import pose_from_cells, tolerance
 from .model import ModelInputError
 
@@ -128,11 +129,13 @@ def _widen(model, cache, samples: int):
     return wide
 
 
-def _row_generators(seed: int, rows: int, device) -> list[torch.Generator]:
-    """One generator per sample row, seeded from (seed, row): a row's draws do not depend on what
-    else shares its batch, so batching scenes together changes nothing."""
+def _row_uniforms(seed: int, rows: int, steps: int, device) -> torch.Tensor:
+    """(rows, steps) uniform [0, 1) draws, row r's from a generator seeded with (seed, r): a row's draws
+    do not depend on what else shares its batch, so batching scenes together changes nothing. Drawn
+    once, so that sampling a step is one batched kernel rather than one call per row."""
     seeds = np.random.SeedSequence(int(seed)).generate_state(rows, dtype=np.uint64) >> np.uint64(1)
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+                        for s in seeds]).to(device)
 
 
 def _allowed_masks(states: list[GrammarState | None], vocab_size: int, device) -> torch.Tensor:
@@ -150,48 +153,86 @@ def _allowed_masks(states: list[GrammarState | None], vocab_size: int, device) -
     return mask
 
 
-def object_regions(prompt: np.ndarray, vocab: Vocab, device) -> dict[int, torch.Tensor]:
-    """{tag: (V,) bool} per block tag of the prompt's scene: the voxels within one cell (Chebyshev) of
-    that block's cells, where a finger touching the object can be. `incomplete` blocks (one camera's
-    view) get none: their objects go on where the camera does not see, and so may the fingers."""
-    regions: dict[int, torch.Tensor] = {}
-    for block in read_output(prompt, vocab).scene:
-        if block.tag == vocab.incomplete:
-            continue
-        around = touching_cells(vocab.cells_of(block.cells), vocab.dims)
-        mask = regions.get(block.tag)
-        if mask is None:
-            mask = regions[block.tag] = torch.zeros(vocab.size, dtype=torch.bool, device=device)
-        mask[torch.from_numpy(vocab.cell_ids(around)).to(device)] = True
-    return regions
+class Grounding:
+    """Where each grasp of one prompt's scene may put its cells: the two fingers touching the object its
+    tag names and not inside another one; with `gripper`, also the gripper's shape (second finger within
+    the opening, closing segment through the object, base FINGER_LENGTH behind the contacts with fingers
+    and palm clear), so that every grasp written passes grasp_metrics.valid_grasps. `incomplete` blocks
+    (one camera's view) are not held: their objects go on where the camera does not see."""
+
+    def __init__(self, prompt: np.ndarray, vocab: Vocab, voxel_size: float | None):
+        scene = [(b.tag, vocab.cells_of(b.cells)) for b in read_output(prompt, vocab).scene]
+        self.vocab, self.gripper = vocab, voxel_size is not None
+        self.voxels = SceneVoxels(scene, vocab.dims, voxel_size or 1.0)
+        self._known: dict[tuple[int, ...], np.ndarray | None] = {}  # a model repeats grasps: each set is built once
+
+    def next_cells(self, tag: int, written: Sequence[int]) -> np.ndarray | None:
+        """Voxel ids the grasp's next cell may take after its `written` cell ids; None: no constraint."""
+        key = (int(tag), *map(int, written))
+        if key not in self._known:
+            if len(self._known) >= 100_000:
+                self._known.clear()
+            self._known[key] = self._next_cells(tag, written)
+        return self._known[key]
+
+    def _next_cells(self, tag: int, written: Sequence[int]) -> np.ndarray | None:
+        if tag == self.vocab.incomplete or tag not in self.voxels.label_of:
+            return None
+        cells = self.vocab.cells_of(np.asarray(written, dtype=np.int64))
+        if len(cells) == 0 or (len(cells) == 1 and not self.gripper):
+            allowed = self.voxels.left_cells(tag)
+        elif len(cells) == 1:
+            allowed = self.voxels.right_cells(tag, cells[0])
+        elif len(cells) == 2 and self.gripper:
+            allowed = self.voxels.base_cells(tag, cells[0], cells[1])
+        else:
+            return None
+        return self.vocab.cell_ids(allowed) if len(allowed) else None  # nothing fits: leave it to the model
 
 
 def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temperature: float,
-                   top_k: int | None, generators: list[torch.Generator],
-                   fingers: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """(B,) next tokens from last-position logits (B, V): grammar mask (None rows are free), the finger
-    regions of grounded rows (a (V,) mask, or None), temperature, top-k, each row sampled with its own
-    generator."""
+                   top_k: int | None, uniforms: torch.Tensor, cells: list[np.ndarray | None] | None = None,
+                   cell_temperature: float | None = None, voxel_base: int = 0) -> torch.Tensor:
+    """(B,) next tokens from last-position logits (B, V): grammar mask (None rows are free), the voxel ids
+    a grounded row's grasp may take next (or None), temperature, top-k; row b samples by inverting its
+    distribution's CDF at its own uniform draw uniforms[b].
+
+    With `cell_temperature`, the voxel ids (>= voxel_base) share among themselves the probability the
+    `temperature` gives them all, at their own temperature: where a cell goes is sharpened while the
+    odds of a cell against a tag, another grasp or `end` stay the model's."""
     logits = logits.float()
     if any(s is not None for s in states):
         logits = logits.masked_fill(~_allowed_masks(states, logits.size(-1), logits.device), float("-inf"))
-    for b, region in enumerate(fingers or []):
-        if region is not None:
-            logits[b].masked_fill_(~region, float("-inf"))
+    held = [(b, ids) for b, ids in enumerate(cells or []) if ids is not None]
+    if held:  # one scatter for all rows: (row, voxel id) pairs flattened
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        keep[torch.tensor([b for b, _ in held], device=logits.device)] = False
+        flat = np.concatenate([b * logits.size(-1) + ids for b, ids in held])
+        keep.view(-1)[torch.from_numpy(flat).to(logits.device)] = True
+        logits = logits.masked_fill(~keep, float("-inf"))
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if cell_temperature is not None and cell_temperature > 0:
+        cell = logits[:, voxel_base:]
+        sharp = cell / cell_temperature
+        shift = torch.logsumexp(cell / temperature, -1, keepdim=True) - torch.logsumexp(sharp, -1, keepdim=True)
+        logits = torch.cat([logits[:, :voxel_base] / temperature, sharp + shift.nan_to_num(0.0)], -1)
+    else:
+        logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, -1)
-    return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
+    cdf = torch.softmax(logits, -1, dtype=torch.float64).cumsum(-1)
+    # The first token whose cumulative probability exceeds u * total: never a token of probability 0.
+    tok = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return tok.clamp_(max=logits.size(-1) - 1)
 
 
 @torch.no_grad()
 def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_new_tokens: int | None = None,
            temperature: float = 1.0, top_k: int | None = None, constrained: bool | Sequence[bool] = True, seed: int = 0,
-           sync: Callable[[bool], bool] | None = None, grounded: bool | Sequence[bool] = False) -> Decoded:
+           sync: Callable[[bool], bool] | None = None, grounded: bool | Sequence[bool] = False,
+           voxel_size: float | None = None, cell_temperature: float | None = None) -> Decoded:
     """Sample `num_samples` continuations of `prompt` together, stopping at `end` (decode_many of one prompt).
 
     With `constrained` every row's logits are masked by its own GrammarState: the grammar, and grasp
@@ -200,7 +241,7 @@ def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_ne
     most `max_new_tokens` are written (default and cap: what the model's block size leaves).
     """
     return decode_many(model, [prompt], vocab, num_samples, max_new_tokens, temperature, top_k, constrained,
-                       [seed], sync, grounded)[0]
+                       [seed], sync, grounded, voxel_size, cell_temperature)[0]
 
 
 @torch.no_grad()
@@ -208,7 +249,8 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
                 max_new_tokens: int | Sequence[int] | None = None, temperature: float = 1.0, top_k: int | None = None,
                 constrained: bool | Sequence[bool] = True, seeds: Sequence[int] | None = None,
                 sync: Callable[[bool], bool] | None = None,
-                grounded: bool | Sequence[bool] = False) -> list[Decoded]:
+                grounded: bool | Sequence[bool] = False, voxel_size: float | None = None,
+                cell_temperature: float | None = None) -> list[Decoded]:
     """`num_samples` continuations of each prompt, all prompts in one batch; one Decoded per prompt.
 
     The prompts run once, left-padded to the longest with a key mask, and their KV cache is copied
@@ -220,7 +262,10 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
 
     `grounded` (for all rows or, as a list, per row) also holds constrained rows to the object each grasp
     names: its two finger cells must touch (lie within one cell of) a cell of the scene block with the
-    grasp's tag.
+    grasp's tag, and not lie inside another block. Given the data's `voxel_size` (metres), grounded rows
+    also keep to the gripper's shape (see Grounding): every grasp they write is physically valid.
+    `cell_temperature` sharpens (or flattens) where cells go without changing the odds of a cell against
+    the other tokens (see _sample_tokens); None: the one `temperature` for all.
 
     `sync(still_running) -> any_rank_running` keeps ranks in lock-step for ZeRO-3, whose
     forward passes gather parameters collectively: a rank that has finished keeps running a
@@ -257,9 +302,10 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
     B = P * K
     cap = np.repeat(caps, K)
     device = next(model.parameters()).device
-    regions = [object_regions(p, vocab, device) if any(ground) else {} for p in prompts]
+    grounding = [Grounding(p, vocab, voxel_size) if any(ground) else None for p in prompts]
     grasp_tag = [-1] * B  # per row: the tag of the grasp being written
-    generators = [g for s in seeds for g in _row_generators(s, K, device)]
+    grasp_cells: list[list[int]] = [[] for _ in range(B)]  # per row: its cells written so far
+    uniforms = torch.cat([_row_uniforms(s, K, max(int(cap.max()), 1), device) for s in seeds])
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -285,16 +331,20 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
         dummy, forwards, steps, active = None, 0, 0, not done.all()
         while True:
             if active:
-                fingers = [regions[b // K].get(grasp_tag[b]) if ground[b % K] and s.mode == GRASP_BLOCK and s.cells < 2
-                           else None for b, s in enumerate(states)] if any(ground) else None
-                tok = _sample_tokens(logits, states, temperature, top_k, generators, fingers)
+                cells = [grounding[b // K].next_cells(grasp_tag[b], grasp_cells[b])
+                         if ground[b % K] and not done[b] and s.mode == GRASP_BLOCK else None
+                         for b, s in enumerate(states)] if any(ground) else None
+                tok = _sample_tokens(logits, states, temperature, top_k, uniforms[:, steps], cells, cell_temperature,
+                                     vocab.voxel_base)
                 tok = torch.where(torch.as_tensor(done, device=device), end, tok)  # finished rows repeat `end`
                 for b, t in enumerate(tok.tolist()):
                     if not done[b]:
                         rows[b].append(t)
                         if states[b] is not None:
                             if states[b].mode == GRASP_TAG:
-                                grasp_tag[b] = t
+                                grasp_tag[b], grasp_cells[b] = t, []
+                            elif states[b].mode == GRASP_BLOCK and t >= vocab.voxel_base:
+                                grasp_cells[b].append(t)
                             states[b].advance(t)
                         ended[b] = t == vocab.end
                         done[b] = ended[b] or len(rows[b]) >= cap[b]
@@ -318,31 +368,18 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
 
 # -- the command line -----------------------------------------------------------------------
 
-def check_vocab(meta: dict, vocab: Vocab, checkpoint: str | Path, data: str | Path) -> None:
-    """The checkpoint's vocabulary must be the data set's; else a GenerateError naming both."""
-    vocab_meta = meta.get("vocab") or {}
-    theirs = {k: vocab_meta.get(k) for k in ("dims", "dynamic_tags", "vocab_size")}
-    ours = vocab.to_meta()
-    if any(theirs[k] != ours[k] for k in ours):
-        raise GenerateError(
-            f"the checkpoint {checkpoint} has vocabulary dims {theirs['dims']}, {len(theirs['dynamic_tags'] or [])} "
-            f"dynamic tags, V={theirs['vocab_size']}, but the data set {data} has dims {list(vocab.dims)}, "
-            f"{len(vocab.dynamic_tags)} dynamic tags, V={vocab.size}; use data made on the same voxel grid "
-            f"(and vocabulary file) as the model's training data")
-
-
 def load_checked(checkpoint: str | Path, store: TokenStore, device: str, dtype: str | None = None):
     """(model, meta) of CKPT, checked to share the vocabulary of the data set `store`."""
-    from .export import load_model
-
     if not Path(checkpoint).exists():
         raise GenerateError(f"--checkpoint {checkpoint}: no such file or directory; give an exported model "
                             f"directory or a training checkpoint (OUTPUT/checkpoint_iter_N)")
     try:
         model, meta = load_model(checkpoint, device=device, dtype=getattr(torch, dtype) if dtype else None)
-    except CheckpointError as err:  # export's errors are CheckpointErrors too
+        check_compatible(ModelRecord.from_json(meta, checkpoint), store.vocab, checkpoint, "the model", "the data set",
+                         f"Give a data set made on the voxel grid (and vocabulary file) of the model's training data, "
+                         f"not {store.path}")
+    except CheckpointError as err:  # the artifact layer's errors are CheckpointErrors
         raise GenerateError(str(err)) from None
-    check_vocab(meta, store.vocab, checkpoint, store.path)
     return model, meta
 
 
@@ -479,13 +516,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, required=True, help="sample whose scene is the prompt")
     p.add_argument("--num_samples", type=int, default=4, help="sequences to sample (default 4)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1)")
+    p.add_argument("--cell_temperature", type=float, default=None,
+                   help="temperature of the cells (where grasps go) within the share of probability --temperature "
+                        "gives them; the odds of a cell against a tag, another grasp or end stay at --temperature "
+                        "(default: --temperature for all)")
     p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help="cap on generated tokens (default: twice the sample's own continuation + 64)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no_grounding", action="store_true",
-                   help="constrained decoding keeps to the grammar only (default: it also puts each grasp's two "
-                        "fingers on the object its tag names)")
+    p.add_argument("--grounding", choices=("gripper", "fingers", "none"), default="gripper",
+                   help="what constrained decoding holds each grasp to besides the grammar: gripper (default: the "
+                        "two fingers on the object its tag names and the gripper's shape, so every grasp is "
+                        "physically valid), fingers (the fingers only), none (the grammar alone)")
+    p.add_argument("--no_grounding", dest="grounding", action="store_const", const="none",
+                   help="the same as --grounding none")
     p.add_argument("--out", default="generated", help="output directory (default ./generated)")
     p.add_argument("--device", default=default_device(), help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -494,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> list[dict]:
+    if args.cell_temperature is not None and args.cell_temperature <= 0:
+        raise GenerateError(f"--cell_temperature must be > 0, got {args.cell_temperature}; leave it out to sample "
+                            f"the cells at --temperature")
     store = TokenStore.open(args.data)
     if not 0 <= args.index < len(store):
         raise GenerateError(f"--index {args.index} is out of range: {args.data} has {len(store)} samples "
@@ -512,7 +559,9 @@ def run(args) -> list[dict]:
     summaries = []
     for constrained, suffix in ((True, ""), (False, "_free")):
         decoded = decode(model, prompt, vocab, args.num_samples, max_new, args.temperature, args.top_k,
-                         constrained=constrained, seed=args.seed, grounded=not args.no_grounding)
+                         constrained=constrained, seed=args.seed, grounded=args.grounding != "none",
+                         voxel_size=store.workspace.voxel_size if args.grounding == "gripper" else None,
+                         cell_temperature=args.cell_temperature)
         s = write_outputs(out, suffix, args.index, decoded, truth, vocab, frame, constrained)
         s["tokens_per_s"] = round(decoded.new_tokens / max(decoded.seconds, 1e-9), 1)
         summaries.append(s)

@@ -160,32 +160,13 @@ def random_grasps(rng: np.random.Generator, scene: Sequence[tuple[int, np.ndarra
 
 # -- physical validity ------------------------------------------------------------------------
 
+# Largest error, in voxels, of a distance between two points each rounded to its cell centre.
+ROUNDING = float(np.sqrt(3))
 
 
-def _label_grid(scene: Sequence[tuple[int, np.ndarray]], dims: Sequence[int]) -> tuple[np.ndarray, dict[int, int]]:
-    """(X, Y, Z) int grid: 0 free, k + 1 the scene's k-th block; and {tag: k + 1} (first block of a tag)."""
-    grid = np.zeros(tuple(dims), np.int32)
-    label_of: dict[int, int] = {}
-    for k, (tag, cells) in enumerate(scene):
-        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
-        grid[cells[:, 0], cells[:, 1], cells[:, 2]] = k + 1
-        label_of.setdefault(int(tag), k + 1)
-    return grid, label_of
-
-
-def _labels_along(grid: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Labels of the cells that the segment a -> b (cell coordinates, a cell's centre at its index)
-    passes, sampled every quarter voxel; points off the grid read as free."""
-    n = max(2, int(np.ceil(4 * np.abs(b - a).max())) + 1)
-    points = a + np.linspace(0.0, 1.0, n)[:, None] * (b - a)
-    cells = np.rint(points).astype(np.int64)
-    inside = np.all((cells >= 0) & (cells < grid.shape), axis=1)
-    return grid[tuple(cells[inside].T)]
-
-
-def valid_grasps(predicted: Sequence[Grasp], scene: Sequence[tuple[int, np.ndarray]], dims: Sequence[int],
-                 voxel_size: float) -> np.ndarray:
-    """(P,) bool: which grasps a parallel-jaw gripper could execute in the scene, judged from its voxels.
+class SceneVoxels:
+    """A scene's cells labelled by block: judges grasps (`valid`) and lists the cells a grasp may use
+    next (`left_cells`, `right_cells`, `base_cells`), with one set of rules for both.
 
     A grasp (tag, [left finger, right finger, base]) is valid when
       * its tag names a block of the scene (the object it claims to grasp),
@@ -199,33 +180,141 @@ def valid_grasps(predicted: Sequence[Grasp], scene: Sequence[tuple[int, np.ndarr
         points to cells), and
       * the fingers (each contact swept to the base's level) and the palm between their ends stay
         clear of every other object; the base cell itself is free.
-    Distances are between cell centres. Scenes of one block (amodal, unseg) have no "other" object.
+    Distances are between cell centres; segments are sampled every quarter voxel and points off the
+    grid read as free. Scenes of one block (amodal, unseg) have no "other" object.
     """
-    grid, label_of = _label_grid(scene, dims)
-    padded = np.pad(grid, 1)
-    out = np.zeros(len(predicted), dtype=bool)
-    for i, (tag, cells) in enumerate(predicted):
-        cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
-        own = label_of.get(int(tag))
-        if own is None or len(cells) != 3:
-            continue
-        left, right, base = cells.astype(np.float64)
-        finger_labels = grid[tuple(cells[:2].T)]
-        touching = [(padded[tuple((c + 1 + NEIGHBOURHOOD).T)] == own).any() for c in cells[:2]]
-        opening = np.linalg.norm(left - right) * voxel_size
-        if (not all(touching) or not np.isin(finger_labels, (0, own)).all() or grid[tuple(cells[2])] != 0
-                or opening > GRIPPER_MAX_OPENING + np.sqrt(3) * voxel_size
-                or not (_labels_along(grid, left, right) == own).any()):
-            continue
-        out_vec = base - (left + right) / 2
+
+    def __init__(self, scene: Sequence[tuple[int, np.ndarray]], dims: Sequence[int], voxel_size: float):
+        self.dims = tuple(int(d) for d in dims)
+        self.voxel_size = float(voxel_size)
+        self.grid = np.zeros(self.dims, np.int32)  # 0 free, k + 1 the scene's k-th block
+        self.label_of: dict[int, int] = {}  # tag -> label of its first block
+        self._cells: dict[int, np.ndarray] = {}
+        for k, (tag, cells) in enumerate(scene):
+            cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
+            self.grid[cells[:, 0], cells[:, 1], cells[:, 2]] = k + 1
+            if int(tag) not in self.label_of:
+                self.label_of[int(tag)] = k + 1
+                self._cells[k + 1] = cells
+        self._padded = np.pad(self.grid, 1)
+        # Segments are read from a copy of the grid with a free margin wide enough for any segment the
+        # rules sample (a swept finger ends at most FINGER_LENGTH + rounding off the grid): no bounds
+        # checks per point. Farther points, which the rules never reach, are clipped onto the margin.
+        margin = int(np.ceil(FINGER_LENGTH / self.voxel_size + 2 * ROUNDING)) + 2
+        wide = np.pad(self.grid, margin)
+        self._margin, self._wide_max, self._wide = margin, np.asarray(wide.shape) - 1, wide.ravel()
+        self._strides = np.array([wide.shape[1] * wide.shape[2], wide.shape[2], 1])
+        self._left: dict[int, np.ndarray] = {}
+        self._others: dict[int, np.ndarray] = {}
+
+    # -- rules on arrays of candidates: each takes the object's label and (n, 3) cells
+
+    def _labels_along(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(n, m) labels along the segments a[i] -> b[i] ((n, 3) each, float cell coordinates); every
+        segment has its own samples (a quarter voxel apart), padded with its end point."""
+        a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+        if len(a) == 0:
+            return np.zeros((0, 1), np.int32)
+        steps = np.maximum(2, np.ceil(4 * np.abs(b - a).max(axis=1)).astype(np.int64) + 1)  # per segment
+        t = np.minimum(np.arange(int(steps.max()))[None, :] / (steps[:, None] - 1), 1.0)
+        cells = np.rint(a[:, None, :] + t[..., None] * (b - a)[:, None, :]).astype(np.int64) + self._margin
+        return self._wide[np.clip(cells, 0, self._wide_max) @ self._strides]
+
+    def _fingers_ok(self, own: int, fingers: np.ndarray) -> np.ndarray:
+        touching = (self._padded[tuple((fingers[:, None, :] + 1 + NEIGHBOURHOOD).transpose(2, 0, 1))] == own).any(1)
+        label = self.grid[tuple(fingers.T)]
+        return touching & ((label == 0) | (label == own))
+
+    def _closing_ok(self, own: int, left: np.ndarray, rights: np.ndarray) -> np.ndarray:
+        opening = np.linalg.norm(rights - left, axis=1) * self.voxel_size
+        ok = opening <= GRIPPER_MAX_OPENING + ROUNDING * self.voxel_size
+        ok[ok] = (self._labels_along(np.tile(left, (int(ok.sum()), 1)), rights[ok]) == own).any(1)
+        return ok
+
+    def _base_ok(self, own: int, left: np.ndarray, right: np.ndarray, bases: np.ndarray) -> np.ndarray:
+        left, right = left.astype(np.float64), right.astype(np.float64)
+        out = bases - (left + right) / 2
         close = right - left
-        # The gripper's shape: the base sits FINGER_LENGTH behind the contacts' midpoint, along an
-        # approach perpendicular to the closing direction (up to each point's rounding to its cell).
-        slack = np.sqrt(3)  # voxels: the largest error of a distance between rounded points, per point pair
-        if abs(np.linalg.norm(out_vec) - FINGER_LENGTH / voxel_size) > slack or (
-                abs(out_vec @ close) > slack * (np.linalg.norm(out_vec) + np.linalg.norm(close)) + 3):
-            continue
-        swept = np.concatenate([_labels_along(grid, left, left + out_vec), _labels_along(grid, right, right + out_vec),
-                                _labels_along(grid, left + out_vec, right + out_vec)])
-        out[i] = bool(np.isin(swept, (0, own)).all())
-    return out
+        reach = np.linalg.norm(out, axis=1)
+        # The gripper's shape, up to each point's rounding to its cell.
+        ok = ((np.abs(reach - FINGER_LENGTH / self.voxel_size) <= ROUNDING)
+              & (np.abs(out @ close) <= ROUNDING * (reach + np.linalg.norm(close)) + 3)
+              & (self.grid[tuple(bases.T)] == 0))
+        if not self._others_near(own, np.minimum(left, right) - FINGER_LENGTH / self.voxel_size - 2 * ROUNDING,
+                                 np.maximum(left, right) + FINGER_LENGTH / self.voxel_size + 2 * ROUNDING):
+            return ok  # nothing else within the gripper's reach: fingers and palm are clear
+        out = out[ok]
+        swept = np.concatenate([self._labels_along(left, left + out), self._labels_along(right, right + out),
+                                self._labels_along(left + out, right + out)], axis=1)
+        ok[ok] = ((swept == 0) | (swept == own)).all(1)
+        return ok
+
+    def _others_near(self, own: int, lo: np.ndarray, hi: np.ndarray) -> bool:
+        """Whether a cell of another object lies in the box [lo, hi]."""
+        if own not in self._others:
+            self._others[own] = np.argwhere((self.grid != 0) & (self.grid != own))
+        others = self._others[own]
+        return bool(np.all((others >= lo - 1) & (others <= hi + 1), axis=1).any())
+
+    # -- judging
+
+    def valid(self, predicted: Sequence[Grasp]) -> np.ndarray:
+        """(P,) bool: which grasps a parallel-jaw gripper could execute here (the rules above)."""
+        out = np.zeros(len(predicted), dtype=bool)
+        for i, (tag, cells) in enumerate(predicted):
+            cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3)
+            own = self.label_of.get(int(tag))
+            if own is None or len(cells) != 3 or not self._inside(cells).all():
+                continue
+            left, right, base = cells
+            out[i] = bool(self._fingers_ok(own, cells[:2]).all() and self._closing_ok(own, left, right[None])[0]
+                          and self._base_ok(own, left, right, base[None])[0])
+        return out
+
+    def _inside(self, cells: np.ndarray) -> np.ndarray:
+        return np.all((cells >= 0) & (cells < self.dims), axis=-1)
+
+    # -- the cells a grasp of object `tag` may use next (sorted (n, 3); empty when none)
+
+    def left_cells(self, tag: int) -> np.ndarray:
+        """Where a first finger may be: touching the object, not inside another."""
+        own = self.label_of.get(int(tag))
+        if own is None:
+            return np.zeros((0, 3), np.int64)
+        if own not in self._left:
+            around = touching_cells(self._cells[own], self.dims)
+            self._left[own] = around[self._fingers_ok(own, around)]
+        return self._left[own]
+
+    def right_cells(self, tag: int, left: np.ndarray) -> np.ndarray:
+        """Where the second finger may be, given the first: a finger cell within the gripper's opening
+        whose closing segment passes through the object."""
+        fingers = self.left_cells(tag)
+        if len(fingers) == 0:
+            return fingers
+        left = np.asarray(left, dtype=np.int64)
+        near = fingers[np.linalg.norm(fingers - left, axis=1) * self.voxel_size
+                       <= GRIPPER_MAX_OPENING + ROUNDING * self.voxel_size]
+        return near[self._closing_ok(self.label_of[int(tag)], left, near)]
+
+    def base_cells(self, tag: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+        """Where the base may be, given both fingers: FINGER_LENGTH behind their midpoint, along an
+        approach perpendicular to the closing direction, with fingers and palm clear of other objects."""
+        own = self.label_of.get(int(tag))
+        if own is None:
+            return np.zeros((0, 3), np.int64)
+        left, right = np.asarray(left, np.int64), np.asarray(right, np.int64)
+        mid = (left + right) / 2
+        r = FINGER_LENGTH / self.voxel_size + ROUNDING
+        lo = np.maximum(np.floor(mid - r), 0).astype(np.int64)
+        hi = np.minimum(np.ceil(mid + r), np.asarray(self.dims) - 1).astype(np.int64)
+        if np.any(lo > hi):
+            return np.zeros((0, 3), np.int64)
+        box = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)], indexing="ij"), -1).reshape(-1, 3)
+        return box[self._base_ok(own, left, right, box)]
+
+
+def valid_grasps(predicted: Sequence[Grasp], scene: Sequence[tuple[int, np.ndarray]], dims: Sequence[int],
+                 voxel_size: float) -> np.ndarray:
+    """(P,) bool: which grasps a parallel-jaw gripper could execute in the scene (SceneVoxels' rules)."""
+    return SceneVoxels(scene, dims, voxel_size).valid(predicted)

@@ -67,7 +67,12 @@ def default_kv_heads(n_head: int) -> int:
 
 
 @dataclass
-class ModelConfig:
+class GraspGPTConfig:
+    """Everything `GraspGPT` is built from. The training configuration's `model` section
+    (`config.ModelConfig`: a preset or a shape) is what a user sets; this is the full architecture
+    plus the switches that only matter while training (dropout, init_std, activation_checkpointing,
+    loss_chunk_size). `artifact.ModelRecord` saves the architecture part with every checkpoint and export."""
+
     vocab_size: int
     block_size: int  # max positions
     n_layer: int
@@ -121,7 +126,7 @@ class ModelConfig:
 
     @classmethod
     def from_shape(cls, model_type: str | None = None, n_layer: int | None = None, n_head: int | None = None,
-                   n_embd: int | None = None, n_kv_head: int | None = None, **rest) -> ModelConfig:
+                   n_embd: int | None = None, n_kv_head: int | None = None, **rest) -> GraspGPTConfig:
         """Config from a preset name or an explicit (n_layer, n_head, n_embd), never both."""
         shape = (n_layer, n_head, n_embd)
         if not (all(v is None for v in shape) if model_type is not None else all(v is not None for v in shape)):
@@ -191,7 +196,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of every layer, preallocated to max_len positions, for incremental decoding."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+    def __init__(self, cfg: GraspGPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         if not 0 < max_len <= cfg.block_size:
             raise ModelInputError(f"KV cache max_len={max_len} must be in 1..block_size={cfg.block_size}; lower it")
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
@@ -208,7 +213,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: GraspGPTConfig, layer: int):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.layer, self.dropout = layer, cfg.dropout
@@ -254,7 +259,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GraspGPTConfig):
         super().__init__()
         hidden = 4 * cfg.n_embd
         self.gate_proj = nn.Linear(cfg.n_embd, hidden, bias=False)
@@ -266,7 +271,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: GraspGPTConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer)
@@ -397,7 +402,7 @@ class TokenEmbedding(nn.Module):
     the axis terms into ``weight``, giving an ordinary Qwen2 embedding.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GraspGPTConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.n_embd))
         self.grid = cfg.voxel_grid
@@ -437,7 +442,7 @@ def fold_axes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class GraspGPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: GraspGPTConfig):
         super().__init__()
         self.cfg = cfg
         self.model = nn.ModuleDict(dict(

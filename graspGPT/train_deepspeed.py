@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from graspGPT import checkpoint
+from graspGPT import artifact, checkpoint
 from graspGPT.config import Config, ConfigError, load_config
 from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, val_batches
 from graspGPT.data.source import DataSourceError, resolve_data_dir
-from graspGPT.data.storage import StorageError, TokenStore
+from graspGPT.data.storage import DataChangedError, StorageError, TokenStore
 from graspGPT.data.synth import SynthError
 from graspGPT.data.upstream import UpstreamError
 from graspGPT.distributed import (TIMEOUT_SETTING, LaunchError, RankLost, Ranks, all_sum, lost_rank_message, minutes,
@@ -47,7 +47,7 @@ from graspGPT.ds_config import (DeepSpeedConfigError, ResolvedDeepSpeed, load_de
                                 resolve_deepspeed_config, save_resolved)
 from graspGPT.engine import build_engine, build_model, model_config, train_step, validation_loss
 from graspGPT.evaluate import TrainingEvaluator
-from graspGPT.model import ModelConfig, ModelConfigError
+from graspGPT.model import ModelConfigError
 from graspGPT.observe import NonFiniteError, StepReport, Throughput, Wandb, oom_message, rank_logger
 from graspGPT.runlock import OutputLock, OutputLockError
 
@@ -78,19 +78,20 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     # Everything that can refuse the run is checked before the output directory changes at all.
     store = open_data(cfg, ranks)
     ds = resolve_deepspeed(cfg, ranks)
-    mcfg = model_config(cfg, store.vocab)
-    state = checkpoint.run_state(cfg, ranks.world, ds, mcfg, store)
+    # what a checkpoint of this run is (artifact.py), and what one it resumes from must fit
+    record = artifact.ModelRecord(model_config(cfg, store.vocab), store.vocab, store.workspace, store.grasp_cells)
+    state = checkpoint.run_state(cfg, ranks.world, ds, record, store)
     out = take_output_dir(Path(cfg.system.output_dir), ranks, cleanup)
-    plan = checkpoint.plan_run(t.resume, out, state, ranks.device)
+    plan = checkpoint.plan_run(t.resume, out, state, record.check_resume, ranks.device)
     if plan is not None and plan.convert:  # another world size or stage: DeepSpeed loads a universal checkpoint
         ds.config["checkpoint"] = {**ds.config.get("checkpoint", {}), "load_universal": True}
 
     # Accepted: from here on the run writes its output directory.
     log = start_log(out, cfg, ranks, store, ds)
-    engine = start_engine(cfg, mcfg, ds, plan, state, out, ranks, log)
+    engine = start_engine(cfg, record, ds, plan, state, out, ranks, log)
     start = step = plan.step if plan is not None else 0
     data = build_data(cfg, store, ds, ranks, start, out)
-    meter = Throughput(engine.module.flops_per_token(mcfg.block_size), ranks.world, ranks.on_gpu)
+    meter = Throughput(engine.module.flops_per_token(record.model.block_size), ranks.world, ranks.on_gpu)
     wandb = start_wandb(cfg, ranks, ds, engine.module.num_params(), out, log)
     skipped = plan.state.get("skipped_steps", 0) if plan is not None else 0
     report = StepReport(t, out, ranks.rank, start, skipped, meter, log, wandb, data.samples.stats)
@@ -180,13 +181,12 @@ def start_log(out: Path, cfg: Config, ranks: Ranks, store: TokenStore, ds: Resol
     return log
 
 
-def start_engine(cfg: Config, mcfg: ModelConfig, ds: ResolvedDeepSpeed, plan: checkpoint.ResumePlan | None,
-                 state: dict, out: Path, ranks: Ranks, log: logging.Logger):
+def start_engine(cfg: Config, record: artifact.ModelRecord, ds: ResolvedDeepSpeed,
+                 plan: checkpoint.ResumePlan | None, state: dict, out: Path, ranks: Ranks, log: logging.Logger):
     """The model in DeepSpeed's engine: fresh, from trainer.init_from, or as the resumed checkpoint left it."""
-    model = build_model(mcfg, ds)
+    model = build_model(record.model, ds)
     if plan is None and cfg.trainer.init_from:
-        from graspGPT.export import load_hf_weights
-        checkpoint.agree(ranks.device, load_hf_weights, model, cfg.trainer.init_from, state["vocab"])
+        checkpoint.agree(ranks.device, artifact.load_hf_weights, model, cfg.trainer.init_from, record.vocab)
         log.info(f"initial weights from {cfg.trainer.init_from}")
     elif cfg.trainer.init_from:
         log.info(f"trainer.init_from {cfg.trainer.init_from} is not used: the run resumes from {plan.path}")
@@ -226,7 +226,8 @@ def build_data(cfg: Config, store: TokenStore, ds: ResolvedDeepSpeed, ranks: Ran
     val = val_batches(val_samples.lengths, batch.micro_batch_size, ranks.world, ranks.rank,
                       limit=cfg.trainer.eval_iters * batch.micro_batch_size * ranks.world)
     grasp_eval = TrainingEvaluator(store, val_idx, cfg.trainer.eval_scenes, out, seed=seed,
-                                   max_len=d.max_sequence_length, temperature=cfg.trainer.eval_temperature)
+                                   max_len=d.max_sequence_length, temperature=cfg.trainer.eval_temperature,
+                                   cell_temperature=cfg.trainer.eval_cell_temperature)
     return TrainingData(samples, loader, val_samples, val, grasp_eval)
 
 
@@ -248,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(argv)
         with contextlib.ExitStack() as cleanup:
             return train(cfg, stop, cleanup)
+    except DataChangedError as exc:  # met mid-run, maybe by some ranks only: each one that met it says so
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except USER_ERRORS as exc:
         if not quiet:
             print(f"error: {exc}", file=sys.stderr)

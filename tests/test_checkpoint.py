@@ -15,12 +15,22 @@ import torch.distributed as dist
 
 from conftest import end_worker, free_port
 from graspGPT import checkpoint
+from graspGPT.artifact import ModelRecord
 from graspGPT.checkpoint import CheckpointError, ResumePlan, Saver
+from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.engine import guard_nonfinite
+from graspGPT.model import GraspGPTConfig
 from graspGPT.observe import MetricsFile, NonFiniteError, NonFiniteSteps
 
-SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_kv_head": 2, "vocab_size": 2859}
-VOCAB = {"dims": [50, 60, 40], "dynamic_tags": [], "vocab_size": 2859}
+WORKSPACE = Workspace(voxel_size=0.03)  # dims (20, 14, 9)
+
+
+def record(vocab: Vocab = Vocab(WORKSPACE.dims), **model) -> ModelRecord:
+    shape = dict(block_size=64, n_layer=2, n_head=2, n_embd=32, n_kv_head=2, voxel_grid=vocab.dims)
+    return ModelRecord(GraspGPTConfig(vocab_size=vocab.size, **{**shape, **model}), vocab, WORKSPACE, "scene_grid")
+
+
+RECORD = record()
 
 
 class FakeEngine:
@@ -42,7 +52,7 @@ def make(out: Path, step: int, complete: bool = True, world: int = 1, stage: int
     path = out / checkpoint.tag_for(step)
     path.mkdir(parents=True)
     (path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"shard")
-    state = {"step": step, "world_size": world, "zero_stage": stage, "model": SHAPE, "vocab": VOCAB}
+    state = {"step": step, "world_size": world, "zero_stage": stage, **RECORD.to_json()}
     (path / checkpoint.STATE_FILE).write_text(json.dumps(state))
     if complete:
         files = {f.name: f.stat().st_size for f in path.iterdir()}
@@ -97,13 +107,14 @@ def test_one_run_per_output_directory(tmp_path):
 def test_plan_checks_model_vocabulary_and_files(tmp_path):
     out = tmp_path / "out"
     path = make(out, 3)
-    plan = checkpoint.plan_resume("auto", out, 1, 2, SHAPE, VOCAB)
+    plan = checkpoint.plan_resume("auto", out, 1, 2, RECORD.check_resume)
     assert plan == ResumePlan(path, json.loads((path / "toolkit_state.json").read_text()), convert=False)
+    checkpoint.plan_resume("auto", out, 1, 2, record(block_size=128).check_resume)  # RoPE: any length works
     with pytest.raises(CheckpointError, match=r"model.n_embd is 32 in the checkpoint but 64 in this run") as e:
-        checkpoint.plan_resume("auto", out, 1, 2, {**SHAPE, "n_embd": 64}, VOCAB)
+        checkpoint.plan_resume("auto", out, 1, 2, record(n_embd=64).check_resume)
     assert str(path / "toolkit_state.json") in str(e.value)
-    with pytest.raises(CheckpointError, match=r"vocabulary dims is \[50, 60, 40\] in the checkpoint but \[9, 9, 9\]"):
-        checkpoint.plan_resume("auto", out, 1, 2, SHAPE, {**VOCAB, "dims": [9, 9, 9]})
+    with pytest.raises(CheckpointError, match=r"vocabulary dims is \[20, 14, 9\] in the checkpoint but \[9, 9, 9\]"):
+        checkpoint.plan_resume("auto", out, 1, 2, record(Vocab((9, 9, 9))).check_resume)
 
 
 def test_missing_or_truncated_files_are_named(tmp_path):

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from conftest import REPO, end_worker, launch, run_ok, train_env, write_config
-from graspGPT.export import ExportError, export, load_hf_weights, load_model, main, model_config, read_meta
-from graspGPT.model import GraspGPT, ModelConfig
+from graspGPT.artifact import ArtifactError, config_of, load_hf_weights, load_model, read_meta
+from graspGPT.data.vocab import Vocab
+from graspGPT.export import export, main
+from graspGPT.model import GraspGPT, GraspGPTConfig
 
 STAGES = {0: 1, 1: 1, 3: 2}  # ZeRO stage: ranks
 STEPS = 3
@@ -65,7 +67,7 @@ def test_hf_logits_match_toolkit(runs, exported, stage):
     x = ids(meta["vocab"]["vocab_size"])
     with torch.no_grad():
         ref, theirs = ours(x), hf(x).logits
-        fresh = GraspGPT(model_config(meta, Path()))(x)
+        fresh = GraspGPT(config_of(meta))(x)
     assert (ref - theirs).abs().max().item() <= 1e-5
     assert (ref - fresh).abs().max().item() > 1e-2  # the trained weights, not an initialization
 
@@ -112,21 +114,21 @@ def test_load_hf_weights_round_trip_and_mismatches(exported, tmp_path):
     d = exported[1]
     meta = read_meta(d)
     ref, _ = load_model(d)
-    model = GraspGPT(model_config(meta, d))
-    load_hf_weights(model, d, vocab_meta={k: meta["vocab"][k] for k in ("dims", "dynamic_tags", "vocab_size")})
+    model = GraspGPT(config_of(meta))
+    load_hf_weights(model, d, vocab=Vocab(meta["vocab"]["dims"]))
     for (name, a), b in zip(ref.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
     shape = dict(vocab_size=2859, block_size=64, n_layer=2, n_head=2, n_embd=32, n_kv_head=2)
-    load_hf_weights(GraspGPT(ModelConfig(**shape)), d)  # another block_size is fine: RoPE has no learned positions
-    with pytest.raises(ExportError, match=r"n_embd is 32 in .* but 64 in this model"):
-        load_hf_weights(GraspGPT(ModelConfig(**{**shape, "n_embd": 64})), d)
-    with pytest.raises(ExportError, match=r"vocab_size is 2859 in .* but 3000 in this model"):
-        load_hf_weights(GraspGPT(ModelConfig(**{**shape, "vocab_size": 3000})), d)
+    load_hf_weights(GraspGPT(GraspGPTConfig(**shape)), d)  # another block_size is fine: RoPE has no learned positions
+    with pytest.raises(ArtifactError, match=r"n_embd is 32 in .* but 64 in this model"):
+        load_hf_weights(GraspGPT(GraspGPTConfig(**{**shape, "n_embd": 64})), d)
+    with pytest.raises(ArtifactError, match=r"vocab_size is 2859 in .* but 3000 in this model"):
+        load_hf_weights(GraspGPT(GraspGPTConfig(**{**shape, "vocab_size": 3000})), d)
     # the same V from another grid is another vocabulary
-    with pytest.raises(ExportError, match=r"vocabulary dims is \[20, 14, 9\] in .* but \[14, 20, 9\] in this run"):
-        load_hf_weights(model, d, vocab_meta={"dims": [14, 20, 9], "dynamic_tags": [], "vocab_size": 2859})
+    with pytest.raises(ArtifactError, match=r"vocabulary dims is \[20, 14, 9\] in the export but \[14, 20, 9\] in this"):
+        load_hf_weights(model, d, vocab=Vocab((14, 20, 9)))
 
     # metadata that lies about the shape: the strict tensor check still refuses
     liar = tmp_path / "liar"
@@ -134,10 +136,10 @@ def test_load_hf_weights_round_trip_and_mismatches(exported, tmp_path):
     m = json.loads((liar / "graspgpt_meta.json").read_text())
     m["model"]["n_layer"] = 3
     (liar / "graspgpt_meta.json").write_text(json.dumps(m))
-    with pytest.raises(ExportError, match=r"missing 12: .*model\.layers\.2\."):
-        load_hf_weights(GraspGPT(ModelConfig(**{**shape, "n_layer": 3})), liar)
+    with pytest.raises(ArtifactError, match=r"missing 12: .*model\.layers\.2\."):
+        load_hf_weights(GraspGPT(GraspGPTConfig(**{**shape, "n_layer": 3})), liar)
     (liar / "model.safetensors").unlink()
-    with pytest.raises(ExportError, match="lacks model.safetensors"):
+    with pytest.raises(ArtifactError, match="lacks model.safetensors"):
         load_model(liar)
 
 
@@ -147,9 +149,9 @@ def test_refusals_and_cli_errors(runs, exported, tmp_path, capsys):
     broken = tmp_path / "out" / "checkpoint_iter_7"
     shutil.copytree(ckpt, broken)
     (broken / "COMPLETE").unlink()
-    with pytest.raises(ExportError, match="incomplete checkpoint"):
+    with pytest.raises(ArtifactError, match="incomplete checkpoint"):
         load_model(broken)
-    with pytest.raises(ExportError, match="no such file"):
+    with pytest.raises(ArtifactError, match="no such file"):
         load_model(tmp_path / "nowhere")
 
     def cli(*args) -> str:
@@ -174,7 +176,7 @@ def test_refusals_and_cli_errors(runs, exported, tmp_path, capsys):
     assert main([str(runs[1] / "latest"), "--out", str(again), "--overwrite"]) == 0
     assert read_meta(again) == read_meta(exported[1])
     (broken / "COMPLETE").write_text("7\n")
-    with pytest.raises(ExportError, match="neither a toolkit checkpoint.*newest complete checkpoint here is .*checkpoint_iter_7"):
+    with pytest.raises(ArtifactError, match="neither a toolkit checkpoint.*newest complete checkpoint here is .*checkpoint_iter_7"):
         load_model(broken.parent)  # an output directory without a latest file
 
 
@@ -198,7 +200,7 @@ def _zero3_worker(directory: Path, result: Path) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     meta = read_meta(directory)
     with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 2, "zero_optimization": {"stage": 3}}):
-        model = GraspGPT(model_config(meta, directory))
+        model = GraspGPT(config_of(meta))
     partitioned = all(p.data.numel() == 0 and p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
     load_hf_weights(model, directory)
     ref = load_file(str(directory / "model.safetensors"))
@@ -214,28 +216,3 @@ def _zero3_worker(directory: Path, result: Path) -> None:
 if __name__ == "__main__":
     _zero3_worker(*(Path(a) for a in sys.argv[1:] if not a.startswith("--local_rank")))
 
-
-def test_grasp_cells_of_older_checkpoints(tmp_path):
-    """Checkpoints from before grasp_cells was recorded: decided from the training data."""
-    from graspGPT.export import _workspace
-    from graspGPT.data.vocab import Vocab, Workspace
-
-    vocab = Vocab.for_workspace(Workspace(voxel_size=0.03))
-    box = {"bbox_min": [-0.3, -0.2, 0.0], "bbox_max": [0.3, 0.2, 0.25], "voxel_size": 0.03}
-
-    def state(data_path, **extra):
-        return {"config": {"dataset": {"data_path": data_path, "synthetic_voxel_size": 0.03}}, **extra}
-
-    assert _workspace(state(None, workspace=box), vocab)["grasp_cells"] == "scene_grid"
-    assert _workspace(state(None), vocab)["grasp_cells"] == "scene_grid"
-    pth = tmp_path / "pth"
-    pth.mkdir()
-    (pth / "a.pth").write_bytes(b"")
-    assert _workspace(state(str(pth), workspace=box), vocab)["grasp_cells"] == "upstream"
-    imported = tmp_path / "imported"
-    imported.mkdir()
-    (imported / "meta.json").write_text(json.dumps({**box, "source": "upstream import of /x (1 files)"}))
-    assert _workspace(state(str(imported), workspace=box), vocab)["grasp_cells"] == "upstream"
-    assert _workspace(state(str(tmp_path / "moved"), workspace=box), vocab)["grasp_cells"] is None
-    recorded = {**box, "grasp_cells": "upstream"}
-    assert _workspace(state(None, workspace=recorded), vocab)["grasp_cells"] == "upstream"  # recorded wins

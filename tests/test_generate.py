@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -16,9 +17,10 @@ from graspGPT.data.grammar import Block, parse
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.generate import (GenerateError, accepts, decode, prompt_state, read_output, scene_prompt, task_of,
-                               task_prompt, truth_of)
-from graspGPT.model import GraspGPT, ModelConfig
+from graspGPT.generate import (GenerateError, _sample_tokens, accepts, decode, grasp_list, prompt_state, read_output,
+                               scene_prompt, task_of, task_prompt, truth_of)
+from graspGPT.grasp_metrics import valid_grasps
+from graspGPT.model import GraspGPT, GraspGPTConfig
 
 COARSE = Workspace(voxel_size=0.03)
 VOCAB = Vocab.for_workspace(COARSE)
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_model(block_size: int = 1024, seed: int = 0) -> GraspGPT:
     torch.manual_seed(seed)
-    return GraspGPT(ModelConfig(vocab_size=VOCAB.size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+    return GraspGPT(GraspGPTConfig(vocab_size=VOCAB.size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,7 @@ def test_grounded_decoding_puts_every_finger_on_the_named_object(scenes):
         for b in truth_of(ids, VOCAB).scene:
             blocks.setdefault(b.tag, []).append(VOCAB.cells_of(b.cells))
         for grounded in (True, False):
-            out = decode(model, prompt, VOCAB, num_samples=8, max_new_tokens=300, seed=4, grounded=grounded)
+            out = decode(model, prompt, VOCAB, num_samples=16, max_new_tokens=300, seed=4, grounded=grounded)
             start = prompt_state(prompt, VOCAB)
             assert all(accepts(start, new) for new in out.new if out.ended.all())
             for new in out.new:
@@ -118,6 +120,57 @@ def test_grounded_decoding_puts_every_finger_on_the_named_object(scenes):
                     else:
                         plain, plain_near = plain + 1, plain_near + all(near)
     assert touching >= 15 and plain >= 15 and plain_near < 0.8 * plain  # alone, an untrained model often misses
+
+
+def test_sampling_follows_the_distribution_and_never_picks_a_masked_token():
+    """Each row inverts its distribution's CDF at its own uniform draw: frequencies match the softmax
+    (at the temperature), and tokens of probability 0 (masked, or outside the top k) never come out, even
+    at the draws 0 and 1 - 1e-16."""
+    logits = torch.tensor([0.0, 1.0, float("-inf"), 2.0, -1.0, float("-inf")]).repeat(20000, 1)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for temperature, top_k in ((1.0, None), (0.5, None), (1.0, 2)):
+        tok = _sample_tokens(logits, [None] * len(u), temperature, top_k, u)
+        expected = torch.softmax(logits[0] / temperature, -1)
+        if top_k:
+            expected[expected < expected.topk(top_k).values[-1]] = 0
+            expected /= expected.sum()
+        freq = torch.bincount(tok, minlength=6).double() / len(u)
+        assert (freq - expected).abs().max() < 0.01, (temperature, top_k, freq)
+        assert freq[expected == 0].sum() == 0
+    edges = _sample_tokens(logits[:2], [None, None], 1.0, None, torch.tensor([0.0, 1 - 1e-16], dtype=torch.float64))
+    assert edges.tolist() == [0, 4]
+    # A cell temperature: ids >= 3 (the "cells") keep their share at the temperature, split at their own.
+    tok = _sample_tokens(logits, [None] * len(u), 1.0, None, u, cell_temperature=0.5, voxel_base=3)
+    freq = torch.bincount(tok, minlength=6).double() / len(u)
+    p1 = torch.softmax(logits[0], -1)
+    cells = torch.softmax(logits[0, 3:] / 0.5, -1) * p1[3:].sum()
+    assert (freq[:3] - p1[:3]).abs().max() < 0.01 and (freq[3:] - cells).abs().max() < 0.01
+
+
+def test_gripper_grounding_writes_only_physically_valid_grasps(scenes):
+    """With the data's voxel size, grounded decoding also keeps to the gripper's shape: every grasp it
+    writes on a grasp task's scene passes valid_grasps; finger grounding alone leaves an untrained
+    model's grasps mostly invalid. (Completion and segmentation prompts are the scene alone, which the
+    model may go on writing: grasps of objects it made up are not held.)"""
+    model = tiny_model()
+    rate = {}
+    for voxel_size in (COARSE.voxel_size, None):
+        valid = total = 0
+        for ids in scenes:
+            truth = truth_of(ids, VOCAB)
+            if task_of(truth) != "grasp":
+                continue
+            prompt = task_prompt(ids, VOCAB, "grasp")
+            scene = [(b.tag, VOCAB.cells_of(b.cells)) for b in truth.scene]
+            out = decode(model, prompt, VOCAB, num_samples=16, max_new_tokens=200, seed=2, grounded=True,
+                         voxel_size=voxel_size)
+            for new in out.new:
+                grasps = grasp_list(read_output(np.concatenate([prompt, new]), VOCAB).grasps, VOCAB)
+                valid += valid_grasps(grasps, scene, VOCAB.dims, COARSE.voxel_size).sum()
+                total += len(grasps)
+        rate[voxel_size] = valid / total
+        assert total >= 30
+    assert rate[COARSE.voxel_size] == 1.0 and rate[None] < 0.7
 
 
 def test_unconstrained_decoding_of_untrained_model_is_mostly_invalid(scenes):
@@ -220,17 +273,21 @@ def test_decode_errors(scenes):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
-    """A real toolkit checkpoint (one CPU rank, TINY model, 4 steps) and its synthetic data set."""
+    """A real toolkit checkpoint (one CPU rank, TINY model, 4 steps) and a copy of its data set: the run
+    trained on a data directory that is deleted afterwards, so everything here uses the checkpoint alone."""
     from graspGPT.data.source import builtin_dataset
 
     tmp = tmp_path_factory.mktemp("trained")
-    cfg = write_config(tmp / "cfg.json", {"trainer": {"batch_size": 4, "micro_batch_size": 4, "max_iters": 4,
-                                                      "save_every": 4, "eval_every": 4},
-                                          "system": {"deterministic": False}})
-    run_ok(launch(1, ["--config", str(cfg), "--output_dir", str(tmp / "out")], cache_dir))
     d = TINY["dataset"]
     data = builtin_dataset(d["synthetic_scenes"], 42, d["synthetic_voxel_size"], "grasp", d["max_grasps_per_object"],
                            root=cache_dir)
+    shutil.copytree(data, tmp / "train_data")
+    cfg = write_config(tmp / "cfg.json", {"trainer": {"batch_size": 4, "micro_batch_size": 4, "max_iters": 4,
+                                                      "save_every": 4, "eval_every": 4},
+                                          "system": {"deterministic": False}})
+    run_ok(launch(1, ["--config", str(cfg), "--output_dir", str(tmp / "out"), "--data_path", str(tmp / "train_data")],
+                  cache_dir))
+    shutil.rmtree(tmp / "train_data")
     return tmp / "out" / "checkpoint_iter_4", data
 
 
@@ -308,6 +365,29 @@ def test_cli_bad_inputs_exit_2(trained, tmp_path):
     proc = cli("--checkpoint", str(ckpt), "--data", str(other), "--index", "0", "--device", "cpu")
     assert proc.returncode == 2 and "vocabulary" in proc.stderr
     assert "[20, 14, 9]" in proc.stderr and "[30, 20, 13]" in proc.stderr
+
+
+@pytest.mark.ranks
+def test_real_checkpoint_records_its_model_and_its_old_layout_loads(trained, tmp_path):
+    """The trainer writes the whole record; the same checkpoint in the layout before the record loads the same."""
+    from graspGPT.artifact import load_model
+
+    ckpt, _ = trained
+    state = json.loads((ckpt / "toolkit_state.json").read_text())
+    assert state["model"] == {"vocab_size": VOCAB.size, "block_size": 512, "n_layer": 2, "n_head": 2, "n_embd": 32,
+                              "n_kv_head": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "coordinate_embedding": True}
+    assert state["workspace"]["grasp_cells"] == "scene_grid" and state["vocab"]["dims"] == [20, 14, 9]
+    old = tmp_path / "old" / ckpt.name
+    shutil.copytree(ckpt, old)
+    shape = {k: state["model"][k] for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "vocab_size",
+                                            "coordinate_embedding")}
+    vocab = {k: state["vocab"][k] for k in ("dims", "dynamic_tags", "vocab_size")}
+    (old / "toolkit_state.json").write_text(json.dumps({**state, "model": shape, "vocab": vocab}))
+    new_model, new_meta = load_model(ckpt)
+    old_model, old_meta = load_model(old)
+    assert {**old_meta, "source_checkpoint": None} == {**new_meta, "source_checkpoint": None}
+    for (name, a), b in zip(new_model.state_dict().items(), old_model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_batched_grammar_masks_equal_each_states_own_mask(scenes):

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graspGPT.model import (AXIS_KEYS, IGNORE_INDEX, MODEL_PRESETS, GraspGPT, LinearCrossEntropy, ModelConfig,
+from graspGPT.model import (AXIS_KEYS, IGNORE_INDEX, MODEL_PRESETS, GraspGPT, LinearCrossEntropy, GraspGPTConfig,
                             ModelConfigError, ModelInputError, chunked_cross_entropy, default_kv_heads, fold_axes)
 
 V = 500
@@ -12,7 +12,7 @@ def tiny(**kw) -> GraspGPT:
     torch.manual_seed(0)
     args = dict(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32)
     args.update(kw)
-    return GraspGPT(ModelConfig(**args))
+    return GraspGPT(GraspGPTConfig(**args))
 
 
 def batch(B=2, T=24, seed=1):
@@ -45,7 +45,7 @@ def test_default_kv_heads():
 
 @pytest.mark.parametrize("model_type", sorted(MODEL_PRESETS))
 def test_every_preset_builds(model_type):
-    cfg = ModelConfig.from_shape(model_type, vocab_size=147219, block_size=16384)
+    cfg = GraspGPTConfig.from_shape(model_type, vocab_size=147219, block_size=16384)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd) == MODEL_PRESETS[model_type]
     with torch.device("meta"):
         model = GraspGPT(cfg)
@@ -54,7 +54,7 @@ def test_every_preset_builds(model_type):
 
 def test_gpt2_param_count_and_flops():
     with torch.device("meta"):
-        model = GraspGPT(ModelConfig.from_shape("gpt2", vocab_size=147219, block_size=16384))
+        model = GraspGPT(GraspGPTConfig.from_shape("gpt2", vocab_size=147219, block_size=16384))
     n = model.num_params()
     assert round(n / 1e6, 1) == 216.9
     assert model.model.embed_tokens.weight.numel() == 147219 * 768
@@ -63,12 +63,12 @@ def test_gpt2_param_count_and_flops():
 
 def test_from_shape_errors():
     with pytest.raises(ModelConfigError, match="give either model_type or all of n_layer, n_head, n_embd"):
-        ModelConfig.from_shape("gpt2", n_layer=3, vocab_size=V, block_size=8)
+        GraspGPTConfig.from_shape("gpt2", n_layer=3, vocab_size=V, block_size=8)
     with pytest.raises(ModelConfigError, match="give either model_type or all"):
-        ModelConfig.from_shape(n_layer=3, n_head=2, vocab_size=V, block_size=8)
+        GraspGPTConfig.from_shape(n_layer=3, n_head=2, vocab_size=V, block_size=8)
     with pytest.raises(ModelConfigError, match="gpt-nano"):
-        ModelConfig.from_shape("gpt5", vocab_size=V, block_size=8)
-    cfg = ModelConfig.from_shape(n_layer=2, n_head=6, n_embd=48, vocab_size=V, block_size=8)
+        GraspGPTConfig.from_shape("gpt5", vocab_size=V, block_size=8)
+    cfg = GraspGPTConfig.from_shape(n_layer=2, n_head=6, n_embd=48, vocab_size=V, block_size=8)
     assert cfg.n_kv_head == 3
 
 
@@ -85,7 +85,7 @@ def test_shape_errors(kw, match):
     args = dict(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32)
     args.update(kw)
     with pytest.raises(ModelConfigError, match=match):
-        ModelConfig(**args)
+        GraspGPTConfig(**args)
 
 
 def test_input_errors():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from graspGPT.data.grammar import Block, Sample, serialize
-from graspGPT.data.storage import DatasetWriter, StorageError, TokenStore, split_indices
+from graspGPT.data.storage import DataChangedError, DatasetWriter, StorageError, TokenStore, split_indices
 from graspGPT.data.vocab import Vocab, Workspace
 
 WS = Workspace()
@@ -157,6 +157,23 @@ def test_truncated_tokens(dataset):
     (dataset / "tokens.u32").write_bytes(data[:-4])
     with pytest.raises(StorageError, match=r"tokens.u32: .*truncated"):
         TokenStore.open(dataset)
+
+
+def test_tokens_truncated_under_an_open_store_are_named_not_a_crash(dataset):
+    """Truncating the mapped file in place would make the next read of a lost page kill the process
+    (SIGBUS); every read checks the size first. A data set replaced by a rename is no concern: the open
+    store keeps reading the file it mapped."""
+    store = TokenStore.open(dataset)
+    first = store[0].copy()
+    (dataset / "tokens.u32").rename(dataset / "old.u32")
+    (dataset / "tokens.u32").write_bytes(b"")
+    assert (store[0] == first).all()
+    (dataset / "old.u32").replace(dataset / "tokens.u32")
+    store = TokenStore.open(dataset)
+    with open(dataset / "tokens.u32", "r+b") as f:
+        f.truncate(8)
+    with pytest.raises(DataChangedError, match=r"tokens.u32 shrank from \d+ to 8 bytes while this run was reading it"):
+        store[len(store) - 1]
 
 
 def test_bad_offsets(dataset):

@@ -31,6 +31,10 @@ class StorageError(ValueError):
     """A data set directory that cannot be written or read; the message names the file and the fix."""
 
 
+class DataChangedError(StorageError):
+    """The token file shrank under a reader that had opened it (truncated or rewritten in place)."""
+
+
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded random split of range(n): round(n * val_fraction) validation samples (at least one when
     n >= 2 and val_fraction > 0, never all of them). Both index arrays are returned sorted."""
@@ -195,6 +199,11 @@ class TokenStore:
         self.tokens, self.offsets, self.val_mask = tokens, offsets, val_mask
         self.lengths = np.diff(offsets)
         self.grasp_cells = grasp_cells_of_meta(meta)  # how its grasp cells map to metres
+        # The mapped file itself (not its path: a data set replaced by a rename leaves this one intact).
+        # Reading a mapped page that a truncation removed kills the process with SIGBUS, so every read
+        # first checks the size, which costs one fstat.
+        self._file = open(path / TOKENS, "rb")
+        self._size = int(offsets[-1]) * TOKEN_DTYPE.itemsize
 
     @classmethod
     def open(cls, path: str | Path) -> "TokenStore":
@@ -284,6 +293,12 @@ class TokenStore:
         if not -n <= i < n:
             raise IndexError(f"sample {i} is out of range for {n} samples")
         i %= n
+        size = os.fstat(self._file.fileno()).st_size
+        if size < self._size:
+            raise DataChangedError(
+                f"{self.path / TOKENS} shrank from {self._size} to {size} bytes while this run was reading it (truncated "
+                f"or rewritten in place); restore the data set, or write a new one to another directory, then "
+                f"--resume auto")
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
     @property
