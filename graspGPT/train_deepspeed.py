@@ -33,7 +33,9 @@ import torch.distributed as dist
 
 from graspGPT import checkpoint
 from graspGPT.config import Config, ConfigError, load_config
-from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, val_batches
+from graspGPT.data.dataset import (AugmentConfig, BatchLoader, BatchSchedule, DatasetError, TrainingSamples,
+                                   val_batches)
+from graspGPT.data.packing import PackedSchedule
 from graspGPT.data.source import DataSourceError, resolve_data_dir
 from graspGPT.data.storage import StorageError, TokenStore
 from graspGPT.data.synth import SynthError
@@ -49,8 +51,8 @@ from graspGPT.schedule import make_lr_scheduler
 # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; the warning is not ours to act on.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, SynthError, ModelConfigError, StorageError,
-               UpstreamError, OutputLockError, checkpoint.CheckpointError, checkpoint.RankFailed)
+USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, DatasetError, SynthError, ModelConfigError,
+               StorageError, UpstreamError, OutputLockError, checkpoint.CheckpointError, checkpoint.RankFailed)
 METRICS_FILE = "metrics_rank0.jsonl"
 
 
@@ -199,7 +201,8 @@ def train_step(engine, micro_batches, scale: float) -> float:
     """Forward, backward and (at the last micro-batch) the optimizer step; this rank's loss sum."""
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     for mb in micro_batches:
-        s, _ = engine(mb.input_ids.to(engine.device), mb.targets.to(engine.device))
+        mb = mb.to(engine.device)
+        s, _ = engine(mb.input_ids, mb.targets, cu_seqlens=mb.cu_seqlens)
         engine.backward(s * scale)
         engine.step()
         loss_sum += s.detach().double()
@@ -343,7 +346,13 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     max_len = cfg.dataset.max_sequence_length
     samples = TrainingSamples(store, train_idx, max_len, AugmentConfig.of(cfg.dataset), cfg.system.seed,
                               overlong=cfg.dataset.overlong, loss_on=cfg.dataset.loss_on)
-    schedule = BatchSchedule(samples.lengths, batch.micro_batch_size, batch.grad_accum, world, cfg.system.seed)
+    if cfg.dataset.pack_length:
+        schedule = PackedSchedule(samples.lengths, cfg.dataset.pack_length, batch.micro_batch_size, batch.grad_accum,
+                                  world, cfg.system.seed)
+        log.info(f"packing: rows of {schedule.row_len} positions, {schedule.fill():.1%} filled by the samples' "
+                 f"lengths before augmentation; {schedule.steps_per_epoch} steps an epoch")
+    else:
+        schedule = BatchSchedule(samples.lengths, batch.micro_batch_size, batch.grad_accum, world, cfg.system.seed)
     loader = BatchLoader(samples, schedule, rank, start_step)
     val_samples = TrainingSamples(store, val_idx, max_len, AugmentConfig.none(), cfg.system.seed,
                                   overlong=cfg.dataset.overlong, loss_on=cfg.dataset.loss_on)
