@@ -291,19 +291,24 @@ def sample_positions(cu_seqlens: torch.Tensor, B: int, T: int) -> tuple[torch.Te
     return (index - cu_seqlens[sample]).view(B, T), sample.view(B, T)
 
 
+@functools.cache
+def block_mask_maker(compiled: bool):
+    """flex's create_block_mask; compiled (once, for every mask) on GPUs, where the eager one would
+    evaluate the mask at every (query, key) pair in memory."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    return torch.compile(create_block_mask) if compiled else create_block_mask
+
+
 def sample_mask(cu_seqlens: torch.Tensor, samples: torch.Tensor, dtype: torch.dtype) -> SampleMask:
     """The SampleMask of packed rows whose positions belong to `samples` (B, T), for a model in `dtype`."""
     B, T = samples.shape
     kind = packed_attention_kind(samples.device, dtype)
     mask = SampleMask(kind, cu_seqlens, T)
     if kind == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
         def same_sample_causal(b, h, q, kv):
             return (samples[b, q] == samples[b, kv]) & (q >= kv)
 
-        mask.block_mask = create_block_mask(same_sample_causal, B, None, T, T, device=samples.device,
-                                            _compile=samples.is_cuda)
+        mask.block_mask = block_mask_maker(samples.is_cuda)(same_sample_causal, B, None, T, T, device=samples.device)
     elif kind == "sdpa":
         causal = torch.ones(T, T, dtype=torch.bool, device=samples.device).tril()
         mask.dense = ((samples[:, :, None] == samples[:, None, :]) & causal)[:, None]
