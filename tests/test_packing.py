@@ -129,6 +129,7 @@ def test_packed_gives_the_same_loss_and_gradients_as_one_sample_per_row(loss_on,
 
 
 @pytest.mark.parametrize("kind", ["sdpa", "flex"])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # on the CPU: its reference code
 def test_no_sample_sees_another(kind, packed_attention):
     """Changing one sample's tokens changes its own logits only; each sample's logits are those it has alone."""
     packed_attention(kind)
