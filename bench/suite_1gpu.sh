@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The single-GPU figures of docs/BENCHMARKS.md in one go (about 6 minutes on one H100).
-#   OUT=results bash bench/suite_1gpu.sh [parts...]      parts: final curves diag packing (default: final curves)
+#   OUT=results bash bench/suite_1gpu.sh [parts...]      parts: final curves diag packing packing2 (default: final curves)
 # final:  every fixed-length case beside the baseline in one process, then the real trainer
 #         against the harness on the built-in data set
 # curves: 300-step loss curves, fast vs baseline
 # diag:   DeepSpeed settings and attention kernels on varying lengths, with Chrome traces
-# packing: the real trainer on the built-in real-grid data (gpt2, 600 scenes, 40 steps), one sample per
-#         micro-batch (bench/trainer_compare.json) against packed rows of 13056 positions
-#         (bench/trainer_packed.json: 3 rows a step, about the same tokens a step; then 8 rows), with the
-#         varlen and the flex kernel; first the packing tests, GPU kernels included (about 6 minutes)
+# packing: the packing tests (the GPU kernels included), then the real trainer on the built-in real-grid
+#         data (gpt2, 600 scenes, 40 steps): one sample per micro-batch (bench/trainer_compare.json)
+#         against packed rows of 13056 positions, 3 a step (bench/trainer_packed.json: about the same
+#         tokens a step), varlen flash attention; each run's step-40 line goes to $OUT/packing.txt
+# packing2: the packed run with flex attention instead, and with 8 rows a step (varlen)
+#         (each packing part takes about 5 minutes; two parts so that each fits a 10-minute call)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import this checkout's package
@@ -53,10 +55,11 @@ for part in $parts; do
       run python3 -m pytest -q tests/test_packing.py  # the varlen and flex kernels against the SDPA path, on this GPU
       grep -a -E "passed|failed" "$log" | tail -n 1
       trainer unpacked --config bench/trainer_compare.json
-      GRASPGPT_PACKED_ATTENTION=varlen trainer packed_varlen --config bench/trainer_packed.json
+      GRASPGPT_PACKED_ATTENTION=varlen trainer packed_varlen --config bench/trainer_packed.json ;;
+    packing2)
       GRASPGPT_PACKED_ATTENTION=flex trainer packed_flex --config bench/trainer_packed.json
       GRASPGPT_PACKED_ATTENTION=varlen trainer packed_varlen_8rows --config bench/trainer_packed.json --batch_size 8 ;;
-    *) echo "unknown part $part (final, curves, diag, packing)"; exit 2 ;;
+    *) echo "unknown part $part (final, curves, diag, packing, packing2)"; exit 2 ;;
   esac
 done
 [ -f "$OUT/curves.jsonl" ] && grep -h summary "$OUT/curves.jsonl"
