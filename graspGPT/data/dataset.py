@@ -202,7 +202,7 @@ class TrainingSamples:
     def get(self, k: int, epoch: int, limit: int | None = None) -> np.ndarray | None:
         """Tokens (int64, ending in `end`) of the k-th sample in this epoch; None if dropped.
 
-        limit: fewer tokens than max_len that the sample must fit in (the room left in a packed row);
+        limit: a cap below max_len on the sample's tokens (the room left in its packed row);
         a longer sample is cut (or dropped) as an overlong one is.
         """
         index = int(self.indices[k])
