@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # The single-GPU figures of docs/BENCHMARKS.md in one go (about 6 minutes on one H100).
-#   OUT=results bash bench/suite_1gpu.sh [parts...]      parts: final curves diag (default: final curves)
+#   OUT=results bash bench/suite_1gpu.sh [parts...]      parts: final curves diag packing packing2 (default: final curves)
 # final:  every fixed-length case beside the baseline in one process, then the real trainer
 #         against the harness on the built-in data set
 # curves: 300-step loss curves, fast vs baseline
 # diag:   DeepSpeed settings and attention kernels on varying lengths, with Chrome traces
+# packing: the packing tests (the GPU kernels included), then the real trainer on the built-in real-grid
+#         data (gpt2, 600 scenes, 40 steps): one sample per micro-batch (bench/trainer_compare.json)
+#         against packed rows of 13056 positions, 3 a step (bench/trainer_packed.json: about the same
+#         tokens a step), varlen flash attention; each run's step-40 line goes to $OUT/packing.txt
+# packing2: the packed run with flex attention instead, and with 8 rows a step (varlen)
+#         (each packing part takes about 5 minutes; two parts so that each fits a 10-minute call)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import this checkout's package
@@ -16,6 +22,13 @@ log="$OUT/log.txt"
 run() {  # a command whose output goes to the log; failures to the screen
   echo "+ $*" >> "$log"
   "$@" >> "$log" 2>&1 || { echo "FAILED ($?): $*"; tail -n 15 "$log"; }
+}
+trainer() {  # name, then the trainer's flags: 40 steps of the real trainer on one GPU; its step-40 line
+  local name=$1 dir=/tmp/graspgpt-packing/$1; shift
+  rm -rf "$dir"
+  run bash run_deepspeed_training.sh 1 --no_wandb --max_iters 40 --save_every 1000 --output_dir "$dir" "$@"
+  grep -a -h 'packing:' "$dir/training_rank_0.log" | sed "s/.*INFO /$name: /" >> "$OUT/packing.txt"
+  echo "$name: $(grep -a -h 'step 40/40' "$dir/training_rank_0.log" | sed 's/.*INFO //')" | tee -a "$OUT/packing.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv > "$OUT/gpu.txt"
 B="python3 bench/bench_train.py --out $OUT/bench.jsonl --warmup 3 --steps 15"
@@ -38,9 +51,18 @@ for part in $parts; do
       run $B --model gpt2 --seq-len 8192 --impl fast --zero 0,1,2 --ds timers.throughput.enabled=false
       run $B --model gpt2 --seq-len 8192 --impl fast --ds zero_optimization.overlap_comm=false
       run $BUILTIN --out "$OUT/bench_builtin.jsonl" --zero 1 --impl fast,fast+cudnn,fast+eager --warmup 2 --steps 8 ;;
-    *) echo "unknown part $part (final, curves, diag)"; exit 2 ;;
+    packing)
+      run python3 -m pytest -q tests/test_packing.py  # the varlen and flex kernels against the SDPA path, on this GPU
+      grep -a -E "passed|failed" "$log" | tail -n 1
+      trainer unpacked --config bench/trainer_compare.json
+      GRASPGPT_PACKED_ATTENTION=varlen trainer packed_varlen --config bench/trainer_packed.json ;;
+    packing2)
+      GRASPGPT_PACKED_ATTENTION=flex trainer packed_flex --config bench/trainer_packed.json
+      GRASPGPT_PACKED_ATTENTION=varlen trainer packed_varlen_8rows --config bench/trainer_packed.json --batch_size 8 ;;
+    *) echo "unknown part $part (final, curves, diag, packing, packing2)"; exit 2 ;;
   esac
 done
 [ -f "$OUT/curves.jsonl" ] && grep -h summary "$OUT/curves.jsonl"
 [ -f "$OUT/trainer.log" ] && cat "$OUT/trainer.log"
-python3 bench/report.py "$OUT"/bench*.jsonl
+[ -f "$OUT/packing.txt" ] && cat "$OUT/packing.txt"
+if ls "$OUT"/bench*.jsonl > /dev/null 2>&1; then python3 bench/report.py "$OUT"/bench*.jsonl; fi

@@ -98,6 +98,10 @@ class DatasetConfig:
     loss_on: str = choice("all", "answer")
     amodal_prob: float = 0.0
     unseg_prob: float = 0.0
+    # 0: one sample per row, padded to the longest of its micro-batch. N: whole samples packed into rows
+    # of N positions (at least max_sequence_length - 1; a multiple of 128 suits the GPU kernels), each
+    # attending to itself only (data/packing.py); trainer.batch_size and micro_batch_size then count rows
+    pack_length: int = 0
     synthetic_scenes: int = 2000
     synthetic_voxel_size: float = 0.0075
     synthetic_task_mix: str = "grasp"
@@ -252,6 +256,7 @@ def _validate(cfg: Config) -> Config:
         (t.max_iters >= 1, f"trainer.max_iters must be >= 1, got {t.max_iters}"),
         (d.max_sequence_length >= 16, f"dataset.max_sequence_length must be >= 16, got {d.max_sequence_length}"),
         (0.0 <= d.val_fraction < 1.0, f"dataset.val_fraction must be in [0, 1), got {d.val_fraction}"),
+        (d.pack_length >= 0, f"dataset.pack_length must be >= 0 (0: no packing), got {d.pack_length}"),
         (d.max_grasps_per_object >= 1, f"dataset.max_grasps_per_object must be >= 1, got {d.max_grasps_per_object}"),
         (d.synthetic_scenes >= 1, f"dataset.synthetic_scenes must be >= 1, got {d.synthetic_scenes}"),
         (d.synthetic_voxel_size > 0, f"dataset.synthetic_voxel_size must be > 0, got {d.synthetic_voxel_size}"),
@@ -271,6 +276,15 @@ def _validate(cfg: Config) -> Config:
         rules.append((getattr(t, key) >= 1, f"trainer.{key} must be >= 1, got {getattr(t, key)}"))
     for key in ("drop_cell_prob", "amodal_prob", "unseg_prob"):
         rules.append((0.0 <= getattr(d, key) <= 1.0, f"dataset.{key} must be in [0, 1], got {getattr(d, key)}"))
+    if d.pack_length:
+        rules += [
+            (d.pack_length >= d.max_sequence_length - 1,
+             f"dataset.pack_length {d.pack_length} is shorter than the longest sample (max_sequence_length "
+             f"{d.max_sequence_length} tokens take {d.max_sequence_length - 1} positions); set it to at least "
+             f"{d.max_sequence_length - 1}, or 0 to turn packing off"),
+            (m.dropout == 0, f"dataset.pack_length needs model.dropout 0 (packed attention has no dropout), got "
+                             f"{m.dropout}; set dropout to 0 or pack_length to 0"),
+        ]
     for ok, message in rules:
         if not ok:
             raise ConfigError(message)

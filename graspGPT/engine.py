@@ -91,7 +91,8 @@ def train_step(engine, micro_batches, scale, host_s: dict | None = None) -> torc
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in micro_batches:
         t0 = time.perf_counter()
-        s, _ = engine(mb.input_ids.to(device, non_blocking=True), mb.targets.to(device, non_blocking=True))
+        mb = mb.to(device, non_blocking=True)
+        s, _ = engine(mb.input_ids, mb.targets, cu_seqlens=mb.cu_seqlens)
         t1 = time.perf_counter()
         engine.backward(s * scale)
         t2 = time.perf_counter()

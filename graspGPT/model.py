@@ -9,15 +9,21 @@ runs a fused kernel chosen for varying sequence lengths (``ATTENTION_BACKENDS``)
 ``torch.compile`` turns each transformer block and the softmax of the loss into a few fused
 kernels, which also cuts the per-step Python work that otherwise leaves the GPU idle. On the CPU
 the very same Python code runs eagerly. ``GRASPGPT_COMPILE=0`` turns compilation off.
+
+Training may pack several samples into one row (``cu_seqlens``, see ``SampleMask``): each sample's
+positions restart at 0 and it attends to itself only, so a packed row computes exactly what its
+samples would alone, in one fixed-shape pass.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -35,6 +41,11 @@ COMPILE = os.environ.get("GRASPGPT_COMPILE", "1") != "0"
 # the tokens/s. Flash needs no per-shape setup. (Left to itself on an H100, torch.compile picked
 # cuDNN, so the choice is made explicitly.)
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Attention of packed rows (SampleMask.kind): "auto" takes torch's variable-length flash attention on a
+# GPU in bf16/fp16 (no mask to build: the sample boundaries are its input), else flex attention with
+# a document mask on a GPU, else SDPA with an explicit block-diagonal mask (the CPU path tests run).
+PACKED_ATTENTION = os.environ.get("GRASPGPT_PACKED_ATTENTION", "auto")
+PACKED_KINDS = ("varlen", "flex", "sdpa")
 
 # model_type -> (n_layer, n_head, n_embd)
 MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -179,9 +190,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, head_dim) cos and sin tables in fp32, computed on the fly so casting the model never degrades them."""
+    """(..., head_dim) cos and sin tables in fp32 for positions (T,) or (B, T), computed on the fly so
+    casting the model never degrades them."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -212,6 +224,102 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def _varlen_causal():
+    """torch's variable-length flash attention, made causal, or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    if "window_size" in inspect.signature(varlen_attn).parameters:  # torch >= 2.11: causal = window (-1, 0)
+        return functools.partial(varlen_attn, window_size=(-1, 0))
+    return functools.partial(varlen_attn, is_causal=True)
+
+
+varlen_causal = _varlen_causal()
+
+
+def packed_attention_kind(device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel for packed rows on this device and dtype (PACKED_ATTENTION, or the auto choice)."""
+    kind = PACKED_ATTENTION
+    if kind == "auto":
+        if device.type != "cuda":
+            return "sdpa"
+        return "varlen" if varlen_causal is not None and dtype in (torch.float16, torch.bfloat16) else "flex"
+    if kind not in PACKED_KINDS:
+        raise ModelConfigError(f"GRASPGPT_PACKED_ATTENTION={kind!r}; use auto or one of {', '.join(PACKED_KINDS)}")
+    if kind == "varlen" and (varlen_causal is None or device.type != "cuda"
+                             or dtype not in (torch.float16, torch.bfloat16)):
+        raise ModelConfigError(f"GRASPGPT_PACKED_ATTENTION=varlen needs torch.nn.attention.varlen on a GPU in "
+                               f"bf16/fp16 (here: {device.type}, {dtype}); use auto")
+    return kind
+
+
+@dataclass
+class SampleMask:
+    """Attention of packed rows: causal within each sample, nothing across samples (block-diagonal causal).
+
+    Made once per forward by ``sample_mask`` in the form its kernel needs: varlen reads the boundaries
+    (``cu_seqlens``) directly, flex a block mask, SDPA a dense (B, 1, T, T) boolean mask.
+    """
+
+    kind: str  # one of PACKED_KINDS
+    cu_seqlens: torch.Tensor  # (n + 1,) int32: where each sample starts in the flattened (B*T) batch, then B*T
+    max_seqlen: int  # bound on a sample's length: the row length
+    block_mask: Any = None  # flex's BlockMask
+    dense: torch.Tensor | None = None  # SDPA's mask, True where a query may see a key
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of q (B, T, H, hd) over k, v (B, T, Hkv, hd); returns (B, T, H, hd)."""
+        B, T, H, D = q.shape
+        rep = H // k.size(2)
+        if self.kind == "varlen":  # the whole batch as one sequence of B*T positions cut at cu_seqlens
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+            flat = (B * T, H, D)
+            y = varlen_causal(q.reshape(flat), k.reshape(flat), v.reshape(flat), self.cu_seqlens, self.cu_seqlens,
+                              self.max_seqlen, self.max_seqlen)
+            return y.view(B, T, H, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if self.kind == "flex":
+            from torch.nn.attention.flex_attention import flex_attention
+            return flex_attention(q, k, v, block_mask=self.block_mask, enable_gqa=rep > 1).transpose(1, 2)
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense).transpose(1, 2)
+
+
+def sample_positions(cu_seqlens: torch.Tensor, B: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, samples), each (B, T) long, of packed rows cut at cu_seqlens: a position's index within
+    its sample (RoPE restarts at 0 in every sample) and the index of its sample. No host sync."""
+    index = torch.arange(B * T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    sample = torch.searchsorted(cu_seqlens, index, right=True) - 1
+    return (index - cu_seqlens[sample]).view(B, T), sample.view(B, T)
+
+
+@functools.cache
+def block_mask_maker(compiled: bool):
+    """flex's create_block_mask; compiled (once, for every mask) on GPUs, where the eager one would
+    evaluate the mask at every (query, key) pair in memory."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    return torch.compile(create_block_mask) if compiled else create_block_mask
+
+
+def sample_mask(cu_seqlens: torch.Tensor, samples: torch.Tensor, dtype: torch.dtype) -> SampleMask:
+    """The SampleMask of packed rows whose positions belong to `samples` (B, T), for a model in `dtype`."""
+    B, T = samples.shape
+    kind = packed_attention_kind(samples.device, dtype)
+    mask = SampleMask(kind, cu_seqlens, T)
+    if kind == "flex":
+        def same_sample_causal(b, h, q, kv):
+            return (samples[b, q] == samples[b, kv]) & (q >= kv)
+
+        mask.block_mask = block_mask_maker(samples.is_cuda)(same_sample_causal, B, None, T, T, device=samples.device)
+    elif kind == "sdpa":
+        causal = torch.ones(T, T, dtype=torch.bool, device=samples.device).tril()
+        mask.dense = ((samples[:, :, None] == samples[:, None, :]) & causal)[:, None]
+    return mask
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: GraspGPTConfig, layer: int):
         super().__init__()
@@ -223,14 +331,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
-                key_mask: torch.Tensor | None = None):
+                key_mask: torch.Tensor | None = None, samples: SampleMask | None = None):
         B, T, C = x.shape
         # kept in (B, T, heads, hd) memory and seen as (B, heads, T, hd): the layout the fused attention
         # kernels read without a copy
-        cos, sin = cos[:, None], sin[:, None]
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over the heads
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_head, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if samples is not None:
+            return self.o_proj(samples.attend(q, k, v).reshape(B, T, C))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)
         mask, causal = None, True
@@ -280,17 +391,17 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
-                key_mask: torch.Tensor | None = None):
+                key_mask: torch.Tensor | None = None, samples: SampleMask | None = None):
         # One compiled region per block: its norms, RoPE, SwiGLU and residual adds fuse into a few
         # kernels, and the whole block costs one Python call instead of dozens of kernel launches.
         # Not under ZeRO-3, whose per-module hooks gather the parameters (they carry a ds_id there).
         if cache is None and not hasattr(self.mlp.up_proj.weight, "ds_id"):
-            return compiled_block_body(self, x, cos, sin)
-        return self.body(x, cos, sin, cache, start_pos, key_mask)
+            return compiled_block_body(self, x, cos, sin, None, 0, None, samples)
+        return self.body(x, cos, sin, cache, start_pos, key_mask, samples)
 
     def body(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
-             key_mask: torch.Tensor | None = None):
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_mask))
+             key_mask: torch.Tensor | None = None, samples: SampleMask | None = None):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_mask, samples))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -467,28 +578,47 @@ class GraspGPT(nn.Module):
             nn.init.ones_(module.weight)
 
     def _hidden(self, input_ids: torch.Tensor, table: torch.Tensor, cache: KVCache | None = None,
-                start_pos: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                start_pos: int = 0, key_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ModelInputError(f"input_ids must be (batch, time), got shape {tuple(input_ids.shape)}; "
                                   f"add a batch dimension")
-        T = input_ids.size(1)
-        if start_pos + T > self.cfg.block_size:
-            raise ModelInputError(f"positions {start_pos}..{start_pos + T - 1} exceed block_size="
-                                  f"{self.cfg.block_size}; shorten the sequence or raise block_size")
-        positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+        B, T = input_ids.shape
+        samples = None
+        if cu_seqlens is not None:  # packed rows; the collate keeps each sample within block_size
+            self._check_packed(input_ids, cache, start_pos, key_mask, cu_seqlens)
+            positions, in_sample = sample_positions(cu_seqlens, B, T)
+            samples = sample_mask(cu_seqlens, in_sample, table.dtype)
+        else:
+            if start_pos + T > self.cfg.block_size:
+                raise ModelInputError(f"positions {start_pos}..{start_pos + T - 1} exceed block_size="
+                                      f"{self.cfg.block_size}; shorten the sequence or raise block_size")
+            positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.drop(F.embedding(input_ids, table))
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         with sdpa_kernel(ATTENTION_BACKENDS, set_priority=True):  # also when a compiled block is traced
             for block in self.model.layers:
                 if recompute:
-                    x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                    x = checkpoint(block, x, cos, sin, None, 0, None, samples, use_reentrant=False)
                 else:
-                    x = block(x, cos, sin, cache, start_pos, key_mask)
+                    x = block(x, cos, sin, cache, start_pos, key_mask, samples)
         return self.model.norm(x)
 
+    def _check_packed(self, input_ids, cache, start_pos, key_mask, cu_seqlens) -> None:
+        if cache is not None or start_pos or key_mask is not None:
+            raise ModelInputError("cu_seqlens (packed rows) is for training and scoring; decode with a KV cache "
+                                  "without it")
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.device != input_ids.device:
+            raise ModelInputError(f"cu_seqlens must be a 1-D int32 tensor on {input_ids.device}, got "
+                                  f"{tuple(cu_seqlens.shape)} {cu_seqlens.dtype} on {cu_seqlens.device}")
+        if self.training and self.cfg.dropout > 0:
+            raise ModelInputError(f"packed rows have no attention dropout, but dropout={self.cfg.dropout}; "
+                                  f"set dropout 0 or train on unpacked batches")
+
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                start_pos: int = 0, last_only: bool = False, key_mask: torch.Tensor | None = None):
+                start_pos: int = 0, last_only: bool = False, key_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None):
         """Logits (B, T, V) in the compute dtype, or with targets (loss_sum fp32, num_targets long).
 
         The loss is a sum, not a mean: the trainer divides by the target count of the whole global batch.
@@ -496,6 +626,9 @@ class GraspGPT(nn.Module):
         the last position's logits only; key_mask (B, cache positions) bool marks the keys each row may
         attend to (False: left padding of a batch of prompts of different lengths). Decoding runs through
         here too, so that under ZeRO-3 the parameters are gathered the same way as in training.
+        cu_seqlens (n + 1,) int32 packs several samples into each row: sample i is positions cu_seqlens[i]
+        to cu_seqlens[i + 1] of the flattened (B*T) batch (the first 0, the last B*T, no sample across two
+        rows); its positions restart at 0 and it attends to itself only (SampleMask).
         """
         if cache is not None:
             B, T = input_ids.shape
@@ -503,7 +636,7 @@ class GraspGPT(nn.Module):
                 raise ModelInputError(f"batch {B}, positions up to {start_pos + T} do not fit a cache of batch "
                                       f"{cache.batch_size}, max_len {cache.max_len}; make a larger cache")
         table = self.output_weight()  # built once per call: the input lookup and the tied output layer share it
-        h = self._hidden(input_ids, table, cache, start_pos, key_mask)
+        h = self._hidden(input_ids, table, cache, start_pos, key_mask, cu_seqlens)
         if targets is None:
             return F.linear(h[:, -1:] if last_only else h, table)
         if targets.shape != input_ids.shape:

@@ -36,7 +36,9 @@ import torch.distributed as dist
 
 from graspGPT import artifact, checkpoint
 from graspGPT.config import Config, ConfigError, load_config
-from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples, val_batches
+from graspGPT.data.dataset import (AugmentConfig, BatchLoader, BatchSchedule, DatasetError, TrainingSamples,
+                                   val_batches)
+from graspGPT.data.packing import PackedSchedule
 from graspGPT.data.source import DataSourceError, resolve_data_dir
 from graspGPT.data.storage import DataChangedError, StorageError, TokenStore
 from graspGPT.data.synth import SynthError
@@ -54,8 +56,8 @@ from graspGPT.runlock import OutputLock, OutputLockError
 # DeepSpeed's ZeRO calls a torch collective that torch has deprecated; the warning is not ours to act on.
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
-USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, SynthError, ModelConfigError, StorageError,
-               UpstreamError, OutputLockError, checkpoint.CheckpointError, checkpoint.RankFailed)
+USER_ERRORS = (ConfigError, DeepSpeedConfigError, DataSourceError, DatasetError, SynthError, ModelConfigError,
+               StorageError, UpstreamError, OutputLockError, checkpoint.CheckpointError, checkpoint.RankFailed)
 
 
 class StopRequest:
@@ -90,7 +92,7 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     log = start_log(out, cfg, ranks, store, ds)
     engine = start_engine(cfg, record, ds, plan, state, out, ranks, log)
     start = step = plan.step if plan is not None else 0
-    data = build_data(cfg, store, ds, ranks, start, out)
+    data = build_data(cfg, store, ds, ranks, start, out, log)
     meter = Throughput(engine.module.flops_per_token(record.model.block_size), ranks.world, ranks.on_gpu)
     wandb = start_wandb(cfg, ranks, ds, engine.module.num_params(), out, log)
     skipped = plan.state.get("skipped_steps", 0) if plan is not None else 0
@@ -214,12 +216,18 @@ class TrainingData:
 
 
 def build_data(cfg: Config, store: TokenStore, ds: ResolvedDeepSpeed, ranks: Ranks, start_step: int,
-               out: Path) -> TrainingData:
+               out: Path, log: logging.Logger) -> TrainingData:
     d, seed, batch = cfg.dataset, cfg.system.seed, ds.batch
     train_idx, val_idx = store.split(d.val_fraction, seed)
     samples = TrainingSamples(store, train_idx, d.max_sequence_length, AugmentConfig.of(d), seed,
                               overlong=d.overlong, loss_on=d.loss_on)
-    schedule = BatchSchedule(samples.lengths, batch.micro_batch_size, batch.grad_accum, ranks.world, seed)
+    if d.pack_length:
+        schedule = PackedSchedule(samples.lengths, d.pack_length, batch.micro_batch_size, batch.grad_accum,
+                                  ranks.world, seed)
+        log.info(f"packing: rows of {schedule.row_len} positions, {schedule.fill():.1%} filled by the samples' "
+                 f"lengths before augmentation; {schedule.steps_per_epoch} steps an epoch")
+    else:
+        schedule = BatchSchedule(samples.lengths, batch.micro_batch_size, batch.grad_accum, ranks.world, seed)
     loader = BatchLoader(samples, schedule, ranks.rank, start_step)
     val_samples = TrainingSamples(store, val_idx, d.max_sequence_length, AugmentConfig.none(), seed,
                                   overlong=d.overlong, loss_on=d.loss_on)

@@ -126,6 +126,24 @@ def test_resume_is_bitwise_exact(tmp_path, cache_dir, files, reference, ranks, s
     assert "'amodal': 0," not in done and "'unseg': 0}" not in done  # the augmentations did run
 
 
+def test_resume_with_packing_is_bitwise_exact(tmp_path, cache_dir, files):
+    """Packed rows (dataset.pack_length) on 2 ranks, amodal/unseg on (samples can outgrow their room):
+    resumed at K, across an epoch's end, the run is the uninterrupted one bit for bit."""
+    packed = {**RUN, "model": {"dropout": 0.0}, "dataset": {**RUN["dataset"], "pack_length": 512},
+              "trainer": {**RUN["trainer"], "batch_size": 4, "micro_batch_size": 1}}
+    cfg = write_config(tmp_path / "packed.json", packed)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    run = ["--config", cfg, "--deepspeed_config", files.ds, "--zero_stage", 2]
+    Ranks(2, [*run, "--output_dir", ref], cache_dir, tmp_path / "ref_logs").ok()
+    Ranks(2, [*run, "--output_dir", out, "--resume", ref / f"checkpoint_iter_{K}"], cache_dir, tmp_path).ok()
+    expected = {s: m for s, m in metrics(ref).items() if s > K}
+    assert metrics(out) == expected and sorted(expected) == list(range(K + 1, S + 1))
+    assert_same_state(ref / f"checkpoint_iter_{S}", out / f"checkpoint_iter_{S}", tmp_path)
+    log = (ref / "training_rank_0.log").read_text()
+    steps_per_epoch = int(log.split(" steps an epoch")[0].rsplit("; ", 1)[1])
+    assert "packing: rows of 512 positions" in log and steps_per_epoch < S  # the run crossed an epoch
+
+
 # -- preemption and crash safety ---------------------------------------------------------
 def _wait_for(predicate, what: str, timeout: float = 120):
     deadline = time.monotonic() + timeout
@@ -343,7 +361,7 @@ def _run_with_hooks() -> int:
             return forward(self, input_ids, **decoding)
         if self.training and hooks.get("HOOK_HANG_AT") == f"{current['step']}:{rank}":
             time.sleep(600)
-        s, n = forward(self, input_ids, targets)
+        s, n = forward(self, input_ids, targets, **decoding)
         if self.training and current["step"] + 1 in nan_steps and rank == int(hooks.get("HOOK_NAN_RANK", -1)):
             s = s * float("nan")
         return s, n

@@ -60,10 +60,12 @@ def test_zero3_with_parameter_and_optimizer_offload_trains(tmp_path, cache_dir):
 
 def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
     """Initial weights and the gradient of the mean loss over all real targets of global batch 0,
-    computed in this one process on the whole batch at once."""
+    computed in this one process on the whole batch at once, one sample per row (also when the run
+    packs them)."""
     os.environ["GRASPGPT_CACHE"] = str(cache_dir)
     from graspGPT.config import load_config
     from graspGPT.data.dataset import AugmentConfig, BatchSchedule, TrainingSamples, collate
+    from graspGPT.data.packing import PackedSchedule
     from graspGPT.data.source import resolve_data_dir
     from graspGPT.data.storage import TokenStore
     from graspGPT.checkpoint import seed_everything
@@ -75,8 +77,13 @@ def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
     L = cfg.dataset.max_sequence_length
     samples = TrainingSamples(store, train_idx, L, AugmentConfig.of(cfg.dataset), cfg.system.seed, cfg.dataset.overlong)
     # Any split of the global batch gives the same set; world 1 x accumulation 4 is one of them.
-    schedule = BatchSchedule(samples.lengths, cfg.trainer.micro_batch_size, 4, 1, cfg.system.seed)
-    seqs = [samples.get(int(k), epoch=0) for k in schedule.global_batch(0)]
+    if cfg.dataset.pack_length:
+        schedule = PackedSchedule(samples.lengths, cfg.dataset.pack_length, cfg.trainer.micro_batch_size, 4, 1,
+                                  cfg.system.seed)
+        positions = [k for row in schedule.global_batch(0) for k in row]
+    else:
+        positions = BatchSchedule(samples.lengths, cfg.trainer.micro_batch_size, 4, 1, cfg.system.seed).global_batch(0)
+    seqs = [samples.get(int(k), epoch=0) for k in positions]
     assert len({len(s) for s in seqs}) > 1, "the test needs padding: samples of different lengths"
     seed_everything(cfg.system.seed)
     model = build_model(model_config(cfg, store.vocab))
@@ -90,21 +97,25 @@ def _reference_gradient(cfg_path: Path, cache_dir: Path) -> tuple[dict, dict]:
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("ranks,stage", [(2, 2), (1, 1)])
-def test_gradient_is_mean_over_global_batch_tokens(tmp_path, cache_dir, ranks, stage):
+@pytest.mark.parametrize("ranks,stage,packed", [(2, 2, False), (1, 1, False), (2, 2, True)])
+def test_gradient_is_mean_over_global_batch_tokens(tmp_path, cache_dir, ranks, stage, packed):
     """One SGD step with lr 1 and no clipping moves each weight by exactly minus the gradient of the
     mean loss over every real target token of the global batch, whatever the split into ranks and
-    accumulation steps and however much padding each micro-batch carries."""
+    accumulation steps, however much padding each micro-batch carries, and with samples packed into
+    rows (4 rows of 512 positions: micro 1 x accumulation 2 x 2 ranks) as with one sample per row."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ds = json.loads((REPO / "deepspeed_config.json").read_text())
     ds["optimizer"] = {"type": "SGD", "params": {"lr": "auto"}}
     ds["zero_allow_untested_optimizer"] = True
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    cfg = write_config(tmp_path / "cfg.json", {
-        "trainer": {"max_iters": 1, "save_every": 1, "eval_every": 100, "learning_rate": 1.0, "min_lr": 1.0,
-                    "warmup_iters": 0, "lr_schedule": "constant", "weight_decay": 0.0, "grad_clip": 0.0},
-        "system": {"output_dir": str(tmp_path / "out")}})
+    run = {"trainer": {"max_iters": 1, "save_every": 1, "eval_every": 100, "learning_rate": 1.0, "min_lr": 1.0,
+                       "warmup_iters": 0, "lr_schedule": "constant", "weight_decay": 0.0, "grad_clip": 0.0},
+           "system": {"output_dir": str(tmp_path / "out")}}
+    if packed:
+        run["trainer"].update(batch_size=4, micro_batch_size=1)  # rows
+        run["dataset"] = {"pack_length": 512}
+    cfg = write_config(tmp_path / "cfg.json", run)
     run_ok(launch(ranks, ["--config", str(cfg), "--deepspeed_config", str(tmp_path / "ds.json"),
                           "--zero_stage", str(stage)], cache_dir))
     resolved = json.loads((tmp_path / "out" / "deepspeed_config.resolved.json").read_text())

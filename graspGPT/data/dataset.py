@@ -199,24 +199,29 @@ class TrainingSamples:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def get(self, k: int, epoch: int) -> np.ndarray | None:
-        """Tokens (int64, ending in `end`) of the k-th sample in this epoch; None if dropped."""
+    def get(self, k: int, epoch: int, limit: int | None = None) -> np.ndarray | None:
+        """Tokens (int64, ending in `end`) of the k-th sample in this epoch; None if dropped.
+
+        limit: a cap below max_len on the sample's tokens (the room left in its packed row);
+        a longer sample is cut (or dropped) as an overlong one is.
+        """
         index = int(self.indices[k])
         ids = np.asarray(self.store[index], dtype=np.int64)
-        if self.augment.is_noop and len(ids) <= self.max_len:
+        max_len = self.max_len if limit is None else min(self.max_len, limit)
+        if self.augment.is_noop and len(ids) <= max_len:
             return ids
         rng = np.random.default_rng([self.seed, epoch, index])
         try:
             sample = parse(ids, self.vocab, strict=False)
         except GrammarError:
             self.stats["unparsable"] += 1
-            if len(ids) <= self.max_len:
+            if len(ids) <= max_len:
                 return ids
             self.stats["dropped"] += 1  # no section boundaries to cut at
             return None
         self._augment(sample, rng)
-        if sample.num_tokens() > self.max_len:
-            if self.overlong == "drop" or (sample := _cut(sample, self.max_len, rng)) is None:
+        if sample.num_tokens() > max_len:
+            if self.overlong == "drop" or (sample := _cut(sample, max_len, rng)) is None:
                 self.stats["dropped"] += 1
                 return None
             self.stats["cut"] += 1
@@ -319,11 +324,20 @@ class BatchSchedule:
 
     def micro_batches(self, step: int, rank: int) -> list[np.ndarray]:
         """This rank's grad_accum micro-batches of `step`, in accumulation order."""
-        if not 0 <= rank < self.world_size:
-            raise DatasetError(f"rank must be in [0, {self.world_size}), got {rank}")
-        micros = self.global_batch(step).reshape(-1, self.micro_batch)
-        W = self.world_size
-        return [micros[a * W + (rank if a % 2 == 0 else W - 1 - rank)] for a in range(self.grad_accum)]
+        return deal(self.global_batch(step).reshape(-1, self.micro_batch), self.grad_accum, self.world_size, rank)
+
+    def batch_of(self, samples: TrainingSamples, positions: np.ndarray, epoch: int, pad_to_multiple: int = 8) -> Batch:
+        """The Batch of one micro-batch of micro_batches()."""
+        return samples.batch(positions, epoch, pad_to_multiple)
+
+
+def deal(micros, grad_accum: int, world_size: int, rank: int) -> list:
+    """Rank `rank`'s grad_accum micro-batches of a step's micro-batches, sorted by size: dealt in snake
+    order, so neighbours in size run together and every rank's total is balanced."""
+    if not 0 <= rank < world_size:
+        raise DatasetError(f"rank must be in [0, {world_size}), got {rank}")
+    W = world_size
+    return [micros[a * W + (rank if a % 2 == 0 else W - 1 - rank)] for a in range(grad_accum)]
 
 
 @dataclass
@@ -332,10 +346,13 @@ class Batch:
     targets: torch.Tensor  # (B, T) long, IGNORE_INDEX where no target
     num_targets: int  # real target tokens
     num_tokens: int  # B * T
+    # packed rows (packing.py): (n + 1,) int32 starts of the samples in the flattened (B*T) batch, then B*T
+    cu_seqlens: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         return Batch(self.input_ids.to(device, non_blocking=non_blocking),
-                     self.targets.to(device, non_blocking=non_blocking), self.num_targets, self.num_tokens)
+                     self.targets.to(device, non_blocking=non_blocking), self.num_targets, self.num_tokens,
+                     None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=non_blocking))
 
 
 def collate(seqs: list[np.ndarray | None], pad_id: int, pad_to_multiple: int = 8, max_len: int | None = None,
@@ -412,7 +429,8 @@ class _Failure:
 class BatchLoader:
     """Iterator over one rank's optimizer steps from start_step on, built ahead in a daemon thread.
 
-    The batches are a pure function of the step, so prefetch changes timing, never content.
+    The batches are a pure function of the step, so prefetch changes timing, never content. The
+    schedule is a BatchSchedule (a sample per row) or a packing.PackedSchedule (rows of packed samples).
     """
 
     def __init__(self, samples: TrainingSamples, schedule: BatchSchedule, rank: int, start_step: int,
@@ -438,7 +456,7 @@ class BatchLoader:
 
     def build(self, step: int) -> StepBatches:
         epoch = self.schedule.epoch_of(step)
-        micro = [self.samples.batch(positions, epoch, self.pad_to_multiple)
+        micro = [self.schedule.batch_of(self.samples, positions, epoch, self.pad_to_multiple)
                  for positions in self.schedule.micro_batches(step, self.rank)]
         return StepBatches(step, epoch, micro, sum(b.num_targets for b in micro), sum(b.num_tokens for b in micro))
 
