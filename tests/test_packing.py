@@ -12,7 +12,7 @@ import graspGPT.model as gm
 from graspGPT.config import ConfigError, config_from_dict
 from graspGPT.data.dataset import IGNORE_INDEX, BatchLoader, DatasetError, TrainingSamples, collate
 from graspGPT.data.packing import PackedSchedule, collate_packed, pack, packed_batch
-from graspGPT.model import GraspGPT, ModelConfig, ModelInputError, sample_positions
+from graspGPT.model import GraspGPT, GraspGPTConfig, ModelInputError, sample_positions
 from test_dataset import NOAUG, V, aug, make_store
 
 ROW = 512  # positions of a packed row in these tests; the samples of make_store have ~100-250 tokens
@@ -22,7 +22,7 @@ def tiny_model(**kw) -> GraspGPT:
     torch.manual_seed(0)
     args = dict(vocab_size=V.size, block_size=ROW, n_layer=2, n_head=4, n_embd=32, n_kv_head=2,
                 voxel_grid=tuple(V.dims), loss_chunk_size=64)
-    return GraspGPT(ModelConfig(**{**args, **kw}))
+    return GraspGPT(GraspGPTConfig(**{**args, **kw}))
 
 
 def grads(model) -> dict[str, torch.Tensor]:
