@@ -3,7 +3,7 @@
     python -m graspGPT.evaluate --checkpoint CKPT --data DIR [--split val] [--num_scenes 50]
         [--num_samples 1] [--temperature 1] [--top_k K] [--seed 0] [--out metrics.json]
 
-For each scene the model continues the task prompt (generate.task_prompt) twice: with the
+For each scene the model continues the task prompt (decoding.task_prompt) twice: with the
 grammar mask and without it. Reported, as a table and as JSON:
 
   val_loss, val_ppl        mean next-token loss over the evaluated samples, and exp of it
@@ -45,11 +45,11 @@ import torch
 import torch.distributed as dist
 
 from .data.dataset import AugmentConfig, TrainingSamples
-from .data.grammar import Sample
+from .data.grammar import Sample, read_output
 from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab
-from .generate import (GenerateError, accepts, decode, decode_many, default_device, default_max_new, grasp_list,
-                       load_checked, prompt_state, read_output, task_of, task_prompt, truth_of)
+from .decoding import (GenerateError, accepts, decode, decode_many, default_device, default_max_new, grasp_list,
+                       load_checked, prompt_state, task_of, task_prompt, truth_of)
 from .grasp_metrics import (NEIGHBOURHOOD, GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts,
                             untagged, valid_grasps, voxel_iou)
 from .model import ModelInputError
@@ -59,7 +59,7 @@ from .model import ModelInputError
 #   "grammar_"  the grammar alone, where grounding is on: which object the model binds a tag to by itself
 #   "free_"     no mask: what the model learned of the grammar
 DECODINGS = ("", "grammar_", "free_")
-# What constrained decoding holds each grasp to, besides the grammar (generate.Grounding):
+# What constrained decoding holds each grasp to, besides the grammar (decoding.Grounding):
 #   gripper  fingers on the object its tag names, and the gripper's shape: every grasp physically valid
 #   fingers  the two fingers on the object only
 #   none     nothing: the grammar alone

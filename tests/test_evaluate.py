@@ -19,7 +19,7 @@ from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.evaluate import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evaluate_scene, evaluate_scenes,
                                grasp_slots, prefix_precision, summarize, teacher_forced_grasps)
-from graspGPT.generate import grasp_list, truth_of
+from graspGPT.decoding import grasp_list, truth_of
 from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
                                     valid_grasps, voxel_iou)
 from graspGPT.model import GraspGPT, GraspGPTConfig
