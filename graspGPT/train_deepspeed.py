@@ -39,8 +39,8 @@ from graspGPT.data.storage import DataChangedError, StorageError, TokenStore
 from graspGPT.data.synth import SynthError
 from graspGPT.data.upstream import UpstreamError
 from graspGPT.data.vocab import Vocab
-from graspGPT.evaluate import TrainingEvaluator
 from graspGPT.ds_config import DeepSpeedConfigError, load_deepspeed_json, resolve_deepspeed_config, save_resolved
+from graspGPT.evaluation import TrainingEvaluator, validation_loss
 from graspGPT.model import GraspGPT, GraspGPTConfig, ModelConfigError
 from graspGPT.observe import Progress, Throughput, Wandb, oom_message, rank_logger
 from graspGPT.runlock import OutputLock, OutputLockError
@@ -198,20 +198,6 @@ def train_step(engine, micro_batches, scale: float) -> float:
         engine.step()
         loss_sum += s.detach().double()
     return loss_sum.item()
-
-
-@torch.no_grad()
-def evaluate(engine, samples: TrainingSamples, batches: list[np.ndarray]) -> float:
-    """Mean loss over every real target token of the validation set (each rank holds a slice)."""
-    engine.eval()
-    loss_sum = count = 0.0
-    for positions in batches:  # the same number on every rank, so ZeRO-3 gathers stay in step
-        batch = samples.batch(positions, epoch=0)
-        s, n = engine(batch.input_ids.to(engine.device), batch.targets.to(engine.device))
-        loss_sum, count = loss_sum + float(s), count + int(n)
-    engine.train()
-    loss_sum, count = all_sum([loss_sum, count], engine.device)
-    return loss_sum / max(count, 1)
 
 
 def open_data(cfg: Config, local_rank: int, device) -> TokenStore:
@@ -402,7 +388,7 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
                            **{f"data/{k}": v for k, v in samples.stats.items()}}, step)
                 meter.reset()
             if step % cfg.trainer.eval_every == 0 or step == cfg.trainer.max_iters:
-                record["val_loss"] = val_loss = evaluate(engine, val_samples, val)
+                record["val_loss"] = val_loss = validation_loss(engine, val_samples, val)
                 log.info(f"step {step} val_loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f})")
                 wandb.log({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))}, step)
                 grasp_metrics(grasp_eval, engine, step, rank, world, ds.zero_stage, record, log, wandb)

@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from conftest import REPO, launch, run_ok
+from graspGPT.data.dataset import AugmentConfig, TrainingSamples, val_batches
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.evaluate import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evaluate_scene, evaluate_scenes,
-                               grasp_slots, prefix_precision, summarize, teacher_forced_grasps)
 from graspGPT.decoding import grasp_list, truth_of
+from graspGPT.evaluation import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evaluate_scene, evaluate_scenes,
+                                 grasp_slots, prefix_precision, summarize, teacher_forced_grasps, validation_loss)
 from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
                                     valid_grasps, voxel_iou)
 from graspGPT.model import GraspGPT, GraspGPTConfig
@@ -248,7 +249,7 @@ ZERO3_SCRIPT = '''
 import argparse, json
 import numpy as np, torch, deepspeed, torch.distributed as dist
 from graspGPT.data.storage import TokenStore
-from graspGPT.evaluate import TrainingEvaluator, evaluate_scenes, summarize
+from graspGPT.evaluation import TrainingEvaluator, evaluate_scenes, summarize
 from graspGPT.model import GraspGPT, GraspGPTConfig
 
 ap = argparse.ArgumentParser()
@@ -362,6 +363,26 @@ def test_cli_table_json_and_errors(mixed, tmp_path):
         proc = cli("--checkpoint", str(args[0]), "--data", str(args[1]), *args[2:], "--device", "cpu")
         assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and all(w in proc.stderr for w in words), proc.stderr
+
+
+def test_validation_loss_is_the_mean_over_every_target_token(mixed):
+    """The one validation loss (the trainer's and evaluate's): the summed loss of the batches over their
+    target count, whatever the batching, with the model's training mode given back."""
+    torch.manual_seed(0)
+    model = GraspGPT(GraspGPTConfig(vocab_size=mixed.vocab.size, block_size=1024, n_layer=2, n_head=2, n_embd=32))
+    samples = TrainingSamples(mixed, np.arange(5), 1024, AugmentConfig.none(), seed=0)
+    total = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for i in range(5):
+            b = samples.batch(np.array([i]), epoch=0)
+            s, n = model(b.input_ids, b.targets)
+            total, count = total + float(s), count + int(n)
+    model.train()
+    for micro in (1, 2, 5):
+        loss = validation_loss(model, samples, val_batches(samples.lengths, micro))
+        assert loss == pytest.approx(total / count, rel=1e-5) and model.training
+    assert validation_loss(model.eval(), samples, []) == 0.0 and not model.training
 
 
 def test_quality_configs_keep_a_ground_truth_dense_enough_for_the_bar():
