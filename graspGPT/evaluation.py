@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .data.dataset import AugmentConfig, TrainingSamples, val_batches
-from .data.grammar import Sample, read_output
+from .data.grammar import Sample, read_blocks, read_output
 from .data.storage import TokenStore
 from .data.vocab import Vocab
 from .decoding import (GenerateError, accepts, decode, decode_many, default_max_new, grasp_list, prompt_state, task_of,
@@ -195,21 +195,14 @@ GRASP_SLOTS = ("tag", "cell1", "cell2", "cell3")  # the tokens of a grasp block 
 
 def grasp_slots(ids: np.ndarray, vocab: Vocab) -> np.ndarray:
     """Per position, the index in GRASP_SLOTS of the token there (tag, first, second, third cell of a
-    grasp block), or -1 outside grasp blocks (a fourth cell or later counts as cell3)."""
+    grasp block, as grammar.read_blocks reads them), or -1 outside grasp blocks (a fourth cell or later
+    counts as cell3)."""
     ids = np.asarray(ids, dtype=np.int64)
     slots = np.full(len(ids), -1, np.int64)
-    start = np.flatnonzero(ids == vocab.detectgrasp)
-    k = -1  # tokens since the last `grasp`, -1: not in a grasp block
-    for t in range(int(start[0]) + 1 if len(start) else len(ids), len(ids)):
-        tok = int(ids[t])
-        if tok == vocab.grasp:
-            k = 0
-        elif k == 0 and vocab.is_tag(tok):
-            slots[t], k = 0, 1
-        elif k >= 1 and vocab.is_voxel(tok):
-            slots[t], k = min(k, 3), k + 1
-        elif not vocab.is_serial(tok):
-            k = -1
+    for section, at, cells in read_blocks(ids, vocab):
+        if section.field == "grasps" and cells is not None:
+            slots[at] = 0
+            slots[cells] = np.minimum(np.arange(1, len(cells) + 1), len(GRASP_SLOTS) - 1)
     return slots
 
 

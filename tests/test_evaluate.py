@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import REPO, launch, run_ok
 from graspGPT.data.dataset import AugmentConfig, TrainingSamples, val_batches
+from graspGPT.data.grammar import read_output
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
@@ -428,6 +429,23 @@ def test_grasp_slots_label_each_token_of_a_grasp_block():
                     vocab.grasp, o9, c[1], c[3], vocab.end])
     assert grasp_slots(ids, vocab).tolist() == [-1, -1, -1, -1, -1, -1, 0, 1, 2, 3, -1, 0, 1, 2, -1]
     assert (grasp_slots(ids[:4], vocab) == -1).all()  # no grasp section
+
+
+def test_grasp_slots_mark_the_grasps_the_lenient_reader_reads(mixed):
+    """One reader of the grammar: on cut and broken sequences too, the slots mark the grasp blocks of
+    grammar.read_output (a block without a cell aside)."""
+    vocab, rng = mixed.vocab, np.random.default_rng(0)
+    for i in range(len(mixed)):
+        ids = np.asarray(mixed[i], dtype=np.int64)
+        for _ in range(20):
+            seq = ids[: rng.integers(1, len(ids) + 1)].copy()
+            where = rng.integers(0, len(seq), 3)
+            seq[where] = rng.choice([vocab.grasp, vocab.scene, vocab.end, vocab.object_tag(1), vocab.voxel_base + 5], 3)
+            slots = grasp_slots(seq, vocab)
+            grasps = read_output(seq, vocab).grasps or []
+            tags = [int(seq[p]) for p in np.flatnonzero(slots == 0) if p + 1 < len(seq) and slots[p + 1] == 1]
+            assert tags == [g.tag for g in grasps]
+            assert seq[slots > 0].tolist() == [c for g in grasps for c in g.cells.tolist()]
 
 
 class ShiftedOracle(torch.nn.Module):
