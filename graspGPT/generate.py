@@ -157,6 +157,8 @@ def output_frame(meta: dict, store: TokenStore) -> tuple[Frame, str | None]:
     return frame, note
 
 
+# -- the command line -------------------------------------------------------------------------
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m graspGPT.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
