@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-import graspGPT.generate as gen
+import graspGPT.decoding as dec
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.model import GraspGPT, GraspGPTConfig
@@ -30,7 +30,7 @@ from graspGPT.model import GraspGPT, GraspGPTConfig
 
 def no_end(vocab: Vocab):
     """Patch the grammar tables so `end` is never allowed after the prompt: every row runs to its cap."""
-    original = gen._sample_tokens
+    original = dec._sample_tokens
 
     def sample(logits, states, *args, **kwargs):
         logits = logits.clone()
@@ -42,12 +42,12 @@ def no_end(vocab: Vocab):
 def run_case(model, prompts, vocab, voxel_size, rows_per_scene: int, max_new: int, seed: int) -> dict:
     kinds = ["gripper", "grammar", "free"][:rows_per_scene]
     extra = {}
-    if "voxel_size" in inspect.signature(gen.decode_many).parameters:
+    if "voxel_size" in inspect.signature(dec.decode_many).parameters:
         extra["voxel_size"] = voxel_size
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    outs = gen.decode_many(model, prompts, vocab, len(kinds), max_new, 1.0, None,
+    outs = dec.decode_many(model, prompts, vocab, len(kinds), max_new, 1.0, None,
                            constrained=[k != "free" for k in kinds], seeds=[seed + i for i in range(len(prompts))],
                            grounded=[k == "gripper" for k in kinds], **extra)
     sync()
@@ -70,8 +70,8 @@ def main() -> int:
     ws = Workspace(voxel_size=args.voxel_size)
     vocab = Vocab.for_workspace(ws)
     scenes = list(generate_scenes(args.scenes, seed=11, workspace=ws, task_mix="grasp", max_grasps_per_object=4))
-    prompts = [gen.task_prompt(ids, vocab, "grasp") for ids in scenes]
-    gen._sample_tokens = no_end(vocab)
+    prompts = [dec.task_prompt(ids, vocab, "grasp") for ids in scenes]
+    dec._sample_tokens = no_end(vocab)
     for name in args.model.split(","):
         torch.manual_seed(0)
         block = max(len(p) for p in prompts) + args.max_new + 1

@@ -57,6 +57,17 @@ def imports(name: str, path: Path, known: set[str]) -> dict[str, bool]:
     return out
 
 
+def external_imports(path: Path) -> set[str]:
+    """Top-level names of the modules from outside the package that a file imports (numpy, torch, ...)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.add((node.module or "").split(".")[0])
+    return out - {"graspGPT", "__future__"}
+
+
 def is_command_line(path: Path) -> bool:
     tree = ast.parse(path.read_text())
     has_main = any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)

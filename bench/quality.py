@@ -18,7 +18,7 @@ configs/quality_<model>.json holds the run (real 0.0075 m grid, grasp task, but 
                 `--resume auto`, so an interrupted run continues from its last checkpoint
   3. evaluate   the newest checkpoint on --num_scenes validation scenes at each --temperatures and each
                 --groundings: constrained, grammar-only and unconstrained decoding and the random
-                baseline (graspGPT.evaluate)
+                baseline (graspGPT.evaluation)
 Calibration and training are skipped when OUT holds their result. --session_minutes M stops training
 gracefully (checkpoint, exit) after M minutes of this invocation; run the same command again to go on.
 Prints one JSON line per result, then one "summary" line (the headline figures beside the random
@@ -151,7 +151,7 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
 
     from graspGPT.data.source import resolve_data_dir
     from graspGPT.data.storage import TokenStore
-    from graspGPT.evaluate import evaluate as evaluate_model
+    from graspGPT.evaluation import evaluate as evaluate_model
     from graspGPT.artifact import load_model
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this run was given (taskset)
@@ -204,7 +204,7 @@ def main() -> int:
     if not base.is_file():
         names = sorted(p.stem.removeprefix("quality_") for p in (ROOT / "configs").glob("quality_*.json"))
         raise SystemExit(f"error: {base} not found; --model takes one of {', '.join(names)}")
-    from graspGPT.evaluate import GROUNDINGS
+    from graspGPT.evaluation import GROUNDINGS
 
     unknown = sorted(set(args.groundings.split(",")) - set(GROUNDINGS))
     if unknown:

@@ -9,13 +9,10 @@ import contextlib
 import functools
 import time
 
-import numpy as np
 import torch
 
 from .config import Config
-from .data.dataset import TrainingSamples
 from .data.vocab import Vocab
-from .distributed import all_sum
 from .ds_config import ResolvedDeepSpeed
 from .model import GraspGPT, GraspGPTConfig
 from .schedule import make_lr_scheduler
@@ -103,17 +100,3 @@ def train_step(engine, micro_batches, scale, host_s: dict | None = None) -> torc
             host_s["step"] += time.perf_counter() - t2
         loss_sum += s.detach().double()
     return loss_sum
-
-
-@torch.no_grad()
-def validation_loss(engine, samples: TrainingSamples, batches: list[np.ndarray]) -> float:
-    """Mean loss over every real target token of the validation set (each rank holds a slice)."""
-    engine.eval()
-    loss_sum = count = 0.0
-    for positions in batches:  # the same number on every rank, so ZeRO-3 gathers stay in step
-        batch = samples.batch(positions, epoch=0)
-        s, n = engine(batch.input_ids.to(engine.device), batch.targets.to(engine.device))
-        loss_sum, count = loss_sum + float(s), count + int(n)
-    engine.train()
-    loss_sum, count = all_sum([loss_sum, count], engine.device)
-    return loss_sum / max(count, 1)

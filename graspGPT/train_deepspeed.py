@@ -47,8 +47,8 @@ from graspGPT.distributed import (TIMEOUT_SETTING, LaunchError, RankLost, Ranks,
                                   peer_lost, setup)
 from graspGPT.ds_config import (DeepSpeedConfigError, ResolvedDeepSpeed, load_deepspeed_json, outdated_warning,
                                 resolve_deepspeed_config, save_resolved)
-from graspGPT.engine import build_engine, build_model, model_config, train_step, validation_loss
-from graspGPT.evaluate import TrainingEvaluator
+from graspGPT.engine import build_engine, build_model, model_config, train_step
+from graspGPT.evaluation import TrainingEvaluator, validation_loss
 from graspGPT.model import ModelConfigError
 from graspGPT.observe import NonFiniteError, StepReport, Throughput, Wandb, oom_message, rank_logger
 from graspGPT.runlock import OutputLock, OutputLockError

@@ -14,12 +14,14 @@ import torch
 from PIL import Image
 
 from conftest import REPO, launch, run_ok
+from graspGPT.data.dataset import AugmentConfig, TrainingSamples, val_batches
+from graspGPT.data.grammar import read_output
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.evaluate import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evaluate_scene, evaluate_scenes,
-                               grasp_slots, prefix_precision, summarize, teacher_forced_grasps)
-from graspGPT.generate import grasp_list, truth_of
+from graspGPT.decoding import grasp_list, truth_of
+from graspGPT.evaluation import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evaluate_scene, evaluate_scenes,
+                                 grasp_slots, prefix_precision, summarize, teacher_forced_grasps, validation_loss)
 from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
                                     valid_grasps, voxel_iou)
 from graspGPT.model import GraspGPT, GraspGPTConfig
@@ -248,7 +250,7 @@ ZERO3_SCRIPT = '''
 import argparse, json
 import numpy as np, torch, deepspeed, torch.distributed as dist
 from graspGPT.data.storage import TokenStore
-from graspGPT.evaluate import TrainingEvaluator, evaluate_scenes, summarize
+from graspGPT.evaluation import TrainingEvaluator, evaluate_scenes, summarize
 from graspGPT.model import GraspGPT, GraspGPTConfig
 
 ap = argparse.ArgumentParser()
@@ -364,6 +366,26 @@ def test_cli_table_json_and_errors(mixed, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and all(w in proc.stderr for w in words), proc.stderr
 
 
+def test_validation_loss_is_the_mean_over_every_target_token(mixed):
+    """The one validation loss (the trainer's and evaluate's): the summed loss of the batches over their
+    target count, whatever the batching, with the model's training mode given back."""
+    torch.manual_seed(0)
+    model = GraspGPT(GraspGPTConfig(vocab_size=mixed.vocab.size, block_size=1024, n_layer=2, n_head=2, n_embd=32))
+    samples = TrainingSamples(mixed, np.arange(5), 1024, AugmentConfig.none(), seed=0)
+    total = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for i in range(5):
+            b = samples.batch(np.array([i]), epoch=0)
+            s, n = model(b.input_ids, b.targets)
+            total, count = total + float(s), count + int(n)
+    model.train()
+    for micro in (1, 2, 5):
+        loss = validation_loss(model, samples, val_batches(samples.lengths, micro))
+        assert loss == pytest.approx(total / count, rel=1e-5) and model.training
+    assert validation_loss(model.eval(), samples, []) == 0.0 and not model.training
+
+
 def test_quality_configs_keep_a_ground_truth_dense_enough_for_the_bar():
     """A perfect model (fresh grasps from the generator's distribution) reaches the 0.8 precision bar
     only when the truth holds every grasp (<= 100 per object), not 32 (bench/grasp_ceiling.py)."""
@@ -407,6 +429,23 @@ def test_grasp_slots_label_each_token_of_a_grasp_block():
                     vocab.grasp, o9, c[1], c[3], vocab.end])
     assert grasp_slots(ids, vocab).tolist() == [-1, -1, -1, -1, -1, -1, 0, 1, 2, 3, -1, 0, 1, 2, -1]
     assert (grasp_slots(ids[:4], vocab) == -1).all()  # no grasp section
+
+
+def test_grasp_slots_mark_the_grasps_the_lenient_reader_reads(mixed):
+    """One reader of the grammar: on cut and broken sequences too, the slots mark the grasp blocks of
+    grammar.read_output (a block without a cell aside)."""
+    vocab, rng = mixed.vocab, np.random.default_rng(0)
+    for i in range(len(mixed)):
+        ids = np.asarray(mixed[i], dtype=np.int64)
+        for _ in range(20):
+            seq = ids[: rng.integers(1, len(ids) + 1)].copy()
+            where = rng.integers(0, len(seq), 3)
+            seq[where] = rng.choice([vocab.grasp, vocab.scene, vocab.end, vocab.object_tag(1), vocab.voxel_base + 5], 3)
+            slots = grasp_slots(seq, vocab)
+            grasps = read_output(seq, vocab).grasps or []
+            tags = [int(seq[p]) for p in np.flatnonzero(slots == 0) if p + 1 < len(seq) and slots[p + 1] == 1]
+            assert tags == [g.tag for g in grasps]
+            assert seq[slots > 0].tolist() == [c for g in grasps for c in g.cells.tolist()]
 
 
 class ShiftedOracle(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""The GraspGPT token grammar: parse, validate and serialize sequences.
+"""The GraspGPT token grammar, defined once: parse, validate, serialize, read leniently, decode.
 
     sequence  ::= scene amodal? unseg? grasps? "end"
     scene     ::= "scene" block*
@@ -8,21 +8,26 @@
     unseg     ::= "segment" (OBJTAG cell+)* "endunseg"
     grasps    ::= "detectgrasp" ("grasp" tag cell+)*
 
-Parsing walks only the structural tokens (tags and commands); runs of cells
-between them are sliced out with numpy, so a 13k-token sample parses in a few
-milliseconds. `GrammarState` is the same grammar as a token-by-token state
-machine, for masking logits during generation.
+`SECTIONS` says this as data: the sections in their order, the command opening and closing each, the
+tags that start its blocks. From it comes one state machine (`_Tables`: what may come next in each mode
+and where each token leads), read three ways:
+
+- `parse` (and `validate`): a whole sequence, strictly, errors naming the position and the rule. It walks
+  only the structural tokens (tags and commands) through the machine and slices the runs of cells
+  between them out with numpy, so a 13k-token sample parses in a few milliseconds.
+- `read_blocks` / `read_output`: leniently, for unfinished or invalid model output.
+- `GrammarState`: token by token, what may come next, for grammar-constrained decoding.
 """
 from __future__ import annotations
 
 import copy
 import functools
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
-import torch
 
-from .vocab import COMMANDS, Vocab
+from .vocab import Vocab
 
 GRASP_CELLS = 3  # left finger, right finger, gripper base
 
@@ -110,15 +115,192 @@ def serialize(sample: Sample, vocab: Vocab) -> np.ndarray:
     return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
 
+# -- the sections and the machine ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Section:
+    """One section of a sequence: how it opens and closes, and what its blocks are."""
+
+    field: str  # the Sample field it fills
+    opener: str  # the command that opens it
+    tags: str  # the tags that start its blocks: "any", "unlabel" or "objects" (Vocab.is_segment_tag)
+    rule: str  # the rule that errors about its blocks name
+    block: str  # what one of its blocks is called in messages
+    closer: str | None = None  # the command that must close it
+    prefix: str | None = None  # the command written before each block's tag
+    one_block: bool = False  # exactly one block (the section's cells; Sample keeps them as an array)
+    sorted: bool = True  # cells strictly increasing within a block (parse strict=True, GrammarState sorted_cells)
+    max_cells: int | None = None  # cells of a block: at most this many (strict parse), exactly (GrammarState)
+
+    def takes(self, tag: int, vocab: Vocab) -> bool:
+        """Whether `tag` may start one of its blocks."""
+        if self.tags == "unlabel":
+            return tag == vocab.unlabel
+        return vocab.is_segment_tag(tag) if self.tags == "objects" else vocab.is_tag(tag)
+
+
+# The sections in the order they must come, each at most once; the scene always opens the sequence.
+SECTIONS = (
+    Section("scene", "scene", "any", "block", "scene block"),
+    Section("amodal", "amodal", "unlabel", "amodal", "amodal block", closer="endamodal", one_block=True),
+    Section("unseg", "segment", "objects", "unseg", "segment block", closer="endunseg"),
+    Section("grasps", "detectgrasp", "any", "grasps", "grasp", prefix="grasp", sorted=False, max_cells=GRASP_CELLS),
+)
+
+# Where a sequence stands: START, then for each section one of four phases, then DONE (after `end`).
+OPEN, TAG, BLOCK, CLOSED = range(4)  # between blocks, after the prefix (waiting for a tag), in a block, closed
+START, DONE = 0, 1 + 4 * len(SECTIONS)
+
+
+_PHASES = [(SECTIONS[(m - 1) // 4], (m - 1) % 4) if START < m < DONE else (None, -1) for m in range(DONE + 1)]
+
+
+def _mode(section: int, phase: int) -> int:
+    return 1 + 4 * section + phase
+
+
+def _phase(mode: int) -> tuple[Section | None, int]:
+    """(section, phase) of a mode; (None, -1) at START and DONE."""
+    return _PHASES[mode]
+
+
+_GRASPS = next(i for i, s in enumerate(SECTIONS) if s.field == "grasps")
+GRASP_TAG, GRASP_BLOCK = _mode(_GRASPS, TAG), _mode(_GRASPS, BLOCK)  # where decoding grounds a grasp
+
+
+def _where(mode: int) -> str:
+    """Where a sequence in `mode` stands, for messages."""
+    s, phase = _phase(mode)
+    if s is None:
+        return "at the start (a sequence starts with 'scene')" if mode == START else "after 'end'"
+    if phase == OPEN:
+        return f"after '{s.opener}' (expected '{s.tags}')" if s.one_block else f"between {s.block}s"
+    if phase == TAG:
+        return f"after '{s.prefix}' (expected a tag)"
+    return f"in {'the' if s.one_block else 'a'} {s.block}" if phase == BLOCK else f"after '{s.closer}'"
+
+
+class _Tables:
+    """The machine for one vocabulary and set of options, built once and shared by every state and parse.
+
+    masks[key]: the non-voxel tokens allowed next, key = mode * 4 + closable * 2 + serial, where closable
+    means the current block has enough cells to end and serial means a serial token may come next.
+    command_next[id]: the mode a command leads to (a tag leads to a block of the section it is in).
+    """
+
+    def __init__(self, vocab: Vocab, allow_segment: bool, allow_serials: bool):
+        nv = vocab.voxel_base
+        self.vocab = vocab
+
+        def mask(*names: str | None) -> np.ndarray:
+            m = np.zeros(nv, dtype=bool)
+            m[[getattr(vocab, c) for c in names if c is not None]] = True
+            return m
+
+        def follow(i: int) -> np.ndarray:  # what may come once section i is done: a later section or `end`
+            return mask("end", *(s.opener for s in SECTIONS[i + 1:] if s.field != "unseg" or allow_segment))
+
+        serials = np.zeros(nv, dtype=bool)
+        serials[vocab.serial_base:] = allow_serials
+        nothing = np.zeros(nv, dtype=bool)
+        allowed = {START: (mask("scene"),) * 2, DONE: (mask("end"),) * 2}  # mode -> (not closable, closable)
+        self.command_next = {vocab.end: DONE}
+        for i, s in enumerate(SECTIONS):
+            tags = np.array([s.takes(t, vocab) for t in range(nv)])
+            starts = mask(s.prefix) if s.prefix else tags
+            between = starts if s.one_block else starts | (mask(s.closer) if s.closer else follow(i))
+            allowed[_mode(i, OPEN)] = (between,) * 2
+            allowed[_mode(i, TAG)] = (tags,) * 2
+            allowed[_mode(i, BLOCK)] = (nothing, mask(s.closer) if s.one_block else between)
+            allowed[_mode(i, CLOSED)] = (follow(i),) * 2
+            self.command_next[getattr(vocab, s.opener)] = _mode(i, OPEN)
+            if s.prefix:
+                self.command_next[getattr(vocab, s.prefix)] = _mode(i, TAG)
+            if s.closer:
+                self.command_next[getattr(vocab, s.closer)] = _mode(i, CLOSED)
+        self.masks = []
+        for mode in range(DONE + 1):
+            for closable in (False, True):
+                for serial in (False, True):
+                    m = allowed[mode][closable] | (serials if serial else nothing)
+                    m.flags.writeable = False
+                    self.masks.append(m)
+
+    def next_mode(self, mode: int, token: int) -> int:
+        """The mode an allowed non-voxel token leads to."""
+        return self.command_next[token] if token >= self.vocab.num_tags else _mode((mode - 1) // 4, BLOCK)
+
+    def nonvoxel(self, key: int, only: tuple[int, ...] | None = None) -> np.ndarray:
+        """The non-voxel mask of `key`, restricted to the ids `only` when given."""
+        if only is None:
+            return self.masks[key]
+        m = np.zeros_like(self.masks[key])
+        m[list(only)] = True
+        return m & self.masks[key]
+
+
+@functools.lru_cache(maxsize=32)
+def _tables(vocab: Vocab, allow_segment: bool, allow_serials: bool) -> _Tables:
+    return _Tables(vocab, allow_segment, allow_serials)
+
+
+def _structure(ids: np.ndarray, vocab: Vocab) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the structural tokens (tags and commands) and where the run of cells (voxels and
+    serials) after each one ends: every cell belongs to the structural token before it."""
+    structural = np.flatnonzero(ids < vocab.serial_base)
+    return structural, np.append(structural[1:], len(ids))
+
+
+# -- parse: a whole sequence, strictly ----------------------------------------------------------
+
 def section_starts(ids: np.ndarray, vocab: Vocab) -> dict[str, int]:
-    """Positions of the section openers present in a valid sequence (for cutting at a boundary)."""
+    """Positions of the section openers after the scene, and of `end`, present in a valid sequence (for
+    cutting at a boundary)."""
     ids = np.asarray(ids)
     out = {}
-    for name in ("amodal", "segment", "detectgrasp", "end"):
+    for name in (*(s.opener for s in SECTIONS[1:]), "end"):
         hit = np.flatnonzero(ids == getattr(vocab, name))
         if hit.size:
             out[name] = int(hit[0])
     return out
+
+
+# Why a command is out of place where the sections do not say more: (rule, message).
+_MISPLACED = {
+    "scene": ("sequence", "'scene' may only start the sequence"),
+    "amodal": ("sequence", "'amodal' must come right after the scene, before segment and detectgrasp"),
+    "segment": ("sequence", "'segment' must come before detectgrasp and only once"),
+    "detectgrasp": ("sequence", "only one 'detectgrasp' section is allowed"),
+    "endamodal": ("amodal", "'endamodal' without 'amodal'"),
+    "endunseg": ("unseg", "'endunseg' without an open 'segment'"),
+    "grasp": ("grasps", "'grasp' outside the detectgrasp section"),
+}
+
+
+def _expected(mode: int, found: str | None) -> tuple[str, str] | None:
+    """(rule, message) where `mode` takes one thing only and got `found` (None: the sequence ended)."""
+    s, phase = _phase(mode)
+    if phase == TAG:
+        return s.rule, f"'{s.prefix}' must be followed by a tag"
+    if s is None or not s.one_block or phase not in (OPEN, BLOCK):
+        return None
+    what = f"'{s.tags}' after '{s.opener}'" if phase == OPEN else f"'{s.closer}' after the {s.field} cells"
+    return s.rule, f"expected {what}, found '{found}'" if found is not None else f"sequence ended; expected {what}"
+
+
+def _misplaced(mode: int, t: int, vocab: Vocab) -> tuple[str, str]:
+    """(rule, message): why structural token t may not come in `mode` (it is not what `_expected` wants)."""
+    s, phase = _phase(mode)
+    name = vocab.token_of(t)
+    is_open = phase in (OPEN, BLOCK)
+    if vocab.is_tag(t):
+        if is_open and s.tags == "objects":
+            return s.rule, f"{s.opener} blocks take an objectNN tag, not '{name}'"
+        return "sequence", f"unexpected tag '{name}' " + (f"after '{s.closer}'" if phase == CLOSED else f"inside '{s.opener}'")
+    later = [getattr(vocab, x.opener) for x in SECTIONS[SECTIONS.index(s) + 1:]] if s is not None else []
+    if is_open and s.closer and (t == vocab.end or t in later):
+        return s.rule, f"'{s.opener}' must be closed with '{s.closer}' before '{name}'"
+    return _MISPLACED[name]
 
 
 def parse(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> Sample:
@@ -134,10 +316,7 @@ def parse(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> Sample:
     bad = np.flatnonzero((ids < 0) | (ids >= vocab.size))
     if bad.size:
         raise GrammarError(int(bad[0]), "vocabulary", f"id {int(ids[bad[0]])} is outside the vocabulary (V = {vocab.size})")
-    is_cell = ids >= vocab.serial_base  # voxels and serials travel together as cell runs
-    structural = np.flatnonzero(~is_cell)
-    # Each structural token is followed by a (possibly empty) run of cell tokens up to the next one.
-    run_end = np.append(structural[1:], n)
+    structural, run_end = _structure(ids, vocab)
 
     def cells_after(k: int, rule: str, sort: bool, most: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """The cells (and serials) of the block whose tag is structural token k; strict checks order and count."""
@@ -171,94 +350,40 @@ def parse(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> Sample:
         raise GrammarError(0, "sequence", f"a sequence starts with 'scene', not '{vocab.token_of(ids[0])}'")
     if run_end[0] != 1:
         raise GrammarError(1, "scene", "'scene' must be followed by a tag or a section, not a cell")
-    sample = Sample()
-    k, m = 1, len(structural)
-    section = "scene"  # the last section opened
-    order = {"scene": 0, "amodal": 1, "segment": 2, "endunseg": 2, "detectgrasp": 3}
-
-    def tok(k):
-        return int(ids[structural[k]])
-
-    def expect(k, token_id, rule, what):
-        if k >= m:
-            raise GrammarError(n, rule, f"sequence ended; expected {what}")
-        if tok(k) != token_id:
-            raise GrammarError(int(structural[k]), rule, f"expected {what}, found '{vocab.token_of(tok(k))}'")
-
-    while k < m:
-        t, pos = tok(k), int(structural[k])
-        if vocab.is_tag(t):
-            if section == "scene":
-                cells, serials = cells_after(k, "block", sort=True)
-                sample.scene.append(Block(t, cells, serials))
-            elif section == "segment":
-                if not vocab.is_segment_tag(t):
-                    raise GrammarError(pos, "unseg", f"segment blocks take an objectNN tag, not '{vocab.token_of(t)}'")
-                cells, serials = cells_after(k, "unseg", sort=True)
-                sample.unseg.append(Block(t, cells, serials))
-            else:
-                where = {"amodal": "after 'endamodal'", "endunseg": "after 'endunseg'"}.get(section, f"inside '{section}'")
-                raise GrammarError(pos, "sequence", f"unexpected tag '{vocab.token_of(t)}' {where}")
-            k += 1
-            continue
+    tables = _tables(vocab, True, False)
+    sample, mode = Sample(), tables.command_next[vocab.scene]
+    for k in range(1, len(structural)):
+        pos, t = int(structural[k]), int(ids[structural[k]])
+        cell_after_command = t >= vocab.num_tags and t != vocab.end and run_end[k] != pos + 1
+        # The first broken rule: what a mode that takes one thing only expected, else a cell after a
+        # command, else why the token is out of place. (A block read so far has its cells: closable.)
+        if not tables.masks[mode * 4 + 2][t]:
+            expected = _expected(mode, vocab.token_of(t))
+            if expected is None and not cell_after_command:
+                expected = _misplaced(mode, t, vocab)
+            if expected is not None:
+                raise GrammarError(pos, *expected)
+        if cell_after_command:  # only tags take cells
+            s = next((s for s in SECTIONS if s.prefix and t == getattr(vocab, s.prefix)), None)
+            if s is not None:
+                raise GrammarError(pos + 1, s.rule, f"'{s.prefix}' must be followed by a tag, not a cell")
+            raise GrammarError(pos + 1, "sequence", f"'{vocab.token_of(t)}' cannot be followed by a voxel cell")
         if t == vocab.end:
-            if section == "segment":
-                raise GrammarError(pos, "unseg", "'segment' must be closed with 'endunseg' before 'end'")
             if pos != n - 1:
                 raise GrammarError(pos + 1, "sequence", "tokens after 'end'")
             return sample
-        if run_end[k] != pos + 1:  # only tags take cells
-            if t == vocab.grasp:
-                raise GrammarError(pos + 1, "grasps", "'grasp' must be followed by a tag, not a cell")
-            raise GrammarError(pos + 1, "sequence", f"'{vocab.token_of(t)}' cannot be followed by a voxel cell")
-        if t == vocab.amodal:
-            if order[section] >= 1:
-                raise GrammarError(pos, "sequence", "'amodal' must come right after the scene, before segment and detectgrasp")
-            expect(k + 1, vocab.unlabel, "amodal", "'unlabel' after 'amodal'")
-            # The format's `cell ::= VOXEL SERIAL?` holds here too: the research parser reads the amodal
-            # block as any other block, serials included.
-            cells, serials = cells_after(k + 1, "amodal", sort=True)
-            expect(k + 2, vocab.endamodal, "amodal", "'endamodal' after the amodal cells")
-            if run_end[k + 2] != structural[k + 2] + 1:
-                raise GrammarError(int(structural[k + 2]) + 1, "sequence", "'endamodal' cannot be followed by a voxel cell")
-            sample.amodal, sample.amodal_serials = cells, serials
-            section = "amodal"
-            k += 3
-        elif t == vocab.segment:
-            if order[section] >= 2:
-                raise GrammarError(pos, "sequence", "'segment' must come before detectgrasp and only once")
-            sample.unseg = []
-            section = "segment"
-            k += 1
-        elif t == vocab.endunseg:
-            if section != "segment":
-                raise GrammarError(pos, "unseg", "'endunseg' without an open 'segment'")
-            section = "endunseg"
-            k += 1
-        elif t == vocab.detectgrasp:
-            if section == "segment":
-                raise GrammarError(pos, "unseg", "'segment' must be closed with 'endunseg' before 'detectgrasp'")
-            if order[section] >= 3:
-                raise GrammarError(pos, "sequence", "only one 'detectgrasp' section is allowed")
-            sample.grasps = []
-            section = "detectgrasp"
-            k += 1
-        elif t == vocab.grasp:
-            if section != "detectgrasp":
-                raise GrammarError(pos, "grasps", "'grasp' outside the detectgrasp section")
-            if k + 1 >= m or not vocab.is_tag(tok(k + 1)):
-                where = int(structural[k + 1]) if k + 1 < m else n
-                raise GrammarError(where, "grasps", "'grasp' must be followed by a tag")
-            cells, serials = cells_after(k + 1, "grasps", sort=False, most=GRASP_CELLS)
-            sample.grasps.append(Block(tok(k + 1), cells, serials))
-            k += 2
-        elif t == vocab.endamodal:
-            raise GrammarError(pos, "amodal", "'endamodal' without 'amodal'")
-        elif t == vocab.scene:
-            raise GrammarError(pos, "sequence", "'scene' may only start the sequence")
-        else:  # pragma: no cover - every non-cell id is a tag or a command
-            raise GrammarError(pos, "sequence", f"unexpected token '{vocab.token_of(t)}'")
-    raise GrammarError(n, "sequence", "sequence does not end with 'end'")
+        mode = tables.next_mode(mode, t)
+        s, phase = _phase(mode)
+        if phase == BLOCK:
+            cells, serials = cells_after(k, s.rule, sort=strict and s.sorted, most=s.max_cells if strict else None)
+            if s.one_block:
+                setattr(sample, s.field, cells)
+                setattr(sample, f"{s.field}_serials", serials)
+            else:
+                getattr(sample, s.field).append(Block(t, cells, serials))
+        elif phase == OPEN and getattr(sample, s.field) is None and not s.one_block:
+            setattr(sample, s.field, [])
+    raise GrammarError(n, *(_expected(mode, None) or ("sequence", "sequence does not end with 'end'")))
 
 
 def validate(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> GrammarError | None:
@@ -270,137 +395,56 @@ def validate(ids: np.ndarray, vocab: Vocab, strict: bool = True) -> GrammarError
     return None
 
 
-def read_output(ids: np.ndarray, vocab: Vocab) -> Sample:
-    """The sections of a sequence read leniently, for unfinished or invalid model output too.
+# -- reading model output leniently ------------------------------------------------------------
 
-    Walks the structural tokens: a tag after `scene`, after `amodal`, inside `segment`, or right
-    after `grasp` (inside `detectgrasp`) opens a block taking the voxel cells that follow; anything
-    out of place is skipped, and reading stops at `end`. On a valid sequence this gives what
-    `parse(strict=False)` gives, without serials.
+def read_blocks(ids: np.ndarray, vocab: Vocab) -> Iterator[tuple[Section, int, np.ndarray | None]]:
+    """The sections and blocks of a sequence read leniently, for unfinished or invalid model output too:
+    (section, position of its opener, None) where a section opens, and (section, position of the tag,
+    positions of its voxel cells) for each block, in order.
+
+    A tag starts a block when the section open at that point takes it (SECTIONS: any tag after `scene`,
+    `unlabel` after `amodal`, an object tag inside `segment`) and, where the section has a prefix, right
+    after it (`grasp` inside `detectgrasp`); the block's cells are the voxels up to the next tag or
+    command (serials are skipped; a block may have none). Anything out of place is skipped, a closer
+    closes its section, an opener opens its section again, and reading stops at `end`.
     """
     ids = np.asarray(ids, dtype=np.int64)
-    structural = np.flatnonzero(ids < vocab.serial_base)
-    run_end = np.append(structural[1:], len(ids))
-    sample, section, prev = Sample(), None, -1
-    opens = {vocab.scene: "scene", vocab.amodal: "amodal", vocab.segment: "segment",
-             vocab.detectgrasp: "detectgrasp", vocab.endamodal: None, vocab.endunseg: None}
-    for k, p in enumerate(structural):
+    structural, run_end = _structure(ids, vocab)
+    opens = {getattr(vocab, s.opener): s for s in SECTIONS}
+    closes = {getattr(vocab, s.closer) for s in SECTIONS if s.closer}
+    prefixes = {s.field: getattr(vocab, s.prefix) for s in SECTIONS if s.prefix}
+    section, prev = None, -1
+    for k, p in enumerate(structural.tolist()):
         t = int(ids[p])
         if t == vocab.end:
-            break
+            return
         if t in opens:
             section = opens[t]
-            if section == "amodal" and sample.amodal is None:
-                sample.amodal = np.zeros(0, np.int64)
-            elif section == "segment" and sample.unseg is None:
-                sample.unseg = []
-            elif section == "detectgrasp" and sample.grasps is None:
-                sample.grasps = []
-        elif vocab.is_tag(t):
-            run = ids[p + 1: run_end[k]]
-            cells = run[run >= vocab.voxel_base]
-            if len(cells):
-                if section == "scene":
-                    sample.scene.append(Block(t, cells))
-                elif section == "amodal" and t == vocab.unlabel:
-                    sample.amodal = np.concatenate([sample.amodal, cells])
-                elif section == "segment" and vocab.is_segment_tag(t):
-                    sample.unseg.append(Block(t, cells))
-                elif section == "detectgrasp" and prev == vocab.grasp:
-                    sample.grasps.append(Block(t, cells))
+            yield section, p, None
+        elif t in closes:
+            section = None
+        elif section is not None and section.takes(t, vocab) and prefixes.get(section.field, prev) == prev:
+            yield section, p, p + 1 + np.flatnonzero(ids[p + 1: run_end[k]] >= vocab.voxel_base)
         prev = t
+
+
+def read_output(ids: np.ndarray, vocab: Vocab) -> Sample:
+    """The sections of a sequence read leniently (read_blocks), blocks without a voxel cell left out.
+    On a valid sequence this gives what `parse(strict=False)` gives, without serials."""
+    ids = np.asarray(ids, dtype=np.int64)
+    sample = Sample()
+    for s, at, cells in read_blocks(ids, vocab):
+        if cells is None:
+            if getattr(sample, s.field) is None:
+                setattr(sample, s.field, np.zeros(0, np.int64) if s.one_block else [])
+        elif len(cells) and s.one_block:
+            setattr(sample, s.field, np.concatenate([getattr(sample, s.field), ids[cells]]))
+        elif len(cells):
+            getattr(sample, s.field).append(Block(int(ids[at]), ids[cells]))
     return sample
 
 
-# -- grammar-constrained decoding ---------------------------------------------
-#
-# The decoder is in one of these modes. Between blocks: START, SCENE, AFTER_AMODAL,
-# SEGMENT, AFTER_SEGMENT, GRASPS, DONE. Collecting cells: the four *_BLOCK modes.
-# Waiting for a tag: AMODAL_OPEN (only 'unlabel'), GRASP_TAG.
-(START, SCENE, SCENE_BLOCK, AMODAL_OPEN, AMODAL_BLOCK, AFTER_AMODAL, SEGMENT, SEGMENT_BLOCK,
- AFTER_SEGMENT, GRASPS, GRASP_TAG, GRASP_BLOCK, DONE) = range(13)
-_WHERE = (
-    "at the start (a sequence starts with 'scene')", "between scene blocks", "in a scene block",
-    "after 'amodal' (expected 'unlabel')", "in the amodal block", "after 'endamodal'",
-    "between segment blocks", "in a segment block", "after 'endunseg'", "between grasps",
-    "after 'grasp' (expected a tag)", "in a grasp", "after 'end'",
-)
-_SORTED_BLOCKS = frozenset((SCENE_BLOCK, AMODAL_BLOCK, SEGMENT_BLOCK))
-_TAG_NEXT = {SCENE: SCENE_BLOCK, SCENE_BLOCK: SCENE_BLOCK, AMODAL_OPEN: AMODAL_BLOCK,
-             SEGMENT: SEGMENT_BLOCK, SEGMENT_BLOCK: SEGMENT_BLOCK, GRASP_TAG: GRASP_BLOCK}
-_COMMAND_NEXT = dict(zip(COMMANDS, (SCENE, SEGMENT, AFTER_SEGMENT, AMODAL_OPEN, AFTER_AMODAL, GRASPS, GRASP_TAG, DONE)))
-
-
-class _Tables:
-    """The non-voxel part of every allowed set, built once per (vocab, options) and shared by all states.
-
-    Indexed by key = mode * 4 + closable * 2 + serial, where closable means the current block has
-    enough cells to end and serial means a serial token may come next.
-    """
-
-    def __init__(self, vocab: Vocab, allow_segment: bool, allow_serials: bool):
-        nv = vocab.voxel_base
-        self.vocab = vocab
-
-        def mask(*ids: int) -> np.ndarray:
-            m = np.zeros(nv, dtype=bool)
-            m[list(ids)] = True
-            return m
-
-        def cmd(*names: str) -> np.ndarray:
-            return mask(*(getattr(vocab, c) for c in names if c != "segment" or allow_segment))
-
-        tags = np.zeros(nv, dtype=bool)
-        tags[: vocab.num_tags] = True
-        objects = np.zeros(nv, dtype=bool)
-        objects[list(vocab.segment_tags)] = True
-        serials = np.zeros(nv, dtype=bool)
-        serials[vocab.serial_base:] = allow_serials
-        follow_scene = tags | cmd("amodal", "segment", "detectgrasp", "end")
-        follow_segment = objects | cmd("endunseg")
-        follow_grasp = cmd("grasp", "end")
-        base = {
-            START: cmd("scene"), SCENE: follow_scene, AMODAL_OPEN: mask(vocab.unlabel),
-            AFTER_AMODAL: cmd("segment", "detectgrasp", "end"), SEGMENT: follow_segment,
-            AFTER_SEGMENT: cmd("detectgrasp", "end"), GRASPS: follow_grasp, GRASP_TAG: tags, DONE: cmd("end"),
-        }
-        closing = {SCENE_BLOCK: follow_scene, AMODAL_BLOCK: cmd("endamodal"),
-                   SEGMENT_BLOCK: follow_segment, GRASP_BLOCK: follow_grasp}
-        self.masks = []
-        for mode in range(DONE + 1):
-            for closable in (False, True):
-                for serial in (False, True):
-                    m = base.get(mode, np.zeros(nv, dtype=bool)).copy()
-                    if closable and mode in closing:
-                        m |= closing[mode]
-                    if serial:
-                        m |= serials
-                    m.flags.writeable = False
-                    self.masks.append(m)
-        self._torch: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def nonvoxel(self, key: int, only: tuple[int, ...] | None = None) -> np.ndarray:
-        """The non-voxel mask of `key`, restricted to the ids `only` when given."""
-        if only is None:
-            return self.masks[key]
-        m = np.zeros_like(self.masks[key])
-        m[list(only)] = True
-        return m & self.masks[key]
-
-    def torch_masks(self, key: int, device, only: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(allowed, forbidden) non-voxel masks as bool tensors on `device`, cached."""
-        device = torch.device(device if device is not None else "cpu")
-        hit = self._torch.get((key, device, only))
-        if hit is None:
-            allowed = torch.from_numpy(self.nonvoxel(key, only).copy()).to(device)
-            hit = self._torch[(key, device, only)] = (allowed, ~allowed)
-        return hit
-
-
-@functools.lru_cache(maxsize=32)
-def _tables(vocab: Vocab, allow_segment: bool, allow_serials: bool) -> _Tables:
-    return _Tables(vocab, allow_segment, allow_serials)
-
+# -- grammar-constrained decoding ---------------------------------------------------------------
 
 @dataclass(frozen=True)
 class AllowedSet:
@@ -409,9 +453,6 @@ class AllowedSet:
     nonvoxel: np.ndarray  # (voxel_base,) bool, read-only and shared
     lo: int
     hi: int
-    tables: _Tables = field(repr=False, compare=False)
-    key: int = field(repr=False, compare=False)
-    only: tuple[int, ...] | None = field(default=None, repr=False, compare=False)  # see GrammarState.scene_tags_only
 
     def __contains__(self, token_id: int) -> bool:
         t = int(token_id)
@@ -422,26 +463,6 @@ class AllowedSet:
 
     def nonvoxel_ids(self) -> np.ndarray:
         return np.flatnonzero(self.nonvoxel)
-
-    def mask(self, device=None) -> torch.Tensor:
-        """(V,) bool tensor, True where allowed."""
-        nv = len(self.nonvoxel)
-        m = torch.zeros(self.tables.vocab.size, dtype=torch.bool, device=device)
-        m[:nv] = self.tables.torch_masks(self.key, m.device, self.only)[0]
-        m[self.lo: self.hi] = True
-        return m
-
-    def apply_mask(self, logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """Set the forbidden entries of `logits` (..., V) to -inf; returns the masked logits."""
-        if logits.shape[-1] != self.tables.vocab.size:
-            raise ValueError(f"logits have {logits.shape[-1]} entries in the last dim, the vocabulary has {self.tables.vocab.size}; "
-                             "pass logits over the whole vocabulary")
-        out = logits if inplace else logits.clone()
-        nv = len(self.nonvoxel)
-        out[..., :nv].masked_fill_(self.tables.torch_masks(self.key, out.device, self.only)[1], float("-inf"))
-        out[..., nv: self.lo] = float("-inf")
-        out[..., self.hi:] = float("-inf")
-        return out
 
 
 class GrammarState:
@@ -457,8 +478,8 @@ class GrammarState:
     be one of the scene's block tags. A grasp belongs to an object the scene shows (or to its one
     `incomplete`/`unlabel` block), so any other tag is certainly wrong.
 
-    `advance` is O(1); the allowed set is a cached non-voxel mask plus one voxel id range,
-    so `mask()` is a vectorized O(V) fill and no per-voxel Python set is ever built.
+    `advance` is O(1); the allowed set is a cached non-voxel mask plus one voxel id range, so
+    decoding masks a whole batch in a few vectorized operations (decoding.allowed_masks).
     """
 
     def __init__(self, vocab: Vocab, sorted_cells: bool = True, allow_segment: bool = True, allow_serials: bool = False,
@@ -483,35 +504,26 @@ class GrammarState:
         return copy.copy(self)  # every field is a scalar; the tables are shared on purpose
 
     def _key(self) -> int:
-        mode = self.mode
-        closable = self.cells == GRASP_CELLS if mode == GRASP_BLOCK else self.cells > 0
+        s, phase = _phase(self.mode)
+        full = phase == BLOCK and s.max_cells is not None
+        closable = self.cells == s.max_cells if full else self.cells > 0
         serial = self.after_voxel and self.allow_serials
-        return mode * 4 + closable * 2 + serial
+        return self.mode * 4 + closable * 2 + serial
 
     def _voxels(self) -> tuple[int, int]:
         V = self.vocab.size
-        if self.mode in _SORTED_BLOCKS:
-            return (self.last + 1 if self.sorted_cells else self.vocab.voxel_base), V
-        if self.mode == GRASP_BLOCK and self.cells < GRASP_CELLS:
-            return self.vocab.voxel_base, V
-        return V, V
+        s, phase = _phase(self.mode)
+        if phase != BLOCK or (s.max_cells is not None and self.cells >= s.max_cells):
+            return V, V
+        return (self.last + 1 if s.sorted and self.sorted_cells else self.vocab.voxel_base), V
 
     def allowed(self) -> AllowedSet:
-        key = self._key()
         lo, hi = self._voxels()
         only = self.scene_tags if self.scene_tags_only and self.mode == GRASP_TAG and self.scene_tags else None
-        return AllowedSet(self._tables.nonvoxel(key, only), lo, hi, self._tables, key, only)
+        return AllowedSet(self._tables.nonvoxel(self._key(), only), lo, hi)
 
     def allowed_ids_nonvoxel(self) -> np.ndarray:
         return self.allowed().nonvoxel_ids()
-
-    def mask(self, device=None) -> torch.Tensor:
-        """(V,) bool tensor of the tokens allowed next."""
-        return self.allowed().mask(device)
-
-    def apply_mask(self, logits: torch.Tensor, inplace: bool = False) -> torch.Tensor:
-        """Set logits (..., V) of forbidden tokens to -inf."""
-        return self.allowed().apply_mask(logits, inplace)
 
     def advance(self, token_id: int) -> None:
         """Consume one token; GrammarError if the grammar does not allow it here."""
@@ -528,12 +540,11 @@ class GrammarState:
                 self._reject(t, vocab.size, vocab.size)
             self.after_voxel = False
             if t < vocab.num_tags:
-                if self.mode in (SCENE, SCENE_BLOCK) and t not in self.scene_tags:
+                if self.mode in (_mode(0, OPEN), _mode(0, BLOCK)) and t not in self.scene_tags:
                     self.scene_tags = tuple(sorted(self.scene_tags + (t,)))
-                self.mode = _TAG_NEXT[self.mode]
                 self.cells, self.last = 0, vocab.voxel_base - 1
-            elif t < vocab.serial_base:
-                self.mode = _COMMAND_NEXT[COMMANDS[t - vocab.command_base]]
+            if t < vocab.serial_base:
+                self.mode = self._tables.next_mode(self.mode, t)
         self.pos += 1
 
     def feed(self, ids) -> "GrammarState":
@@ -546,14 +557,15 @@ class GrammarState:
         vocab = self.vocab
         if not 0 <= t < vocab.size:
             raise GrammarError(self.pos, "vocabulary", f"id {t} is outside the vocabulary (V = {vocab.size})")
+        s, phase = _phase(self.mode)
         name, why = vocab.token_of(t), ""
-        if vocab.is_voxel(t) and self.mode in _SORTED_BLOCKS and t < lo:
+        if vocab.is_voxel(t) and phase == BLOCK and s.sorted and t < lo:
             why = "; cells of a block must be strictly increasing"
-        elif vocab.is_voxel(t) and self.mode == GRASP_BLOCK:
-            why = f"; a grasp takes exactly {GRASP_CELLS} cells"
-        elif self.mode == GRASP_TAG and t < vocab.num_tags and self.scene_tags_only:
+        elif vocab.is_voxel(t) and phase == BLOCK and s.max_cells is not None:
+            why = f"; a {s.block} takes exactly {s.max_cells} cells"
+        elif phase == TAG and t < vocab.num_tags and self.scene_tags_only:
             why = "; a grasp's tag must be one of the scene's block tags (scene_tags_only)"
         elif vocab.is_serial(t):
             why = ("; serials are disabled (allow_serials=False)" if not self.allow_serials
                    else "; a serial may only follow a voxel cell")
-        raise GrammarError(self.pos, "decode", f"'{name}' is not allowed {_WHERE[self.mode]}{why}")
+        raise GrammarError(self.pos, "decode", f"'{name}' is not allowed {_where(self.mode)}{why}")
