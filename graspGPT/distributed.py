@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+
+from graspGPT import build_locks
 
 DEFAULT_TIMEOUT_MIN = 15.0
 TIMEOUT_SETTING = "system.collective_timeout_min"
@@ -99,6 +102,8 @@ def setup(system) -> Ranks:
         # (~35 s) and leaves ~130 MB buffers in /dev/shm after every run.
         import deepspeed.ops
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one per node, before any rank can start a build
+        build_locks.clear_orphaned_locks(warn=lambda message: print(message, file=sys.stderr, flush=True))
     timeout = collective_timeout(system.collective_timeout_min)
     time_out_every_group(timeout)  # first: DeepSpeed may make groups as it joins
     _join(timeout)
