@@ -21,6 +21,8 @@ configs/quality_<model>.json holds the run (real 0.0075 m grid, grasp task, but 
                 baseline (graspGPT.evaluation)
 Calibration and training are skipped when OUT holds their result. --session_minutes M stops training
 gracefully (checkpoint, exit) after M minutes of this invocation; run the same command again to go on.
+--minutes is a hard limit on training's wall time (start-ups included): if the calibration was optimistic,
+training stops at the budget short of its planned steps and the summary says where (budget_hit_at_step).
 Prints one JSON line per result, then one "summary" line (the headline figures beside the random
 baseline's, first temperature), and writes OUT/quality.json; --log FILE appends the summary line there.
 """
@@ -179,9 +181,11 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=12.0, help="training wall-clock budget (default 12)")
     ap.add_argument("--out", required=True, help="run directory")
     ap.add_argument("--num_scenes", type=int, default=50, help="validation scenes to evaluate (default 50)")
-    ap.add_argument("--temperatures", default="1.0,0.5", help="sampling temperatures to evaluate (default 1.0,0.5)")
-    ap.add_argument("--cell_temperature", type=float, default=None,
-                    help="temperature of the cells within their share of the probability (default: as the rest)")
+    ap.add_argument("--temperatures", default=None,
+                    help="sampling temperatures to evaluate, e.g. 1.0,0.5 (default: the config's trainer.eval_temperature)")
+    ap.add_argument("--cell_temperature", default=None,
+                    help="temperature of the cells within their share of the probability; none: as the rest "
+                         "(default: the config's trainer.eval_cell_temperature)")
     ap.add_argument("--groundings", default="gripper",
                     help="constrained decodings to evaluate, each at every temperature (gripper, fingers, none; "
                          "default gripper)")
@@ -216,6 +220,12 @@ def main() -> int:
     config = run_config(base, args.set, out)
     cfg = load_config(["--config", str(config)])
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        temperatures = [float(t) for t in (args.temperatures or str(cfg.trainer.eval_temperature)).split(",")]
+        cell_temperature = (cfg.trainer.eval_cell_temperature if args.cell_temperature is None
+                            else None if args.cell_temperature.lower() == "none" else float(args.cell_temperature))
+    except ValueError as err:
+        raise SystemExit(f"error: --temperatures / --cell_temperature take numbers (cell: or none): {err}") from None
 
     plan_file = out / "plan.json"
     if plan_file.is_file():
@@ -233,13 +243,17 @@ def main() -> int:
 
     train_dir = out / "train"
     max_iters = plan["max_iters"]
-    if latest_step(train_dir) < max_iters:
+    # The budget is a hard limit on training's wall time (start-ups included): when the calibration was
+    # optimistic (e.g. runs sharing a GPU) training stops at the budget, short of max_iters, and says so.
+    budget_left = None if "minutes" not in plan else plan["minutes"] * 60 - plan["train_wall_s"]
+    if latest_step(train_dir) < max_iters and (budget_left is None or budget_left > 30):  # < 30 s: a start-up
         every = max(1, max_iters // 8)  # a checkpoint every ~1/8 of the run bounds the loss of an interruption
+        limits = [s for s in (budget_left, args.session_minutes and args.session_minutes * 60) if s]
         t0 = time.perf_counter()
         status, _, losses = run_trainer(
             config, train_dir, ["--max_iters", str(max_iters), "--save_every", str(every),
                                 "--eval_every", str(every), "--resume", "auto"],
-            None if args.session_minutes is None else args.session_minutes * 60)
+            min(limits) if limits else None)
         if status != 0 and latest_step(train_dir) < max_iters:
             raise SystemExit(f"error: training failed (exit {status}); see the output above")
         plan["train_wall_s"] = round(plan["train_wall_s"] + time.perf_counter() - t0, 1)  # start-up included
@@ -247,17 +261,22 @@ def main() -> int:
         done = latest_step(train_dir)
         emit({"train": {"steps_now": done, "max_iters": max_iters, "train_wall_s": plan["train_wall_s"],
                         "last_loss": losses[max(losses)] if losses else None}})
-        if done < max_iters:
+        if done < max_iters and plan["train_wall_s"] < plan.get("minutes", float("inf")) * 60 - 30:
             emit({"note": f"stopped at step {done} of {max_iters}; run the same command again to continue"})
             return 0
+    if latest_step(train_dir) < max_iters:
+        plan["budget_hit_at_step"] = latest_step(train_dir)
+        emit({"note": f"the {plan['minutes']}-minute budget ran out at step {plan['budget_hit_at_step']} of "
+                      f"{max_iters} (the calibration was optimistic); evaluating that checkpoint"})
 
-    results = evaluate(cfg, train_dir, args.num_scenes, [float(t) for t in args.temperatures.split(",")],
-                       args.groundings.split(","), device, args.cell_temperature)
+    results = evaluate(cfg, train_dir, args.num_scenes, temperatures, args.groundings.split(","), device,
+                       cell_temperature)
     for r in results:
         budget = {"train_steps": plan["steps"]} if "steps" in plan else {"train_minutes": plan["minutes"]}
         emit({"model": args.model, **budget, "train_wall_s": plan["train_wall_s"], **r})
     (out / "quality.json").write_text(json.dumps({"plan": plan, "results": results}, indent=1) + "\n")
     line = {"summary": str(out), "model": args.model, "settings": args.set, "train_wall_s": plan["train_wall_s"],
+            "max_iters": max_iters, "budget_hit_at_step": plan.get("budget_hit_at_step"),
             **summary(results)}
     emit(line)
     if args.log:

@@ -2,12 +2,14 @@
 # Grasp quality (docs/BENCHMARKS.md, "Grasp quality"): the CPU lab sweep and the real-grid runs.
 #   OUT=dir bash bench/suite_quality.sh lab        the lab variants in parallel, 2 CPU cores each (no GPU)
 #   OUT=dir bash bench/suite_quality.sh decoding   the lab's recipe, evaluated with each grounding at T = 1 and 0.5
+#   OUT=dir bash bench/suite_quality.sh cell       the lab's recipe, evaluated at T = 0.5 and with cell temperatures
 #   OUT=dir MIN=8 bash bench/suite_quality.sh real gpt-mini and gpt2 on the real grid, together on one GPU, each
-#                                                  with a budget of REAL_MINUTES (default 15) of training, of
-#                                                  which this call trains at most MIN minutes (default 8)
-# `real lab` runs both at once (the real runs on cores 0-5, the five lab runs on two cores each above them:
-# 16 cores in all). `real` resumes where an earlier call left OUT (run it again to go on); once a run has
-# trained its budget it is evaluated.
+#                                                  with a budget of REAL_MINUTES (default 15) of training (a hard
+#                                                  limit on wall time), of which this call trains at most MIN
+#                                                  minutes (default 8); decoding as the configs say
+#   OUT=dir MIN=8 bash bench/suite_quality.sh real_packed   the same on packed rows
+# The real runs take cores 0-7 and 8-15 (run the lab elsewhere). `real` resumes where an earlier call left
+# OUT (run it again to go on); once a run has trained its budget it is evaluated.
 # Every line of OUT/lab.jsonl and OUT/real.jsonl is one run's summary (bench/quality.py).
 set -u
 cd "$(dirname "$0")/.."
@@ -26,11 +28,10 @@ lab() {  # NAME [--set ...]: one lab run pinned to two cores, counted down from 
     --temperatures 1.0 --out "$OUT/lab/$name" --log "$OUT/lab.jsonl" "$@" > "$OUT/lab_$name.log" 2>&1 &
 }
 
-real() {  # NAME MODEL SCENES: one real-grid run of the recipe (the configs' defaults) on the GPU
-  local name=$1 model=$2 scenes=$3
-  taskset -c 0-5 python3 bench/quality.py --model "$model" --minutes "${REAL_MINUTES:-15}" --session_minutes "$MIN" \
-    --num_scenes "$scenes" --temperatures 0.5 --groundings gripper,fingers --out "$OUT/real/$name" \
-    --log "$OUT/real.jsonl" >> "$OUT/real_$name.log" 2>&1 &
+real() {  # NAME MODEL SCENES CPUS [quality.py flags]: one real-grid run of the recipe (the configs) on the GPU
+  local name=$1 model=$2 scenes=$3 cpus=$4; shift 4
+  taskset -c "$cpus" python3 bench/quality.py --model "$model" --minutes "${REAL_MINUTES:-15}" --session_minutes "$MIN" \
+    --num_scenes "$scenes" --out "$OUT/real/$name" --log "$OUT/real.jsonl" "$@" >> "$OUT/real_$name.log" 2>&1 &
 }
 
 for part in "${@:-lab}"; do
@@ -44,18 +45,32 @@ for part in "${@:-lab}"; do
         --set dataset.max_grasps_per_object=16
       ;;
     decoding)
-      lab decoding --temperatures 1.0,0.5 --groundings gripper,fingers
+      lab decoding --temperatures 1.0,0.5 --cell_temperature none --groundings gripper,fingers
       ;;
-    real)
+    cell)  # one training, then each decoding of the cell-temperature table in turn (docs/QUALITY_LAB.md)
+      for d in "0.5 none" "1.0 0.5" "0.7 0.4" "1.0 0.3"; do
+        set -- $d
+        CUDA_VISIBLE_DEVICES= taskset -c "$((next_core - 1)),$next_core" python3 bench/quality.py --model lab \
+          --steps 300 --num_scenes 50 --temperatures "$1" --cell_temperature "$2" --out "$OUT/lab/cell" \
+          --log "$OUT/lab.jsonl" >> "$OUT/lab_cell.log" 2>&1
+      done
+      ;;
+    real|real_packed)
       MIN=${MIN:-8}
       # The runs share one data set: build it once before they start.
       python3 -c "from graspGPT.config import load_config; from graspGPT.data.source import resolve_data_dir; \
 c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_data_dir(c.dataset, c.system.seed))"
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
-      real gpt-mini gpt-mini 20
-      real gpt2 gpt2 12
+      if [ "$part" = real ]; then
+        real gpt-mini gpt-mini 20 0-7
+        real gpt2 gpt2 12 8-15
+      else  # rows of 16384 positions, 8 a step: about the tokens of 32 samples (docs/QUALITY_LAB.md)
+        rows="--set dataset.pack_length=16384 --set trainer.batch_size=8"
+        real packed_gpt-mini gpt-mini 12 0-7 $rows --set trainer.micro_batch_size=4
+        real packed_gpt2 gpt2 12 8-15 $rows --set trainer.micro_batch_size=2
+      fi
       ;;
-    *) echo "unknown part $part (lab, decoding, real)"; exit 2 ;;
+    *) echo "unknown part $part (lab, decoding, cell, real, real_packed)"; exit 2 ;;
   esac
 done
 wait

@@ -315,12 +315,15 @@ def lockstep_sync(device) -> Callable[[bool], bool]:
 def pick_scenes(indices: np.ndarray, num_scenes: int, seed: int, lengths: np.ndarray | None = None,
                 max_len: int | None = None) -> np.ndarray:
     """A fixed, seeded choice of up to num_scenes of `indices`, sorted; with max_len, only samples of at
-    most that many tokens (`lengths[i]`), so that every prompt and its answer fit the model."""
+    most that many tokens (`lengths[i]`), so that every prompt and its answer fit the model.
+
+    Nested: the first num_scenes of one seeded order, so a larger evaluation holds a smaller one's
+    scenes and runs evaluated on different counts can be compared on the scenes they share."""
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if max_len is not None:
         indices = indices[np.asarray(lengths)[indices] <= max_len]
-    n = min(int(num_scenes), len(indices))
-    return np.sort(np.random.default_rng(seed).choice(indices, n, replace=False)) if n > 0 else indices[:0]
+    n = max(0, min(int(num_scenes), len(indices)))
+    return np.sort(indices[np.random.default_rng(seed).permutation(len(indices))[:n]])
 
 
 def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int | None = None,

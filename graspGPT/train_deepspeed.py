@@ -122,7 +122,7 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
             if step % t.eval_every == 0 or step == t.max_iters:
                 report.validation(step, validation_loss(engine, data.val_samples, data.val_batches), record)
                 grasps = data.grasp_eval.run(engine.module, step, ranks.rank, ranks.world, lockstep=ds.zero_stage == 3)
-                report.grasps(step, grasps, t.eval_temperature, record)
+                report.grasps(step, grasps, t.eval_temperature, record, t.eval_cell_temperature)
             report.write(record)
             if step % t.save_every == 0 or step == t.max_iters:
                 save(step)

@@ -258,6 +258,7 @@ ap.add_argument("--local_rank", type=int)
 ap.add_argument("--data")
 ap.add_argument("--out")
 args = ap.parse_args()
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # plain gloo, as the trainer uses on CPU
 deepspeed.init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
 store = TokenStore.open(args.data)
@@ -366,6 +367,19 @@ def test_cli_table_json_and_errors(mixed, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1 and all(w in proc.stderr for w in words), proc.stderr
 
 
+def test_scene_choices_are_nested_and_fit_the_model():
+    from graspGPT.evaluation import pick_scenes
+
+    indices = np.arange(100, 500)
+    lengths = np.where(np.arange(600) % 7 == 0, 5000, 100)  # every 7th sample too long for the model
+    picks = {n: pick_scenes(indices, n, seed=0, lengths=lengths, max_len=1000) for n in (6, 12, 50, 1000)}
+    assert all(np.all(np.diff(p) > 0) for p in picks.values())  # sorted, no repeats
+    assert set(picks[6]) < set(picks[12]) < set(picks[50])  # more scenes extend fewer: comparable runs
+    assert len(picks[1000]) == np.sum(lengths[indices] <= 1000) and np.all(lengths[picks[1000]] <= 1000)
+    assert not np.array_equal(pick_scenes(indices, 12, seed=1), picks[12])  # the seed picks them
+    assert len(pick_scenes(indices, 0, seed=0)) == 0
+
+
 def test_validation_loss_is_the_mean_over_every_target_token(mixed):
     """The one validation loss (the trainer's and evaluate's): the summed loss of the batches over their
     target count, whatever the batching, with the model's training mode given back."""
@@ -407,15 +421,16 @@ def test_quality_configs_keep_a_ground_truth_dense_enough_for_the_bar():
 
 def test_the_lab_is_the_quickstart_with_more_validation_scenes():
     """What the lab measures is what the README's first command trains: the configs differ only in the
-    validation split, the grasp decoding during training (the lab decodes after it) and where the run goes."""
+    validation split, whether it decodes grasps during training (the lab decodes after it, the same way)
+    and where the run goes."""
     from graspGPT.config import load_config
 
     quick, lab = (load_config(["--config", str(REPO / "configs" / name)]).to_dict()
                   for name in ("quickstart.json", "quality_lab.json"))
     differ = {f"{section}.{key}" for section in quick for key in quick[section]
               if quick[section][key] != lab[section][key]}
-    assert differ == {"dataset.val_fraction", "trainer.eval_scenes", "trainer.eval_temperature", "trainer.resume",
-                      "system.output_dir"}
+    assert differ == {"dataset.val_fraction", "trainer.eval_scenes", "trainer.resume", "system.output_dir"}
+    assert (quick["trainer"]["eval_temperature"], quick["trainer"]["eval_cell_temperature"]) == (1.0, 0.3)
     assert quick["dataset"]["grasp_order"] == "random"
 
 
