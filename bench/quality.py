@@ -15,13 +15,16 @@ configs/quality_<model>.json holds the run (real 0.0075 m grid, grasp task, but 
   1. calibrate  a short run of the real trainer (one rank) measures seconds per optimizer step; the data
                 set is generated here once (cached in $GRASPGPT_CACHE or ~/.cache/graspgpt)
   2. train      max_iters = minutes * 60 / (seconds per step), so the LR schedule ends on time;
-                `--resume auto`, so an interrupted run continues from its last checkpoint
+                `--resume auto`, so an interrupted run continues from its last checkpoint. At the end of
+                the warmup (LR independent of max_iters) it stops once, measures its own step time
+                (under whatever then shares the GPU: the calibration run may not see it) and plans
+                max_iters again from the budget left
   3. evaluate   the newest checkpoint on --num_scenes validation scenes at each --temperatures and each
                 --groundings: constrained, grammar-only and unconstrained decoding and the random
                 baseline (graspGPT.evaluation)
 Calibration and training are skipped when OUT holds their result. --session_minutes M stops training
 gracefully (checkpoint, exit) after M minutes of this invocation; run the same command again to go on.
---minutes is a hard limit on training's wall time (start-ups included): if the calibration was optimistic,
+--minutes is a hard limit on training's wall time (start-ups included): if the plan was still optimistic,
 training stops at the budget short of its planned steps and the summary says where (budget_hit_at_step).
 Prints one JSON line per result, then one "summary" line (the headline figures beside the random
 baseline's, first temperature), and writes OUT/quality.json; --log FILE appends the summary line there.
@@ -87,6 +90,7 @@ def run_config(base: Path, settings: list[str], out: Path) -> Path:
     return path
 
 
+PER_SCENE = ("predicted", "correct", "feasible", "objects", "covered", "baseline_correct")
 HEADLINE = ("grasp_precision", "any_tag_precision", "grasp_validity", "grasp_coverage", "grasps_per_sequence")
 
 
@@ -101,9 +105,10 @@ def summary(results: list[dict]) -> dict:
             **{k: r.get(k) for k in keys}}
 
 
-def run_trainer(config: Path, output_dir: Path, flags: list[str], session_s: float | None = None
-                ) -> tuple[int, dict[int, float], dict[int, float]]:
-    """One rank of the real trainer. Returns (exit status, {step: arrival time}, {step: loss}) from its log lines."""
+def run_trainer(config: Path, output_dir: Path, flags: list[str], session_s: float | None = None,
+                stop_step: int | None = None) -> tuple[int, dict[int, float], dict[int, float]]:
+    """One rank of the real trainer, stopped gracefully (checkpoint, exit) after session_s seconds or once it
+    logs step stop_step. Returns (exit status, {step: arrival time}, {step: loss}) from its log lines."""
     cmd = ["bash", str(ROOT / "run_deepspeed_training.sh"), "1", "--master_port", str(free_port()),
            "--config", str(config), "--output_dir", str(output_dir), "--no_wandb", *flags]
     env = dict(os.environ, PYTHONUNBUFFERED="1", GRASPGPT_NO_PROGRESS="1")
@@ -117,7 +122,8 @@ def run_trainer(config: Path, output_dir: Path, flags: list[str], session_s: flo
             arrived[int(m.group(1))] = time.perf_counter()
             losses[int(m.group(1))] = float(m.group(3))
         stopping = stopping or line.startswith("done: ")  # finished: a signal now would only kill the exit
-        if session_s is not None and not stopping and time.perf_counter() - t0 > session_s:
+        late = session_s is not None and time.perf_counter() - t0 > session_s
+        if not stopping and (late or (m and stop_step is not None and int(m.group(1)) >= stop_step)):
             proc.send_signal(signal.SIGTERM)  # the launcher script hands it to the rank: it saves and exits
             stopping = True
     status = proc.wait()
@@ -135,8 +141,13 @@ def calibrate(config: Path, out: Path, steps: int) -> float:
                                                    "--save_every", str(10 * steps), "--eval_every", str(10 * steps)])
     if status != 0 or steps not in arrived:
         raise SystemExit(f"error: the calibration run failed (exit {status}); see the output above")
-    first = max(1, steps // 4)
-    gaps = sorted(arrived[i + 1] - arrived[i] for i in range(first, steps) if i in arrived and i + 1 in arrived)
+    return step_seconds(arrived, steps)
+
+
+def step_seconds(arrived: dict[int, float], last: int) -> float:
+    """The median gap between consecutive step lines up to step `last`, after the first quarter."""
+    first = min(arrived) + max(1, (last - min(arrived)) // 4)
+    gaps = sorted(arrived[i + 1] - arrived[i] for i in range(first, last) if i in arrived and i + 1 in arrived)
     return gaps[len(gaps) // 2]
 
 
@@ -164,9 +175,13 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
     for grounding in groundings:
         for t in temperatures:
             t0 = time.perf_counter()
+            scenes: list = []
             m = evaluate_model(model, store, val, num_scenes, seed=0, loss_on=cfg.dataset.loss_on, temperature=t,
-                               grounding=grounding, cell_temperature=cell_temperature)
+                               grounding=grounding, cell_temperature=cell_temperature, per_scene=scenes)
             m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+            # Each scene's own counts: runs evaluated on different numbers of scenes compare on the ones
+            # they share (the choice is nested).
+            m["per_scene"] = [{"index": i, **{k: int(c[k]) for k in PER_SCENE}} for i, c in scenes]
             seconds = round(time.perf_counter() - t0, 1)
             results.append({"step": meta["step"], "grounding": grounding, "temperature": t,
                             "cell_temperature": cell_temperature, **m,
@@ -246,28 +261,55 @@ def main() -> int:
     # The budget is a hard limit on training's wall time (start-ups included): when the calibration was
     # optimistic (e.g. runs sharing a GPU) training stops at the budget, short of max_iters, and says so.
     budget_left = None if "minutes" not in plan else plan["minutes"] * 60 - plan["train_wall_s"]
-    if latest_step(train_dir) < max_iters and (budget_left is None or budget_left > 30):  # < 30 s: a start-up
+    # A budgeted run first trains to the end of the warmup, measures its step time there (under whatever
+    # shares the GPU and the cores by then, unlike the calibration run) and plans its steps again: the LR
+    # schedule does not depend on max_iters during the warmup, so the new plan changes no step taken.
+    replan_at = max(cfg.trainer.warmup_iters, 20)
+    session_t0 = time.perf_counter()
+    while latest_step(train_dir) < max_iters and (budget_left is None or budget_left > 30):  # < 30 s: a start-up
+        replan = ("minutes" in plan and "replanned_at_step" not in plan and latest_step(train_dir) < replan_at
+                  and replan_at < max_iters)
         every = max(1, max_iters // 8)  # a checkpoint every ~1/8 of the run bounds the loss of an interruption
-        limits = [s for s in (budget_left, args.session_minutes and args.session_minutes * 60) if s]
-        t0 = time.perf_counter()
-        status, _, losses = run_trainer(
-            config, train_dir, ["--max_iters", str(max_iters), "--save_every", str(every),
-                                "--eval_every", str(every), "--resume", "auto"],
-            min(limits) if limits else None)
+        session_left = None if args.session_minutes is None else \
+            args.session_minutes * 60 - (time.perf_counter() - session_t0)
+        limits = [x for x in (budget_left, session_left) if x is not None]
+        t0, first_step = time.perf_counter(), latest_step(train_dir)
+        status, arrived, losses = run_trainer(
+            config, train_dir, ["--max_iters", str(max_iters), "--save_every", str(every), "--eval_every", str(every),
+                                "--resume", "auto", *(["--log_every", "1"] if replan else [])],
+            min(limits) if limits else None, stop_step=replan_at if replan else None)
         if status != 0 and latest_step(train_dir) < max_iters:
             raise SystemExit(f"error: training failed (exit {status}); see the output above")
-        plan["train_wall_s"] = round(plan["train_wall_s"] + time.perf_counter() - t0, 1)  # start-up included
-        plan_file.write_text(json.dumps(plan, indent=1) + "\n")
+        t1 = time.perf_counter()
+        plan["train_wall_s"] = round(plan["train_wall_s"] + t1 - t0, 1)  # start-up included
         done = latest_step(train_dir)
+        budget_left = None if "minutes" not in plan else plan["minutes"] * 60 - plan["train_wall_s"]
+        replanned = replan and done >= replan_at and len(arrived) >= 8
+        if replanned:
+            step_s = step_seconds(arrived, max(arrived))
+            start_up = max(0.0, min(arrived.values()) - t0 - step_s * (min(arrived) - first_step))
+            stop = max(0.0, t1 - max(arrived.values()))  # the stop's checkpoint and exit
+            # What is not steps: the next start-up, the run's 8 checkpoints with validation and its end, each
+            # counted as a stop: on the safe side (the CPU smoke run ended at 88% of its budget; with none of
+            # it counted, at 107%, cut short), since a schedule cut short ends at a high LR.
+            max_iters = max(done + 1, done + int((budget_left - start_up - 9 * stop) / step_s))
+            plan.update(replanned_at_step=done, replanned_seconds_per_step=round(step_s, 4), max_iters=max_iters)
+            emit({"replan": {"at_step": done, "seconds_per_step": round(step_s, 4), "max_iters": max_iters}})
+        plan_file.write_text(json.dumps(plan, indent=1) + "\n")
         emit({"train": {"steps_now": done, "max_iters": max_iters, "train_wall_s": plan["train_wall_s"],
                         "last_loss": losses[max(losses)] if losses else None}})
-        if done < max_iters and plan["train_wall_s"] < plan.get("minutes", float("inf")) * 60 - 30:
+        session_over = args.session_minutes is not None and \
+            time.perf_counter() - session_t0 > args.session_minutes * 60 - 30
+        if replanned and not session_over:
+            continue  # on to the end under the new plan
+        if done < max_iters and (budget_left is None or budget_left > 30):
             emit({"note": f"stopped at step {done} of {max_iters}; run the same command again to continue"})
             return 0
+        break
     if latest_step(train_dir) < max_iters:
         plan["budget_hit_at_step"] = latest_step(train_dir)
         emit({"note": f"the {plan['minutes']}-minute budget ran out at step {plan['budget_hit_at_step']} of "
-                      f"{max_iters} (the calibration was optimistic); evaluating that checkpoint"})
+                      f"{max_iters}; evaluating that checkpoint"})
 
     results = evaluate(cfg, train_dir, args.num_scenes, temperatures, args.groundings.split(","), device,
                        cell_temperature)

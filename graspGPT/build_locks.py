@@ -65,7 +65,12 @@ def clear_orphaned_locks(root: Path | None = None, warn=print) -> list[Path]:
         except FileNotFoundError:
             continue  # its build just finished
         if age >= ORPHAN_AGE_S:
-            lock.unlink(missing_ok=True)
+            try:
+                lock.unlink(missing_ok=True)
+            except OSError as err:  # not ours to remove (permissions): the user must
+                warn(f"warning: {lock} is a build lock left by a killed build {age / 60:.0f} min ago and could not "
+                     f"be removed ({err.strerror}); this run will wait for it until it is deleted")
+                continue
             removed.append(lock)
             warn(f"warning: removed {lock}, a build lock left by a killed build {age / 60:.0f} min ago "
                  f"(it would have kept this run waiting forever)")

@@ -328,8 +328,9 @@ def pick_scenes(indices: np.ndarray, num_scenes: int, seed: int, lengths: np.nda
 
 def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int | None = None,
                     sync: Callable[[bool], bool] | None = None, scenes_per_batch: int = 8,
-                    **options) -> tuple[dict[str, float], tuple | None]:
-    """Summed counts over `scenes` and (index, grasps, truth, counts) of the first, for a picture.
+                    per_scene: list | None = None, **options) -> tuple[dict[str, float], tuple | None]:
+    """Summed counts over `scenes` and (index, grasps, truth, counts) of the first, for a picture;
+    `per_scene`, if given, receives each scene's (index, counts).
 
     Up to `scenes_per_batch` scenes decode together (a decoding step costs about the same for one row
     as for many); scene i samples with seed + i wherever it is batched. With `sync` (ZeRO-3),
@@ -347,6 +348,8 @@ def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int
                                      sync=sync, **options)
             for index, (c, grasps, truth) in zip(batch, results):
                 counts = {k: counts[k] + c[k] for k in COUNT_KEYS}
+                if per_scene is not None:
+                    per_scene.append((index, c))
                 first = first or (index, grasps, truth, c)
         elif sync is not None:
             decode(model, np.array([store.vocab.scene]), store.vocab, max_new_tokens=0, sync=sync)
@@ -417,13 +420,14 @@ class TrainingEvaluator:
 
 
 def evaluate(model, store: TokenStore, indices: np.ndarray, num_scenes: int, seed: int = 0, batch_size: int = 4,
-             loss_on: str = "all", **options) -> dict:
+             loss_on: str = "all", per_scene: list | None = None, **options) -> dict:
     """Generation metrics and the loss on `num_scenes` of `indices` (picked with `seed`), in one process.
-    loss_on: the targets of the loss, as the model was trained (dataset.loss_on)."""
+    loss_on: the targets of the loss, as the model was trained (dataset.loss_on); `per_scene`, if given,
+    receives each scene's (index, counts) (evaluate_scenes)."""
     scenes = pick_scenes(indices, num_scenes, seed, store.lengths, model.cfg.block_size)
     if len(scenes) == 0:
         raise GenerateError(f"no sample of the split fits the model's block size ({model.cfg.block_size} tokens)")
-    counts, _ = evaluate_scenes(model, store, scenes, seed, **options)
+    counts, _ = evaluate_scenes(model, store, scenes, seed, per_scene=per_scene, **options)
     metrics = summarize(counts)
     samples = TrainingSamples(store, scenes, model.cfg.block_size, AugmentConfig.none(), seed=0, loss_on=loss_on)
     loss = validation_loss(model, samples, val_batches(samples.lengths, batch_size))

@@ -230,7 +230,10 @@ def test_untrained_model_and_split_scenes_add_up(mixed):
     torch.manual_seed(0)
     model = GraspGPT(GraspGPTConfig(vocab_size=mixed.vocab.size, block_size=1024, n_layer=2, n_head=2, n_embd=32))
     scenes = np.arange(6)
-    whole, first = evaluate_scenes(model, mixed, scenes, seed=1, max_new_tokens=40)
+    each = []
+    whole, first = evaluate_scenes(model, mixed, scenes, seed=1, max_new_tokens=40, per_scene=each)
+    assert [i for i, _ in each] == list(scenes)  # each scene's own counts, which add up to the whole
+    assert all(sum(c[k] for _, c in each) == whole[k] for k in COUNT_KEYS if k != "decode_seconds")
     a, _ = evaluate_scenes(model, mixed, scenes[0::2], seed=1, max_new_tokens=40)
     b, _ = evaluate_scenes(model, mixed, scenes[1::2], seed=1, max_new_tokens=40)
     alone, _ = evaluate_scenes(model, mixed, scenes, seed=1, max_new_tokens=40, scenes_per_batch=1)
