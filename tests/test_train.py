@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -195,14 +196,20 @@ def test_script_runs_from_inside_graspGPT(tmp_path, cache_dir):
 
 @pytest.mark.ranks
 def test_launcher_script_from_another_directory(tmp_path, cache_dir):
+    """Also: the run starts past a build lock that a killed DeepSpeed op build left (tests/test_build_locks.py)."""
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "cfg.json", {"trainer": {"max_iters": 2}})
+    stale = tmp_path / "ext" / "fused_adam" / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    env = dict(train_env(cache_dir, checkout_on_path=False), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     p = subprocess.run([str(REPO / "run_deepspeed_training.sh"), "--config", str(cfg), "--output_dir", str(out)],
-                       cwd=tmp_path, env=train_env(cache_dir, checkout_on_path=False), capture_output=True, text=True,
-                       timeout=300)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     run_ok(p)
     assert re.search(r"launching 2 rank\(s\) on CPU, master port \d+\n", p.stdout)  # 2 ranks without a GPU; a free port
     assert (out / "training_rank_1.log").is_file() and not (out / "training_rank_2.log").exists()
+    assert not stale.exists() and (p.stdout + p.stderr).count(f"removed {stale}") == 1  # one check per node
 
 
 @pytest.mark.ranks
