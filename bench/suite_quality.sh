@@ -20,12 +20,18 @@ export GRASPGPT_NO_PROGRESS=1 GRASPGPT_CACHE=${GRASPGPT_CACHE:-/tmp/graspgpt-cac
 cores=$(nproc)
 next_core=$((cores - 1))
 
-lab() {  # NAME [--set ...]: one lab run pinned to two cores, counted down from the last
+lab_run() {  # NAME CPUS [quality.py flags]: one lab run (training skipped when OUT/lab/NAME has it), decoding as
+             # configs/quality_lab.json says unless the flags say otherwise
+  local name=$1 cpus=$2; shift 2
+  CUDA_VISIBLE_DEVICES= taskset -c "$cpus" python3 bench/quality.py --model lab --steps 300 --num_scenes 50 \
+    --out "$OUT/lab/$name" --log "$OUT/lab.jsonl" "$@"
+}
+
+lab() {  # NAME [flags]: one lab run in the background, pinned to two cores, counted down from the last
   local name=$1; shift
   local cpus="$((next_core - 1)),$next_core"
   next_core=$((next_core - 2))
-  CUDA_VISIBLE_DEVICES= taskset -c "$cpus" python3 bench/quality.py --model lab --steps 300 --num_scenes 50 \
-    --temperatures 1.0 --out "$OUT/lab/$name" --log "$OUT/lab.jsonl" "$@" > "$OUT/lab_$name.log" 2>&1 &
+  lab_run "$name" "$cpus" "$@" > "$OUT/lab_$name.log" 2>&1 &
 }
 
 real() {  # NAME MODEL SCENES CPUS [quality.py flags]: one real-grid run of the recipe (the configs) on the GPU
@@ -48,11 +54,9 @@ for part in "${@:-lab}"; do
       lab decoding --temperatures 1.0,0.5 --cell_temperature none --groundings gripper,fingers
       ;;
     cell)  # one training, then each decoding of the cell-temperature table in turn (docs/QUALITY_LAB.md)
-      for d in "0.5 none" "1.0 0.5" "0.7 0.4" "1.0 0.3"; do
+      for d in "0.5 none" "1.0 0.5" "0.7 0.4" "1.0 0.3" "1.0 0.2"; do
         set -- $d
-        CUDA_VISIBLE_DEVICES= taskset -c "$((next_core - 1)),$next_core" python3 bench/quality.py --model lab \
-          --steps 300 --num_scenes 50 --temperatures "$1" --cell_temperature "$2" --out "$OUT/lab/cell" \
-          --log "$OUT/lab.jsonl" >> "$OUT/lab_cell.log" 2>&1
+        lab_run cell "$((next_core - 1)),$next_core" --temperatures "$1" --cell_temperature "$2" >> "$OUT/lab_cell.log" 2>&1
       done
       ;;
     real|real_packed)

@@ -102,13 +102,13 @@ def setup(system) -> Ranks:
         # (~35 s) and leaves ~130 MB buffers in /dev/shm after every run.
         import deepspeed.ops
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one per node, before any rank can start a build
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank == 0:  # one per node, before any rank can start a build
         build_locks.clear_orphaned_locks(warn=lambda message: print(message, file=sys.stderr, flush=True))
     timeout = collective_timeout(system.collective_timeout_min)
     time_out_every_group(timeout)  # first: DeepSpeed may make groups as it joins
     _join(timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     accel = get_accelerator()
     on_gpu = accel.device_name() == "cuda"
     if on_gpu:

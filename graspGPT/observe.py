@@ -224,6 +224,8 @@ class StepReport:
         self.progress = Progress(rank, start_step, trainer_cfg.max_iters)
         self.metrics = MetricsFile(out / MetricsFile.NAME, rank, start_step)
         self.skips = NonFiniteSteps(trainer_cfg.max_nonfinite_steps, skipped, log)
+        cells = trainer_cfg.eval_cell_temperature
+        self.decoding = f"T={trainer_cfg.eval_temperature:g}" + ("" if cells is None else f", cells {cells:g}")
 
     def step(self, step: int, loss: float, lr: float, applied: bool, grad_norm, targets: float, tokens: float,
              wait_s: float, epoch: int) -> dict:
@@ -254,8 +256,7 @@ class StepReport:
         self.log.info(f"step {step} val_loss {val_loss:.4f} (ppl {ppl:.2f})")
         self.wandb.log({"val/loss": val_loss, "val/ppl": ppl}, step)
 
-    def grasps(self, step: int, gen: dict, temperature: float, record: dict,
-               cell_temperature: float | None = None) -> None:
+    def grasps(self, step: int, gen: dict, record: dict) -> None:
         """The grasp metrics of decoding the validation scenes (evaluate.TrainingEvaluator), and its picture."""
         if not gen:
             return
@@ -263,9 +264,8 @@ class StepReport:
         # The metrics file holds what a resumed run must reproduce exactly; timings go to the log and wandb.
         record.update({f"eval/{k}": v for k, v in gen.items() if k not in ("eval_seconds", "decode_tokens_per_s")})
         nan = float("nan")
-        cells = "" if cell_temperature is None else f", cells {cell_temperature:g}"
         self.log.info(
-            f"step {step} grasps (T={temperature:g}{cells}): precision {gen['grasp_precision']:.3f}, any object "
+            f"step {step} grasps ({self.decoding}): precision {gen['grasp_precision']:.3f}, any object "
             f"{gen['any_tag_precision']:.3f}, validity {gen['grasp_validity']:.3f}, coverage "
             f"{gen['grasp_coverage']:.3f} (random {gen['baseline_precision']:.3f}, "
             f"{gen['baseline_any_tag_precision']:.3f}, {gen['baseline_validity']:.3f}, "

@@ -117,13 +117,13 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
             loss_sum = train_step(engine, sb.micro, scale=ranks.world * ds.batch.grad_accum / max(targets, 1.0))
             (loss_total,) = all_sum([loss_sum.item()], ranks.device)
             step += 1
-            record = report.step(step, loss_total / max(targets, 1.0), lr, engine.was_step_applied(),
-                                 engine.get_global_grad_norm(), targets, tokens, sb.wait_s, sb.epoch)
+            metrics = report.step(step, loss_total / max(targets, 1.0), lr, engine.was_step_applied(),
+                                  engine.get_global_grad_norm(), targets, tokens, sb.wait_s, sb.epoch)
             if step % t.eval_every == 0 or step == t.max_iters:
-                report.validation(step, validation_loss(engine, data.val_samples, data.val_batches), record)
+                report.validation(step, validation_loss(engine, data.val_samples, data.val_batches), metrics)
                 grasps = data.grasp_eval.run(engine.module, step, ranks.rank, ranks.world, lockstep=ds.zero_stage == 3)
-                report.grasps(step, grasps, t.eval_temperature, record, t.eval_cell_temperature)
-            report.write(record)
+                report.grasps(step, grasps, metrics)
+            report.write(metrics)
             if step % t.save_every == 0 or step == t.max_iters:
                 save(step)
     finally:
