@@ -32,6 +32,7 @@ baseline's, first temperature), and writes OUT/quality.json; --log FILE appends 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -90,6 +91,7 @@ def run_config(base: Path, settings: list[str], out: Path) -> Path:
     return path
 
 
+UNPLANNED_STEPS = 10**6  # max_iters before the warmup re-plan when there is no calibration
 PER_SCENE = ("predicted", "correct", "feasible", "objects", "covered", "baseline_correct")
 HEADLINE = ("grasp_precision", "any_tag_precision", "grasp_validity", "grasp_coverage", "grasps_per_sequence")
 
@@ -159,7 +161,7 @@ def latest_step(train_dir: Path) -> int:
 
 
 def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], groundings: list[str],
-             device: str, cell_temperature: float | None = None) -> list[dict]:
+             device: str, cell_temperatures: list[float | None]) -> list[dict]:
     import torch
 
     from graspGPT.data.source import resolve_data_dir
@@ -172,20 +174,19 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
     store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
     _, val = store.split(cfg.dataset.val_fraction, cfg.system.seed)
     results = []
-    for grounding in groundings:
-        for t in temperatures:
-            t0 = time.perf_counter()
-            scenes: list = []
-            m = evaluate_model(model, store, val, num_scenes, seed=0, loss_on=cfg.dataset.loss_on, temperature=t,
-                               grounding=grounding, cell_temperature=cell_temperature, per_scene=scenes)
-            m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
-            # Each scene's own counts: runs evaluated on different numbers of scenes compare on the ones
-            # they share (the choice is nested).
-            m["per_scene"] = [{"index": i, **{k: int(c[k]) for k in PER_SCENE}} for i, c in scenes]
-            seconds = round(time.perf_counter() - t0, 1)
-            results.append({"step": meta["step"], "grounding": grounding, "temperature": t,
-                            "cell_temperature": cell_temperature, **m,
-                            "eval_seconds": seconds})
+    for grounding, t, cell_temperature in itertools.product(groundings, temperatures, cell_temperatures):
+        t0 = time.perf_counter()
+        scenes: list = []
+        m = evaluate_model(model, store, val, num_scenes, seed=0, loss_on=cfg.dataset.loss_on, temperature=t,
+                           grounding=grounding, cell_temperature=cell_temperature, per_scene=scenes)
+        m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+        # Each scene's own counts: runs evaluated on different numbers of scenes compare on the ones
+        # they share (the choice is nested).
+        m["per_scene"] = [{"index": i, **{k: int(c[k]) for k in PER_SCENE}} for i, c in scenes]
+        seconds = round(time.perf_counter() - t0, 1)
+        results.append({"step": meta["step"], "grounding": grounding, "temperature": t,
+                        "cell_temperature": cell_temperature, **m,
+                        "eval_seconds": seconds})
     return results
 
 
@@ -199,12 +200,15 @@ def main() -> int:
     ap.add_argument("--temperatures", default=None,
                     help="sampling temperatures to evaluate, e.g. 1.0,0.5 (default: the config's trainer.eval_temperature)")
     ap.add_argument("--cell_temperature", default=None,
-                    help="temperature of the cells within their share of the probability; none: as the rest "
-                         "(default: the config's trainer.eval_cell_temperature)")
+                    help="temperatures of the cells within their share of the probability, each evaluated at "
+                         "every temperature, e.g. 0.3,0.1; none: as the rest (default: the config's "
+                         "trainer.eval_cell_temperature)")
     ap.add_argument("--groundings", default="gripper",
                     help="constrained decodings to evaluate, each at every temperature (gripper, fingers, none; "
                          "default gripper)")
-    ap.add_argument("--calibration_steps", type=int, default=40)
+    ap.add_argument("--calibration_steps", type=int, default=40,
+                    help="steps of the calibration run; 0: none, the re-plan at the end of the warmup sets the "
+                         "steps (saves a start-up and the calibration)"),
     ap.add_argument("--session_minutes", type=float, default=None,
                     help="stop training after this long in this invocation (checkpoint; rerun to continue)")
     ap.add_argument("--device", default=None, help="evaluation device (default: cuda if present)")
@@ -237,8 +241,8 @@ def main() -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         temperatures = [float(t) for t in (args.temperatures or str(cfg.trainer.eval_temperature)).split(",")]
-        cell_temperature = (cfg.trainer.eval_cell_temperature if args.cell_temperature is None
-                            else None if args.cell_temperature.lower() == "none" else float(args.cell_temperature))
+        cell_temperatures = ([cfg.trainer.eval_cell_temperature] if args.cell_temperature is None else
+                             [None if c.strip().lower() == "none" else float(c) for c in args.cell_temperature.split(",")])
     except ValueError as err:
         raise SystemExit(f"error: --temperatures / --cell_temperature take numbers (cell: or none): {err}") from None
 
@@ -248,11 +252,14 @@ def main() -> int:
     elif args.steps is not None:
         plan = {"model": args.model, "steps": args.steps, "max_iters": args.steps, "train_wall_s": 0.0}
         plan_file.write_text(json.dumps(plan, indent=1) + "\n")
-    else:
+    elif args.calibration_steps > 0:
         step_s = calibrate(config, out / "calibrate", args.calibration_steps)
         max_iters = max(args.calibration_steps, int(args.minutes * 60 / step_s))
         plan = {"model": args.model, "minutes": args.minutes, "seconds_per_step": round(step_s, 4),
                 "max_iters": max_iters, "train_wall_s": 0.0}
+        plan_file.write_text(json.dumps(plan, indent=1) + "\n")
+    else:  # no calibration: the steps are planned at the end of the warmup, until then only the budget bounds them
+        plan = {"model": args.model, "minutes": args.minutes, "max_iters": UNPLANNED_STEPS, "train_wall_s": 0.0}
         plan_file.write_text(json.dumps(plan, indent=1) + "\n")
     emit({"plan": plan})
 
@@ -312,7 +319,7 @@ def main() -> int:
                       f"{max_iters}; evaluating that checkpoint"})
 
     results = evaluate(cfg, train_dir, args.num_scenes, temperatures, args.groundings.split(","), device,
-                       cell_temperature)
+                       cell_temperatures)
     for r in results:
         budget = {"train_steps": plan["steps"]} if "steps" in plan else {"train_minutes": plan["minutes"]}
         emit({"model": args.model, **budget, "train_wall_s": plan["train_wall_s"], **r})

@@ -8,6 +8,10 @@
 #                                                  limit on wall time), of which this call trains at most MIN
 #                                                  minutes (default 8); decoding as the configs say
 #   OUT=dir MIN=8 bash bench/suite_quality.sh real_packed   the same on packed rows
+#   OUT=dir bash bench/suite_quality.sh real_compare   packing's share: gpt-mini unpacked and packed, gpt2 packed,
+#                                                  the three at once on one GPU (cores 0-4, 5-9, 10-15)
+# MIN empty: each run trains its whole budget in this call. CELLS=0.3,0.1: evaluate each cell temperature
+# (default: the configs'). No calibration run: each run plans its steps at the end of its warmup.
 # The real runs take cores 0-7 and 8-15 (run the lab elsewhere). `real` resumes where an earlier call left
 # OUT (run it again to go on); once a run has trained its budget it is evaluated.
 # Every line of OUT/lab.jsonl and OUT/real.jsonl is one run's summary (bench/quality.py).
@@ -36,7 +40,8 @@ lab() {  # NAME [flags]: one lab run in the background, pinned to two cores, cou
 
 real() {  # NAME MODEL SCENES CPUS [quality.py flags]: one real-grid run of the recipe (the configs) on the GPU
   local name=$1 model=$2 scenes=$3 cpus=$4; shift 4
-  taskset -c "$cpus" python3 bench/quality.py --model "$model" --minutes "${REAL_MINUTES:-15}" --session_minutes "$MIN" \
+  taskset -c "$cpus" python3 bench/quality.py --model "$model" --minutes "${REAL_MINUTES:-15}" --calibration_steps 0 \
+    ${MIN:+--session_minutes "$MIN"} ${CELLS:+--cell_temperature "$CELLS"} \
     --num_scenes "$scenes" --out "$OUT/real/$name" --log "$OUT/real.jsonl" "$@" >> "$OUT/real_$name.log" 2>&1 &
 }
 
@@ -59,22 +64,27 @@ for part in "${@:-lab}"; do
         lab_run cell "$((next_core - 1)),$next_core" --temperatures "$1" --cell_temperature "$2" >> "$OUT/lab_cell.log" 2>&1
       done
       ;;
-    real|real_packed)
-      MIN=${MIN:-8}
+    real|real_packed|real_compare)
+      [ "$part" = real_compare ] || MIN=${MIN-8}
       # The runs share one data set: build it once before they start.
       python3 -c "from graspGPT.config import load_config; from graspGPT.data.source import resolve_data_dir; \
 c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_data_dir(c.dataset, c.system.seed))"
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
+      # rows of 16384 positions, 8 a step: about the tokens of 32 samples (docs/QUALITY_LAB.md)
+      rows="--set dataset.pack_length=16384 --set trainer.batch_size=8"
       if [ "$part" = real ]; then
         real gpt-mini gpt-mini 20 0-7
         real gpt2 gpt2 12 8-15
-      else  # rows of 16384 positions, 8 a step: about the tokens of 32 samples (docs/QUALITY_LAB.md)
-        rows="--set dataset.pack_length=16384 --set trainer.batch_size=8"
+      elif [ "$part" = real_packed ]; then
         real packed_gpt-mini gpt-mini 12 0-7 $rows --set trainer.micro_batch_size=4
         real packed_gpt2 gpt2 12 8-15 $rows --set trainer.micro_batch_size=2
+      else
+        real gpt-mini gpt-mini 20 0-4
+        real packed_gpt-mini gpt-mini 20 5-9 $rows --set trainer.micro_batch_size=4
+        real packed_gpt2 gpt2 12 10-15 $rows --set trainer.micro_batch_size=2
       fi
       ;;
-    *) echo "unknown part $part (lab, decoding, cell, real, real_packed)"; exit 2 ;;
+    *) echo "unknown part $part (lab, decoding, cell, real, real_packed, real_compare)"; exit 2 ;;
   esac
 done
 wait
