@@ -9,7 +9,9 @@ grammar-only row and one unconstrained row, `--scenes` scenes in one batch, ever
 exactly --max_new tokens (`end` is masked so that all rows do the same work; an untrained model's
 grasps are as costly to constrain as a trained one's). A warm-up call runs first (CUDA, compilation).
 Prints one JSON line per case: new tokens per second, milliseconds per decoding step, and the
-latency of one grounded row of one scene (batch 1).
+latency of one grounded row of one scene (batch 1). With --grasps N, also one scene's N grounded grasps
+written one after another in one row (the sequence) against N rows of one grasp each (independent
+sampling, `graspGPT.decoding.join_grasps`): seconds of each and the ratio.
 """
 from __future__ import annotations
 
@@ -57,12 +59,31 @@ def run_case(model, prompts, vocab, voxel_size, rows_per_scene: int, max_new: in
             "tokens_per_s": round(tokens / seconds, 1), "ms_per_step": round(1e3 * seconds / outs[0].forwards, 2)}
 
 
+def grasp_latency(model, prompt, vocab, voxel_size: float, n: int) -> dict:
+    """Seconds for one scene's n grounded grasps: one row writing them in turn, and n rows writing one each."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def seconds(rows: int, cap: int) -> float:
+        sync()
+        t0 = time.perf_counter()
+        dec.decode_many(model, [prompt], vocab, rows, cap, 1.0, None, seeds=[0], grounded=True, voxel_size=voxel_size)
+        sync()
+        return time.perf_counter() - t0
+
+    seconds(n, dec.GRASP_TOKENS)  # warm-up of the wide batch's shapes
+    sequence, independent = seconds(1, n * dec.GRASP_TOKENS), seconds(n, dec.GRASP_TOKENS)
+    return {"grasps": n, "sequence_s": round(sequence, 3), "independent_s": round(independent, 3),
+            "speedup": round(sequence / independent, 1)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt-mini,gpt2", help="model presets, comma-separated")
     ap.add_argument("--scenes", type=int, default=8, help="scenes per batch (the evaluation's default: 8)")
     ap.add_argument("--max_new", type=int, default=512, help="tokens each row writes")
     ap.add_argument("--voxel_size", type=float, default=0.0075)
+    ap.add_argument("--grasps", type=int, default=0,
+                    help="also time one scene's N grasps, in one sequence and as N independent rows")
     ap.add_argument("--label", default="", help="a name for this code version in the output")
     args = ap.parse_args()
 
@@ -81,9 +102,11 @@ def main() -> int:
         run_case(model, prompts[:1], vocab, args.voxel_size, 1, 8, 0)  # warm-up
         batch = run_case(model, prompts, vocab, args.voxel_size, 3, args.max_new, 0)
         one = run_case(model, prompts[:1], vocab, args.voxel_size, 1, args.max_new, 0)
+        grasps = {"grasps": grasp_latency(model, prompts[0], vocab, args.voxel_size, args.grasps)} \
+            if args.grasps else {}
         print(json.dumps({"label": args.label, "model": name, "device": torch.cuda.get_device_name() if device == "cuda"
                           else "cpu", "scenes": args.scenes, "max_new": args.max_new, "batch": batch,
-                          "batch1_grounded": one}), flush=True)
+                          "batch1_grounded": one, **grasps}), flush=True)
     return 0
 
 

@@ -27,7 +27,8 @@ gracefully (checkpoint, exit) after M minutes of this invocation; run the same c
 --minutes is a hard limit on training's wall time (start-ups included): if the plan was still optimistic,
 training stops at the budget short of its planned steps and the summary says where (budget_hit_at_step).
 Prints one JSON line per result, then one "summary" line (the headline figures beside the random
-baseline's, first temperature), and writes OUT/quality.json; --log FILE appends the summary line there.
+baseline's, first temperature), and writes OUT/quality.json and the decoded grasps to OUT/predictions.json;
+--log FILE appends the summary line there.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def summary(results: list[dict]) -> dict:
     keys = (*HEADLINE, *("grammar_" + k for k in HEADLINE), "baseline_precision", "baseline_any_tag_precision",
             "baseline_validity", "baseline_coverage", "prefix_precision", "val_loss", "valid_rate")
     return {"step": r["step"], "grounding": r.get("grounding"), "temperature": r["temperature"],
-            "cell_temperature": r.get("cell_temperature"),
+            "cell_temperature": r.get("cell_temperature"), "independent_grasps": r.get("independent_grasps"),
             **{k: r.get(k) for k in keys}}
 
 
@@ -161,7 +162,8 @@ def latest_step(train_dir: Path) -> int:
 
 
 def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], groundings: list[str],
-             device: str, cell_temperatures: list[float | None]) -> list[dict]:
+             device: str, cell_temperatures: list[float | None], independents: list[int]
+             ) -> tuple[list[dict], list[dict]]:
     import torch
 
     from graspGPT.data.source import resolve_data_dir
@@ -173,21 +175,25 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
     model, meta = load_model(train_dir, device=device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
     store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
     _, val = store.split(cfg.dataset.val_fraction, cfg.system.seed)
-    results = []
-    for grounding, t, cell_temperature in itertools.product(groundings, temperatures, cell_temperatures):
+    results, predictions = [], []
+    for grounding, t, cell_temperature, independent in itertools.product(groundings, temperatures, cell_temperatures,
+                                                                         independents):
         t0 = time.perf_counter()
         scenes: list = []
         m = evaluate_model(model, store, val, num_scenes, seed=0, loss_on=cfg.dataset.loss_on, temperature=t,
-                           grounding=grounding, cell_temperature=cell_temperature, per_scene=scenes)
+                           grounding=grounding, cell_temperature=cell_temperature, independent=independent,
+                           per_scene=scenes)
         m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
         # Each scene's own counts: runs evaluated on different numbers of scenes compare on the ones
         # they share (the choice is nested).
-        m["per_scene"] = [{"index": i, **{k: int(c[k]) for k in PER_SCENE}} for i, c in scenes]
+        m["per_scene"] = [{"index": i, **{k: int(c[k]) for k in PER_SCENE}} for i, c, _ in scenes]
         seconds = round(time.perf_counter() - t0, 1)
-        results.append({"step": meta["step"], "grounding": grounding, "temperature": t,
-                        "cell_temperature": cell_temperature, **m,
-                        "eval_seconds": seconds})
-    return results
+        decoding = {"step": meta["step"], "grounding": grounding, "temperature": t,
+                    "cell_temperature": cell_temperature, "independent_grasps": independent}
+        results.append({**decoding, **m, "eval_seconds": seconds})
+        # The grasps themselves (tag id and voxel ids of each, per scene), for looking into them offline.
+        predictions.append({**decoding, "grasps": {i: [[b.tag, *map(int, b.cells)] for b in g] for i, _, g in scenes}})
+    return results, predictions
 
 
 def main() -> int:
@@ -203,6 +209,9 @@ def main() -> int:
                     help="temperatures of the cells within their share of the probability, each evaluated at "
                          "every temperature, e.g. 0.3,0.1; none: as the rest (default: the config's "
                          "trainer.eval_cell_temperature)")
+    ap.add_argument("--independent_grasps", default=None,
+                    help="grasps sampled each on its own after the scene, per scene, each count evaluated, e.g. 0,64 "
+                         "(0: one sequence; default: the config's trainer.eval_independent_grasps)")
     ap.add_argument("--groundings", default="gripper",
                     help="constrained decodings to evaluate, each at every temperature (gripper, fingers, none; "
                          "default gripper)")
@@ -243,8 +252,13 @@ def main() -> int:
         temperatures = [float(t) for t in (args.temperatures or str(cfg.trainer.eval_temperature)).split(",")]
         cell_temperatures = ([cfg.trainer.eval_cell_temperature] if args.cell_temperature is None else
                              [None if c.strip().lower() == "none" else float(c) for c in args.cell_temperature.split(",")])
+        independents = ([cfg.trainer.eval_independent_grasps] if args.independent_grasps is None else
+                        [int(n) for n in args.independent_grasps.split(",")])
     except ValueError as err:
-        raise SystemExit(f"error: --temperatures / --cell_temperature take numbers (cell: or none): {err}") from None
+        raise SystemExit(f"error: --temperatures / --cell_temperature / --independent_grasps take numbers (cell: or "
+                         f"none): {err}") from None
+    if min(independents) < 0:
+        raise SystemExit(f"error: --independent_grasps takes counts >= 0, got {args.independent_grasps}")
 
     plan_file = out / "plan.json"
     if plan_file.is_file():
@@ -318,12 +332,13 @@ def main() -> int:
         emit({"note": f"the {plan['minutes']}-minute budget ran out at step {plan['budget_hit_at_step']} of "
                       f"{max_iters}; evaluating that checkpoint"})
 
-    results = evaluate(cfg, train_dir, args.num_scenes, temperatures, args.groundings.split(","), device,
-                       cell_temperatures)
+    results, predictions = evaluate(cfg, train_dir, args.num_scenes, temperatures, args.groundings.split(","), device,
+                       cell_temperatures, independents)
     for r in results:
         budget = {"train_steps": plan["steps"]} if "steps" in plan else {"train_minutes": plan["minutes"]}
         emit({"model": args.model, **budget, "train_wall_s": plan["train_wall_s"], **r})
     (out / "quality.json").write_text(json.dumps({"plan": plan, "results": results}, indent=1) + "\n")
+    (out / "predictions.json").write_text(json.dumps(predictions) + "\n")
     line = {"summary": str(out), "model": args.model, "settings": args.set, "train_wall_s": plan["train_wall_s"],
             "max_iters": max_iters, "budget_hit_at_step": plan.get("budget_hit_at_step"),
             **summary(results)}

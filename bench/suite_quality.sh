@@ -10,8 +10,10 @@
 #   OUT=dir MIN=8 bash bench/suite_quality.sh real_packed   the same on packed rows
 #   OUT=dir bash bench/suite_quality.sh real_compare   packing's share: gpt-mini unpacked and packed, gpt2 packed,
 #                                                  the three at once on one GPU (cores 0-4, 5-9, 10-15)
-# MIN empty: each run trains its whole budget in this call. CELLS=0.3,0.1: evaluate each cell temperature
-# (default: the configs'). No calibration run: each run plans its steps at the end of its warmup.
+# MIN empty: each run trains its whole budget in this call. CELLS=0.3,0.1: evaluate each cell temperature,
+# GRASPS=128,0: each number of independent grasps (0: one sequence) (default: the configs'). SCENES=100:
+# validation scenes of every real run (default 20 gpt-mini, 12 gpt2). No calibration run: each run plans its
+# steps at the end of its warmup.
 # The real runs take cores 0-7 and 8-15 (run the lab elsewhere). `real` resumes where an earlier call left
 # OUT (run it again to go on); once a run has trained its budget it is evaluated.
 # Every line of OUT/lab.jsonl and OUT/real.jsonl is one run's summary (bench/quality.py).
@@ -41,7 +43,7 @@ lab() {  # NAME [flags]: one lab run in the background, pinned to two cores, cou
 real() {  # NAME MODEL SCENES CPUS [quality.py flags]: one real-grid run of the recipe (the configs) on the GPU
   local name=$1 model=$2 scenes=$3 cpus=$4; shift 4
   taskset -c "$cpus" python3 bench/quality.py --model "$model" --minutes "${REAL_MINUTES:-15}" --calibration_steps 0 \
-    ${MIN:+--session_minutes "$MIN"} ${CELLS:+--cell_temperature "$CELLS"} \
+    ${MIN:+--session_minutes "$MIN"} ${CELLS:+--cell_temperature "$CELLS"} ${GRASPS:+--independent_grasps "$GRASPS"} \
     --num_scenes "$scenes" --out "$OUT/real/$name" --log "$OUT/real.jsonl" "$@" >> "$OUT/real_$name.log" 2>&1 &
 }
 
@@ -73,15 +75,15 @@ c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_da
       # rows of 16384 positions, 8 a step: about the tokens of 32 samples (docs/QUALITY_LAB.md)
       rows="--set dataset.pack_length=16384 --set trainer.batch_size=8"
       if [ "$part" = real ]; then
-        real gpt-mini gpt-mini 20 0-7
-        real gpt2 gpt2 12 8-15
+        real gpt-mini gpt-mini "${SCENES:-20}" 0-7
+        real gpt2 gpt2 "${SCENES:-12}" 8-15
       elif [ "$part" = real_packed ]; then
-        real packed_gpt-mini gpt-mini 12 0-7 $rows --set trainer.micro_batch_size=4
-        real packed_gpt2 gpt2 12 8-15 $rows --set trainer.micro_batch_size=2
+        real packed_gpt-mini gpt-mini "${SCENES:-12}" 0-7 $rows --set trainer.micro_batch_size=4
+        real packed_gpt2 gpt2 "${SCENES:-12}" 8-15 $rows --set trainer.micro_batch_size=2
       else
-        real gpt-mini gpt-mini 20 0-4
-        real packed_gpt-mini gpt-mini 20 5-9 $rows --set trainer.micro_batch_size=4
-        real packed_gpt2 gpt2 12 10-15 $rows --set trainer.micro_batch_size=2
+        real gpt-mini gpt-mini "${SCENES:-20}" 0-4
+        real packed_gpt-mini gpt-mini "${SCENES:-20}" 5-9 $rows --set trainer.micro_batch_size=4
+        real packed_gpt2 gpt2 "${SCENES:-12}" 10-15 $rows --set trainer.micro_batch_size=2
       fi
       ;;
     *) echo "unknown part $part (lab, decoding, cell, real, real_packed, real_compare)"; exit 2 ;;

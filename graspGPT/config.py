@@ -74,6 +74,7 @@ class TrainerConfig:
     eval_scenes: int = 16  # validation scenes decoded for grasp metrics at each evaluation; 0 turns it off
     eval_temperature: float = 1.0  # sampling temperature of that decoding; 0 is greedy
     eval_cell_temperature: float | None = None  # temperature of the cells within their share; None: as the rest
+    eval_independent_grasps: int = 0  # N > 0: N grasps each sampled on its own after the scene; 0: one sequence
     keep_last: int = 3
     max_nonfinite_steps: int = 10
     resume: str | None = flag(None, "checkpoint directory to resume from, OUTPUT/latest, or auto")
@@ -269,6 +270,8 @@ def _validate(cfg: Config) -> Config:
         (t.eval_temperature >= 0, f"trainer.eval_temperature must be >= 0 (0 is greedy), got {t.eval_temperature}"),
         (t.eval_cell_temperature is None or t.eval_cell_temperature > 0,
          f"trainer.eval_cell_temperature must be > 0 (or null: the eval_temperature), got {t.eval_cell_temperature}"),
+        (t.eval_independent_grasps >= 0, f"trainer.eval_independent_grasps must be >= 0 (0: one sequence per scene), "
+                                         f"got {t.eval_independent_grasps}"),
         (cfg.system.collective_timeout_min is None or cfg.system.collective_timeout_min > 0,
          f"system.collective_timeout_min must be > 0 minutes (or null), got {cfg.system.collective_timeout_min}"),
     ]

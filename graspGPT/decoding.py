@@ -110,6 +110,32 @@ class Decoded:
         return sum(len(n) for n in self.new)
 
 
+GRASP_TOKENS = 5  # one grasp block: `grasp`, its tag, then the left finger, right finger and base cells
+
+
+def join_grasps(decoded: Decoded, per_sequence: int, vocab: Vocab) -> Decoded:
+    """Independent sampling: rows that each wrote one grasp right after a grasp prompt (decode_many with
+    max_new_tokens=GRASP_TOKENS) joined, every `per_sequence` consecutive rows into one sequence of their
+    distinct whole grasp blocks (`grasp`, a tag, three cells), in row order, then `end`. A row that wrote `end` or a
+    shorter block adds nothing. Each grasp is then a draw from what the model writes first after the
+    scene; written one after another, a grasp is drawn given the ones before, and the model tends to
+    repeat what it wrote (one object's grasps, one wrong region), which a sequence never corrects."""
+    if per_sequence < 1 or len(decoded.new) % per_sequence:
+        raise GenerateError(f"{len(decoded.new)} rows do not split into sequences of {per_sequence}")
+    sequences = []
+    for lo in range(0, len(decoded.new), per_sequence):
+        seen, ids = set(), []
+        for row in decoded.new[lo: lo + per_sequence]:
+            grasp = tuple(int(t) for t in row[:GRASP_TOKENS])
+            whole = (len(grasp) == GRASP_TOKENS and grasp[0] == vocab.grasp and vocab.is_tag(grasp[1])
+                     and all(t >= vocab.voxel_base for t in grasp[2:]))
+            if whole and grasp not in seen:
+                seen.add(grasp)
+                ids.extend(grasp)
+        sequences.append(np.array(ids + [vocab.end], dtype=np.int64))
+    return Decoded(decoded.prompt, sequences, np.ones(len(sequences), dtype=bool), decoded.forwards, decoded.seconds)
+
+
 def _widen(model, cache, samples: int):
     """A cache with each row of `cache` repeated `samples` times (rows of one prompt stay together)."""
     wide = model.new_kv_cache(cache.batch_size * samples, cache.max_len)

@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="temperature of the cells (where grasps go) within the share of probability --temperature "
                         "gives them; the odds of a cell against a tag, another grasp or end stay at --temperature "
                         "(default: --temperature for all)")
+    p.add_argument("--independent_grasps", type=int, default=0, metavar="N",
+                   help="sample N grasps per scene, each on its own right after the scene (in one batch), instead "
+                        "of one sequence whose grasps follow one another (default 0: the sequence); no free run")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="scene choice and sampling seed")
     p.add_argument("--no_free", action="store_true", help="skip the unconstrained run")
@@ -140,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_scenes < 1:
             raise GenerateError(f"--num_scenes must be >= 1, got {args.num_scenes}")
+        if args.independent_grasps < 0:
+            raise GenerateError(f"--independent_grasps must be >= 0 (0: one sequence per scene), got "
+                                f"{args.independent_grasps}")
         if args.cell_temperature is not None and args.cell_temperature <= 0:
             raise GenerateError(f"--cell_temperature must be > 0, got {args.cell_temperature}; leave it out to "
                                 f"sample the cells at --temperature")
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = evaluate(model, store, indices, args.num_scenes, args.seed, args.batch_size, loss_on,
                            num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
                            unconstrained=not args.no_free, grounding=args.grounding,
-                           cell_temperature=args.cell_temperature)
+                           cell_temperature=args.cell_temperature, independent=args.independent_grasps)
         metrics.update(split=args.split, checkpoint=str(args.checkpoint), data=str(args.data),
                        seconds=round(time.perf_counter() - t0, 2))
     except (GenerateError, StorageError, ModelInputError, OSError) as err:

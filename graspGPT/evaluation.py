@@ -23,8 +23,8 @@ from .data.dataset import AugmentConfig, TrainingSamples, val_batches
 from .data.grammar import Sample, read_blocks, read_output
 from .data.storage import TokenStore
 from .data.vocab import Vocab
-from .decoding import (GenerateError, accepts, decode, decode_many, default_max_new, grasp_list, prompt_state, task_of,
-                       task_prompt, truth_of)
+from .decoding import (GRASP_TOKENS, GenerateError, accepts, decode, decode_many, default_max_new, grasp_list,
+                       join_grasps, prompt_state, task_of, task_prompt, truth_of)
 from .grasp_metrics import (NEIGHBOURHOOD, GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts,
                             untagged, valid_grasps, voxel_iou)
 
@@ -38,6 +38,9 @@ DECODINGS = ("", "grammar_", "free_")
 #   fingers  the two fingers on the object only
 #   none     nothing: the grammar alone
 GROUNDINGS = ("gripper", "fingers", "none")
+# Independent grasp sampling decodes this many grasps (rows) of each decoding at once, at most: the KV cache
+# holds the prompt once per row.
+INDEPENDENT_GRASPS_PER_BATCH = 256
 ROW_COUNTS = ("sequences", "valid", "predicted", "correct", "objects", "covered", "any_tag_correct", "feasible")
 BASELINE_COUNTS = ("predicted", "correct", "objects", "covered", "any_tag_correct", "feasible")
 # Sums kept per scene and added over scenes and ranks; every metric is a ratio of two of them.
@@ -55,23 +58,25 @@ def _add(counts: dict[str, float], prefix: str, score: GraspScore) -> None:
 def evaluate_scene(model, ids: np.ndarray, vocab: Vocab, voxel_size: float, num_samples: int = 1,
                    temperature: float = 1.0, top_k: int | None = None, seed: int = 0, unconstrained: bool = True,
                    max_new_tokens: int | None = None, sync: Callable[[bool], bool] | None = None,
-                   grounding: str = "gripper", cell_temperature: float | None = None
+                   grounding: str = "gripper", cell_temperature: float | None = None, independent: int = 0
                    ) -> tuple[dict[str, float], list, Sample]:
     """Counts (COUNT_KEYS) for one sample, the first constrained sequence's grasps, and the truth."""
     return evaluate_batch(model, [ids], vocab, voxel_size, [seed], num_samples, temperature, top_k, unconstrained,
-                          max_new_tokens, sync, grounding, cell_temperature)[0]
+                          max_new_tokens, sync, grounding, cell_temperature, independent)[0]
 
 
 def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, voxel_size: float, seeds: Sequence[int],
                    num_samples: int = 1, temperature: float = 1.0, top_k: int | None = None,
                    unconstrained: bool = True, max_new_tokens: int | None = None,
                    sync: Callable[[bool], bool] | None = None, grounding: str = "gripper",
-                   cell_temperature: float | None = None) -> list[tuple[dict[str, float], list, Sample]]:
+                   cell_temperature: float | None = None, independent: int = 0
+                   ) -> list[tuple[dict[str, float], list, Sample]]:
     """evaluate_scene for several samples decoded in one batch (decode_many): per sample, its counts, the
     first constrained sequence's grasps and the truth. `voxel_size` (metres) is the data's, for the
     physical check and the gripper's shape. `grounding` (GROUNDINGS): what constrained decoding holds each
-    grasp to; unless "none", the grammar-only rows are decoded beside it. The decoding time is counted
-    once, on the first sample."""
+    grasp to; unless "none", the grammar-only rows are decoded beside it. `independent` = N > 0: each
+    sequence is N grasps sampled each on its own right after the scene (decoding.join_grasps; grasp
+    prompts only, no free rows). The decoding time is counted once, on the first sample."""
     if grounding not in GROUNDINGS:
         raise GenerateError(f"grounding must be one of {', '.join(GROUNDINGS)}, got {grounding!r}")
     grounded = grounding != "none"
@@ -80,15 +85,25 @@ def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, voxel_siz
     prompts = [task_prompt(ids, vocab, task_of(t)) for ids, t in zip(samples, truths)]
     caps = [max_new_tokens if max_new_tokens is not None else default_max_new(ids, p)
             for ids, p in zip(samples, prompts)]
+    if independent:
+        if any(task_of(t) != "grasp" for t in truths):
+            raise GenerateError("independent grasp sampling continues grasp prompts only; evaluate amodal and "
+                                "unseg samples with sequence decoding (independent 0)")
+        caps, unconstrained = [GRASP_TOKENS] * len(prompts), False  # free rows judge a whole sequence's grammar
     kinds = [""] + (["grammar_"] if grounded else []) + (["free_"] if unconstrained else [])
-    rows = [k for k in kinds for _ in range(num_samples)]  # the prefix of each row of a sample
-    outs = decode_many(model, prompts, vocab, len(rows), caps, temperature, top_k,
-                       constrained=[k != "free_" for k in rows], seeds=seeds, sync=sync,
-                       grounded=[k == "" and grounded for k in rows],
+    rows = [k for k in kinds for _ in range(num_samples)]  # the prefix of each row (sequence) of a sample
+    per_row = max(1, independent)  # decoded rows per sequence
+    outs = decode_many(model, prompts, vocab, len(rows) * per_row, caps, temperature, top_k,
+                       constrained=[k != "free_" for k in rows for _ in range(per_row)], seeds=seeds, sync=sync,
+                       grounded=[k == "" and grounded for k in rows for _ in range(per_row)],
                        voxel_size=voxel_size if grounding == "gripper" else None, cell_temperature=cell_temperature)
     results = []
     for i, (out, truth, prompt, seed) in enumerate(zip(outs, truths, prompts, seeds)):
+        new_tokens = out.new_tokens
+        if independent:
+            out = join_grasps(out, independent, vocab)
         c = _score(out, truth, prompt, rows, vocab, voxel_size, np.random.default_rng([seed, 1]))
+        c["new_tokens"] = new_tokens
         c["decode_seconds"] = out.seconds if i == 0 else 0.0
         results.append((c, read_output(np.concatenate([prompt, out.new[0]]), vocab).grasps or [], truth))
     return results
@@ -326,11 +341,17 @@ def pick_scenes(indices: np.ndarray, num_scenes: int, seed: int, lengths: np.nda
     return np.sort(indices[np.random.default_rng(seed).permutation(len(indices))[:n]])
 
 
+def grasp_scenes(store, scenes: np.ndarray) -> np.ndarray:
+    """Those of `scenes` whose task is grasps: independent grasp sampling continues grasp prompts only."""
+    return np.array([i for i in scenes if task_of(truth_of(store[int(i)], store.vocab)) == "grasp"], dtype=np.int64)
+
+
 def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int | None = None,
                     sync: Callable[[bool], bool] | None = None, scenes_per_batch: int = 8,
                     per_scene: list | None = None, **options) -> tuple[dict[str, float], tuple | None]:
     """Summed counts over `scenes` and (index, grasps, truth, counts) of the first, for a picture;
-    `per_scene`, if given, receives each scene's (index, counts).
+    `per_scene`, if given, receives each scene's (index, counts, grasps): its own counts and the grasp
+    blocks of its first constrained sequence.
 
     Up to `scenes_per_batch` scenes decode together (a decoding step costs about the same for one row
     as for many); scene i samples with seed + i wherever it is batched. With `sync` (ZeRO-3),
@@ -340,6 +361,8 @@ def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int
     counts = dict.fromkeys(COUNT_KEYS, 0.0)
     first = None
     total = len(scenes) if rounds is None else rounds
+    if options.get("independent"):  # each scene is then that many rows per decoding: fewer scenes at once
+        scenes_per_batch = max(1, min(scenes_per_batch, INDEPENDENT_GRASPS_PER_BATCH // options["independent"]))
     for lo in range(0, total, scenes_per_batch):
         batch = [int(i) for i in scenes[lo: lo + scenes_per_batch]]
         if batch:
@@ -349,7 +372,7 @@ def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int
             for index, (c, grasps, truth) in zip(batch, results):
                 counts = {k: counts[k] + c[k] for k in COUNT_KEYS}
                 if per_scene is not None:
-                    per_scene.append((index, c))
+                    per_scene.append((index, c, grasps))
                 first = first or (index, grasps, truth, c)
         elif sync is not None:
             decode(model, np.array([store.vocab.scene]), store.vocab, max_new_tokens=0, sync=sync)
@@ -361,7 +384,8 @@ class TrainingEvaluator:
 
     Built once; `run` evaluates the model as it is. The scenes are `num_scenes` of `val_indices`
     picked with `seed`, among those of at most `max_len` tokens (pass the model's block size, so
-    no prompt is too long). Scene k goes to rank k % world; the counts
+    no prompt is too long); with `independent` grasp sampling, only the grasp scenes of those. Scene k
+    goes to rank k % world; the counts
     are summed over ranks with one all-reduce, so every rank returns the same metrics. Rank 0
     also draws its first scene with the predicted grasps to OUTPUT/eval/step_N.png.
 
@@ -376,13 +400,15 @@ class TrainingEvaluator:
     def __init__(self, store: TokenStore, val_indices: np.ndarray, num_scenes: int, output_dir: str | Path,
                  seed: int = 0, max_len: int | None = None, num_samples: int = 1, temperature: float = 1.0,
                  top_k: int | None = None, unconstrained: bool = True, max_new_tokens: int | None = None,
-                 grounding: str = "gripper", cell_temperature: float | None = None):
+                 grounding: str = "gripper", cell_temperature: float | None = None, independent: int = 0):
         self.store, self.seed = store, seed
         self.scenes = pick_scenes(val_indices, num_scenes, seed, store.lengths, max_len)
+        if independent:
+            self.scenes = grasp_scenes(store, self.scenes)
         self.output_dir = Path(output_dir)
         self.options = dict(num_samples=num_samples, temperature=temperature, top_k=top_k,
                             unconstrained=unconstrained, max_new_tokens=max_new_tokens, grounding=grounding,
-                            cell_temperature=cell_temperature)
+                            cell_temperature=cell_temperature, independent=independent)
 
     def run(self, model, step: int, rank: int = 0, world: int = 1, lockstep: bool = False) -> dict:
         """Metrics (see `summarize`, plus eval_seconds) and, on rank 0, "picture": the PNG's path.
@@ -423,8 +449,10 @@ def evaluate(model, store: TokenStore, indices: np.ndarray, num_scenes: int, see
              loss_on: str = "all", per_scene: list | None = None, **options) -> dict:
     """Generation metrics and the loss on `num_scenes` of `indices` (picked with `seed`), in one process.
     loss_on: the targets of the loss, as the model was trained (dataset.loss_on); `per_scene`, if given,
-    receives each scene's (index, counts) (evaluate_scenes)."""
+    receives each scene's (index, counts, grasps) (evaluate_scenes)."""
     scenes = pick_scenes(indices, num_scenes, seed, store.lengths, model.cfg.block_size)
+    if options.get("independent"):
+        scenes = grasp_scenes(store, scenes)
     if len(scenes) == 0:
         raise GenerateError(f"no sample of the split fits the model's block size ({model.cfg.block_size} tokens)")
     counts, _ = evaluate_scenes(model, store, scenes, seed, per_scene=per_scene, **options)

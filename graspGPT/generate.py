@@ -1,14 +1,17 @@
 """Generate grasps for one scene: grammar-constrained sampling with a KV cache.
 
     python -m graspGPT.generate --checkpoint CKPT --data DIR --index I [--num_samples K]
-        [--temperature T] [--top_k K] [--max_new_tokens N] [--seed S] [--out OUTDIR]
+        [--temperature T] [--cell_temperature C] [--independent_grasps N] [--top_k K] [--max_new_tokens N]
+        [--seed S] [--out OUTDIR]
 
 CKPT is an exported model directory or a training checkpoint (OUTPUT/checkpoint_iter_N). The
 prompt is the scene section of sample I followed by `detectgrasp` (for a completion or
 segmentation sample, the scene alone: the model writes those sections, then the grasps). K
 samples are decoded together in one KV cache with K rows, each row masked by its own
 GrammarState, so every sequence is grammar-valid; the same is done once more without the mask
-(files with the suffix _free) to see what the model learned on its own.
+(files with the suffix _free) to see what the model learned on its own. With --independent_grasps N
+each sample is N grasps drawn each on its own right after the scene (N rows of one grasp block, joined:
+their distinct grasps; no free run).
 
 OUTDIR gets tokens.json, grasps.json (per grasp: cells, metric finger points and base, and the
 parallel-jaw gripper pose: centre, approach, closing, width, 4x4 transform, with the tolerance one
@@ -33,8 +36,8 @@ from .data.grammar import Block, Sample, read_output
 from .data.render import PREDICTED, render_sample, tag_colours
 from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab, Workspace
-from .decoding import (Decoded, GenerateError, accepts, decode, default_device, default_max_new, grasp_list,
-                       load_checked, prompt_state, task_of, task_prompt, truth_of)
+from .decoding import (GRASP_TOKENS, Decoded, GenerateError, accepts, decode, default_device, default_max_new,
+                       grasp_list, join_grasps, load_checked, prompt_state, task_of, task_prompt, truth_of)
 from .grasp_metrics import GraspScore, correct_grasps, score_grasps
 from .grasp_pose import pose_from_cells, tolerance
 from .model import ModelInputError
@@ -171,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="temperature of the cells (where grasps go) within the share of probability --temperature "
                         "gives them; the odds of a cell against a tag, another grasp or end stay at --temperature "
                         "(default: --temperature for all)")
+    p.add_argument("--independent_grasps", type=int, default=0, metavar="N",
+                   help="each sample is N grasps, each drawn on its own right after the scene (N rows at once: "
+                        "fast, and no grasp copies the ones before); grasp samples only, no free run "
+                        "(default 0: one sequence, each grasp after the ones before)")
     p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help="cap on generated tokens (default: twice the sample's own continuation + 64)")
@@ -192,6 +199,8 @@ def run(args) -> list[dict]:
     if args.cell_temperature is not None and args.cell_temperature <= 0:
         raise GenerateError(f"--cell_temperature must be > 0, got {args.cell_temperature}; leave it out to sample "
                             f"the cells at --temperature")
+    if args.independent_grasps < 0:
+        raise GenerateError(f"--independent_grasps must be >= 0 (0: one sequence), got {args.independent_grasps}")
     store = TokenStore.open(args.data)
     if not 0 <= args.index < len(store):
         raise GenerateError(f"--index {args.index} is out of range: {args.data} has {len(store)} samples "
@@ -205,23 +214,32 @@ def run(args) -> list[dict]:
     truth = truth_of(ids, vocab)
     prompt = task_prompt(ids, vocab, task_of(truth))
     max_new = args.max_new_tokens if args.max_new_tokens is not None else default_max_new(ids, prompt)
+    per_sample = max(1, args.independent_grasps)  # decoded rows per sample
+    if args.independent_grasps:
+        if task_of(truth) != "grasp":
+            raise GenerateError(f"sample {args.index} is a {task_of(truth)} sample, but --independent_grasps "
+                                f"continues grasp prompts only; leave it out for this sample")
+        max_new = GRASP_TOKENS
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
-    for constrained, suffix in ((True, ""), (False, "_free")):
-        decoded = decode(model, prompt, vocab, args.num_samples, max_new, args.temperature, args.top_k,
+    for constrained, suffix in ((True, ""),) + (((False, "_free"),) if not args.independent_grasps else ()):
+        decoded = decode(model, prompt, vocab, args.num_samples * per_sample, max_new, args.temperature, args.top_k,
                          constrained=constrained, seed=args.seed, grounded=args.grounding != "none",
                          voxel_size=store.workspace.voxel_size if args.grounding == "gripper" else None,
                          cell_temperature=args.cell_temperature)
+        tokens_per_s = decoded.new_tokens / max(decoded.seconds, 1e-9)
+        if args.independent_grasps:
+            decoded = join_grasps(decoded, per_sample, vocab)
         s = write_outputs(out, suffix, args.index, decoded, truth, vocab, frame, constrained)
-        s["tokens_per_s"] = round(decoded.new_tokens / max(decoded.seconds, 1e-9), 1)
+        s["tokens_per_s"] = round(tokens_per_s, 1)
         summaries.append(s)
         line = (f"{s['mode']:>13}: grammar-valid {s['grammar_valid']}/{s['samples']}, {s['grasps']} grasps "
                 f"({s['poses']} with a gripper pose)")
         if "precision" in s:
             line += f", precision {s['precision']:.3f}, coverage {s['coverage']:.3f}"
         print(line + f", {s['tokens_per_s']:.0f} tokens/s")
-    print(f"wrote {out}/tokens.json grasps.json scene.ply scene.png (and *_free)")
+    print(f"wrote {out}/tokens.json grasps.json scene.ply scene.png" + ("" if args.independent_grasps else " (and *_free)"))
     return summaries
 
 

@@ -226,6 +226,8 @@ class StepReport:
         self.skips = NonFiniteSteps(trainer_cfg.max_nonfinite_steps, skipped, log)
         cells = trainer_cfg.eval_cell_temperature
         self.decoding = f"T={trainer_cfg.eval_temperature:g}" + ("" if cells is None else f", cells {cells:g}")
+        if trainer_cfg.eval_independent_grasps:
+            self.decoding += f", {trainer_cfg.eval_independent_grasps} independent grasps"
 
     def step(self, step: int, loss: float, lr: float, applied: bool, grad_norm, targets: float, tokens: float,
              wait_s: float, epoch: int) -> dict:
@@ -263,14 +265,17 @@ class StepReport:
         picture = gen.pop("picture", None)
         # The metrics file holds what a resumed run must reproduce exactly; timings go to the log and wandb.
         record.update({f"eval/{k}": v for k, v in gen.items() if k not in ("eval_seconds", "decode_tokens_per_s")})
-        nan = float("nan")
+        # What was decoded besides the constrained rows: none with --grounding none, no free rows with
+        # independent grasps; say only what was measured.
+        also = "".join(f"; {label} {gen[key]:.3f}" for key, label in (
+            ("grammar_grasp_precision", "grammar mask only: precision"), ("free_valid_rate", "unmasked valid"))
+            if key in gen)
         self.log.info(
             f"step {step} grasps ({self.decoding}): precision {gen['grasp_precision']:.3f}, any object "
             f"{gen['any_tag_precision']:.3f}, validity {gen['grasp_validity']:.3f}, coverage "
             f"{gen['grasp_coverage']:.3f} (random {gen['baseline_precision']:.3f}, "
             f"{gen['baseline_any_tag_precision']:.3f}, {gen['baseline_validity']:.3f}, "
-            f"{gen['baseline_coverage']:.3f}); grammar mask only: precision "
-            f"{gen.get('grammar_grasp_precision', nan):.3f}; unmasked valid {gen.get('free_valid_rate', nan):.3f}; "
+            f"{gen['baseline_coverage']:.3f}){also}; "
             f"{gen['scenes']} scenes in {gen['eval_seconds']:.0f}s" + (f", picture {picture}" if picture else ""))
         self.wandb.log({f"eval/{k}": v for k, v in gen.items()}, step)
         if picture:

@@ -235,7 +235,8 @@ def build_data(cfg: Config, store: TokenStore, ds: ResolvedDeepSpeed, ranks: Ran
                       limit=cfg.trainer.eval_iters * batch.micro_batch_size * ranks.world)
     grasp_eval = TrainingEvaluator(store, val_idx, cfg.trainer.eval_scenes, out, seed=seed,
                                    max_len=d.max_sequence_length, temperature=cfg.trainer.eval_temperature,
-                                   cell_temperature=cfg.trainer.eval_cell_temperature)
+                                   cell_temperature=cfg.trainer.eval_cell_temperature,
+                                   independent=cfg.trainer.eval_independent_grasps)
     return TrainingData(samples, loader, val_samples, val, grasp_eval)
 
 

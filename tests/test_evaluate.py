@@ -19,7 +19,8 @@ from graspGPT.data.grammar import read_output
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.decoding import grasp_list, truth_of
+from graspGPT.decoding import (Decoded, GenerateError, accepts, grasp_list, join_grasps, prompt_state, task_prompt,
+                               truth_of)
 from graspGPT.evaluation import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evaluate_scene, evaluate_scenes,
                                  grasp_slots, prefix_precision, summarize, teacher_forced_grasps, validation_loss)
 from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
@@ -232,8 +233,9 @@ def test_untrained_model_and_split_scenes_add_up(mixed):
     scenes = np.arange(6)
     each = []
     whole, first = evaluate_scenes(model, mixed, scenes, seed=1, max_new_tokens=40, per_scene=each)
-    assert [i for i, _ in each] == list(scenes)  # each scene's own counts, which add up to the whole
-    assert all(sum(c[k] for _, c in each) == whole[k] for k in COUNT_KEYS if k != "decode_seconds")
+    assert [i for i, _, _ in each] == list(scenes)  # each scene's own counts, which add up to the whole
+    assert all(sum(c[k] for _, c, _ in each) == whole[k] for k in COUNT_KEYS if k != "decode_seconds")
+    assert [len(g) for _, _, g in each] == [c["predicted"] for _, c, _ in each]  # and its grasps
     a, _ = evaluate_scenes(model, mixed, scenes[0::2], seed=1, max_new_tokens=40)
     b, _ = evaluate_scenes(model, mixed, scenes[1::2], seed=1, max_new_tokens=40)
     alone, _ = evaluate_scenes(model, mixed, scenes, seed=1, max_new_tokens=40, scenes_per_batch=1)
@@ -248,6 +250,41 @@ def test_untrained_model_and_split_scenes_add_up(mixed):
                                       max_new_tokens=40)
     assert c["free_sequences"] == 0 and "free_valid_rate" not in summarize(c)
 
+
+
+def test_join_grasps_keeps_each_rows_whole_distinct_grasp(mixed):
+    vocab = mixed.vocab
+    ids = next(mixed[i] for i in range(len(mixed)) if "detectgrasp" in vocab.decode(mixed[i]))
+    prompt = task_prompt(ids, vocab, "grasp")
+    first = ids[len(prompt) + 0: len(prompt) + 5]  # the data's first two grasp blocks: grasp, tag, 3 cells
+    second = ids[len(prompt) + 5: len(prompt) + 10]
+    assert first[0] == second[0] == vocab.grasp
+    rows = [first, first, [vocab.end], first[:4], second, np.append(second[:4], vocab.grasp)]
+    joined = join_grasps(Decoded(prompt, [np.asarray(r) for r in rows], np.zeros(6, bool), 5, 1.0), 3, vocab)
+    # rows 0-2: one distinct grasp (the repeat and the `end` row add none); rows 3-5: a short row adds none
+    assert [j.tolist() for j in joined.new] == [[*first, vocab.end], [*second, vocab.end]]
+    assert joined.ended.all() and all(accepts(prompt_state(prompt, vocab), j) for j in joined.new)
+    with pytest.raises(GenerateError, match="do not split"):
+        join_grasps(Decoded(prompt, [first] * 4, np.zeros(4, bool), 1, 1.0), 3, vocab)
+
+
+def test_independent_grasps_are_each_drawn_right_after_the_scene(mixed, tmp_path):
+    oracle = Oracle([mixed[i] for i in range(len(mixed))], mixed.vocab.size)
+    ev = TrainingEvaluator(mixed, np.arange(len(mixed)), 9, tmp_path, seed=3, grounding="fingers", independent=6)
+    assert len(ev.scenes) == 3  # the grasp scenes of the nine
+    m = ev.run(oracle, step=1)
+    # Each of the 6 rows writes the first true grasp, the oracle's certainty: one distinct grasp, correct.
+    assert m["grasp_precision"] == 1.0 and m["grasps_per_sequence"] == 1.0 and m["valid_rate"] == 1.0
+    assert m["grammar_grasp_precision"] == 1.0 and "free_valid_rate" not in m  # no free rows
+    torch.manual_seed(0)
+    model = GraspGPT(GraspGPTConfig(vocab_size=mixed.vocab.size, block_size=1024, n_layer=2, n_head=2, n_embd=32))
+    c, grasps, _ = evaluate_scene(model, mixed[int(ev.scenes[0])], mixed.vocab, mixed.workspace.voxel_size,
+                                  independent=8, seed=2)
+    assert c["sequences"] == c["grammar_sequences"] == 1 and len(grasps) == c["predicted"] <= 8
+    assert c["feasible"] == c["predicted"]  # gripper grounding holds in every row
+    amodal = next(i for i in range(len(mixed)) if i not in ev.scenes)
+    with pytest.raises(GenerateError, match="grasp prompts only"):
+        evaluate_scene(model, mixed[amodal], mixed.vocab, mixed.workspace.voxel_size, independent=8)
 
 ZERO3_SCRIPT = '''
 import argparse, json
@@ -433,7 +470,8 @@ def test_the_lab_is_the_quickstart_with_more_validation_scenes():
     differ = {f"{section}.{key}" for section in quick for key in quick[section]
               if quick[section][key] != lab[section][key]}
     assert differ == {"dataset.val_fraction", "trainer.eval_scenes", "trainer.resume", "system.output_dir"}
-    assert (quick["trainer"]["eval_temperature"], quick["trainer"]["eval_cell_temperature"]) == (1.0, 0.3)
+    t = quick["trainer"]
+    assert (t["eval_temperature"], t["eval_cell_temperature"], t["eval_independent_grasps"]) == (1.0, 0.3, 32)
     assert quick["dataset"]["grasp_order"] == "random"
 
 

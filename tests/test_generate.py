@@ -348,6 +348,14 @@ def test_cli_writes_tokens_grasps_ply_png(trained, tmp_path):
         assert Image.open(out / f"scene{suffix}.png").format == "PNG"
     constrained = json.loads((out / "tokens.json").read_text())["samples"]
     assert all(s["grammar_valid"] and s["tokens"][-1] == "end" for s in constrained)
+    one_by_one = tmp_path / "independent"  # each sample: 5 rows of one grasp, joined
+    proc = cli("--checkpoint", str(ckpt), "--data", str(data), "--index", "3", "--num_samples", "2",
+               "--independent_grasps", "5", "--out", str(one_by_one), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "constrained: grammar-valid 2/2" in proc.stdout and "unconstrained" not in proc.stdout
+    samples = json.loads((one_by_one / "grasps.json").read_text())["samples"]
+    assert len(samples) == 2 and all(len(s["grasps"]) <= 5 for s in samples)
+    assert not (one_by_one / "tokens_free.json").exists()
 
 
 @pytest.mark.ranks
@@ -358,6 +366,8 @@ def test_cli_bad_inputs_exit_2(trained, tmp_path):
     assert "Traceback" not in proc.stderr
     proc = cli("--checkpoint", str(ckpt), "--data", str(data), "--index", "64", "--device", "cpu")
     assert proc.returncode == 2 and "out of range" in proc.stderr and "0..63" in proc.stderr
+    proc = cli("--checkpoint", str(ckpt), "--data", str(data), "--index", "0", "--independent_grasps", "-1")
+    assert proc.returncode == 2 and "--independent_grasps must be >= 0" in proc.stderr
     other = tmp_path / "other"  # scenes on a finer grid: another vocabulary
     ws = Workspace(voxel_size=0.02)
     with DatasetWriter(other, Vocab.for_workspace(ws), ws, "test") as w:
