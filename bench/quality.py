@@ -5,6 +5,7 @@
     python bench/quality.py --model cpu_smoke --minutes 0.3 --num_scenes 4 --out /tmp/quality  # CPU, < 1 min
     python bench/quality.py --model lab --steps 300 --set dataset.loss_on=answer --out runs/lab/answer  # CPU lab
     python bench/quality.py --model lab --steps 300 --groundings gripper,fingers --out runs/lab/g  # decodings
+    python bench/quality.py --model lab --steps 300 --independent_grasps 0,32 --out runs/lab/i  # sampling
 
 The lab (configs/quality_lab.json: the quickstart's model and data on the coarse 0.03 m grid, more
 validation scenes) is the fast proxy for research on grasp quality: --steps fixes the run length (no
@@ -19,9 +20,10 @@ configs/quality_<model>.json holds the run (real 0.0075 m grid, grasp task, but 
                 the warmup (LR independent of max_iters) it stops once, measures its own step time
                 (under whatever then shares the GPU: the calibration run may not see it) and plans
                 max_iters again from the budget left
-  3. evaluate   the newest checkpoint on --num_scenes validation scenes at each --temperatures and each
-                --groundings: constrained, grammar-only and unconstrained decoding and the random
-                baseline (graspGPT.evaluation)
+  3. evaluate   the newest checkpoint on --num_scenes validation scenes at each --temperatures, each
+                --cell_temperature, each --independent_grasps and each --groundings: constrained,
+                grammar-only and (for sequences) unconstrained decoding and the random baseline
+                (graspGPT.evaluation)
 Calibration and training are skipped when OUT holds their result. --session_minutes M stops training
 gracefully (checkpoint, exit) after M minutes of this invocation; run the same command again to go on.
 --minutes is a hard limit on training's wall time (start-ups included): if the plan was still optimistic,
