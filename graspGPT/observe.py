@@ -270,6 +270,9 @@ class StepReport:
         also = "".join(f"; {label} {gen[key]:.3f}" for key, label in (
             ("grammar_grasp_precision", "grammar mask only: precision"), ("free_valid_rate", "unmasked valid"))
             if key in gen)
+        if gen.get("valid_rate", 1.0) < 1.0:  # a constrained sequence is whole unless it ran out of tokens
+            also += (f"; {1 - gen['valid_rate']:.0%} of the sequences stopped at the token cap (twice the "
+                     f"truth's length + 64) before `end`")
         self.log.info(
             f"step {step} grasps ({self.decoding}): precision {gen['grasp_precision']:.3f}, any object "
             f"{gen['any_tag_precision']:.3f}, validity {gen['grasp_validity']:.3f}, coverage "

@@ -33,3 +33,6 @@ def test_grasp_line_names_the_decoding_and_leaves_out_what_was_not_decoded(tmp_p
                        eval_independent_grasps=32)  # independent grasps: no free rows
     assert line.startswith("step 150 grasps (T=1, cells 0.3, 32 independent grasps):")
     assert "unmasked" not in line and "nan" not in line and "grammar mask only: precision 0.100" in line
+    assert "token cap" not in line
+    line = report_line(tmp_path, caplog, {**GEN, "valid_rate": 0.75})  # a quarter did not end: said so
+    assert "; 25% of the sequences stopped at the token cap (twice the truth's length + 64) before `end`" in line
