@@ -164,8 +164,8 @@ def latest_step(train_dir: Path) -> int:
 
 
 def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], groundings: list[str],
-             device: str, cell_temperatures: list[float | None], independents: list[int]
-             ) -> tuple[list[dict], list[dict]]:
+             device: str, cell_temperatures: list[float | None], independents: list[int],
+             sequence_scenes: int | None = None) -> tuple[list[dict], list[dict]]:
     import torch
 
     from graspGPT.data.source import resolve_data_dir
@@ -182,7 +182,8 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
                                                                          independents):
         t0 = time.perf_counter()
         scenes: list = []
-        m = evaluate_model(model, store, val, num_scenes, seed=0, loss_on=cfg.dataset.loss_on, temperature=t,
+        scenes_here = num_scenes if independent or sequence_scenes is None else sequence_scenes
+        m = evaluate_model(model, store, val, scenes_here, seed=0, loss_on=cfg.dataset.loss_on, temperature=t,
                            grounding=grounding, cell_temperature=cell_temperature, independent=independent,
                            per_scene=scenes)
         m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
@@ -205,6 +206,10 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=12.0, help="training wall-clock budget (default 12)")
     ap.add_argument("--out", required=True, help="run directory")
     ap.add_argument("--num_scenes", type=int, default=50, help="validation scenes to evaluate (default 50)")
+    ap.add_argument("--sequence_scenes", type=int, default=None,
+                    help="validation scenes for the one-sequence decodings (--independent_grasps 0), which are "
+                         "several times slower (default: --num_scenes); the choice is nested, so they are the "
+                         "first of the others")
     ap.add_argument("--temperatures", default=None,
                     help="sampling temperatures to evaluate, e.g. 1.0,0.5 (default: the config's trainer.eval_temperature)")
     ap.add_argument("--cell_temperature", default=None,
@@ -335,7 +340,7 @@ def main() -> int:
                       f"{max_iters}; evaluating that checkpoint"})
 
     results, predictions = evaluate(cfg, train_dir, args.num_scenes, temperatures, args.groundings.split(","), device,
-                       cell_temperatures, independents)
+                       cell_temperatures, independents, args.sequence_scenes)
     for r in results:
         budget = {"train_steps": plan["steps"]} if "steps" in plan else {"train_minutes": plan["minutes"]}
         emit({"model": args.model, **budget, "train_wall_s": plan["train_wall_s"], **r})

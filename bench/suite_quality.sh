@@ -12,9 +12,11 @@
 #                                                  the three at once on one GPU (cores 0-4, 5-9, 10-15)
 # MIN empty: each run trains its whole budget in this call. CELLS=0.3,0.1: evaluate each cell temperature,
 # GRASPS=128,0: each number of independent grasps (0: one sequence) (default: the configs'). SCENES=100:
-# validation scenes of every real run (default 20 gpt-mini, 12 gpt2). No calibration run: each run plans its
-# steps at the end of its warmup.
-# The real runs take cores 0-7 and 8-15 (run the lab elsewhere). `real` resumes where an earlier call left
+# validation scenes of every real run (default 20 gpt-mini, 12 gpt2), SEQ_SCENES=20: of those for one-sequence
+# decoding (slower). No calibration run: each run plans its steps at the end of its warmup.
+# On a device whose calls last 10 minutes, start a real part with setsid and MIN= (the whole budget in one go)
+# and watch it call by call with bench/watch_quality.sh. The real runs take cores 0-7 and 8-15 (run the lab
+# elsewhere). `real` resumes where an earlier call left
 # OUT (run it again to go on); once a run has trained its budget it is evaluated.
 # Every line of OUT/lab.jsonl and OUT/real.jsonl is one run's summary (bench/quality.py).
 set -u
@@ -44,6 +46,7 @@ real() {  # NAME MODEL SCENES CPUS [quality.py flags]: one real-grid run of the 
   local name=$1 model=$2 scenes=$3 cpus=$4; shift 4
   taskset -c "$cpus" python3 bench/quality.py --model "$model" --minutes "${REAL_MINUTES:-15}" --calibration_steps 0 \
     ${MIN:+--session_minutes "$MIN"} ${CELLS:+--cell_temperature "$CELLS"} ${GRASPS:+--independent_grasps "$GRASPS"} \
+    ${SEQ_SCENES:+--sequence_scenes "$SEQ_SCENES"} \
     --num_scenes "$scenes" --out "$OUT/real/$name" --log "$OUT/real.jsonl" "$@" >> "$OUT/real_$name.log" 2>&1 &
 }
 
