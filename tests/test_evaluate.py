@@ -318,22 +318,26 @@ def counted(*a, **k):
 module.forward_cached = counted
 ev = TrainingEvaluator(store, np.arange(len(store)), 3, args.out, seed=0, temperature=0.0, max_new_tokens=40)
 metrics = ev.run(module, step=3, rank=rank, world=world, lockstep=True)
+# Independent grasps: the three grasp scenes of the nine, 2 on rank 0 and 1 on rank 1, 4 rows each.
+each = TrainingEvaluator(store, np.arange(len(store)), 9, args.out, seed=0, temperature=0.0, independent=4)
+independent = each.run(module, step=3, rank=rank, world=world, lockstep=True)
 with deepspeed.zero.GatheredParameters(list(module.parameters())):
     weights = {{n: p.detach().clone() for n, p in module.named_parameters()}}
 reference = None
 if rank == 0:
     full = GraspGPT(cfg)
     full.load_state_dict(weights, strict=False)
-    reference = summarize(evaluate_scenes(full, store, ev.scenes, ev.seed, **ev.options)[0])
+    reference = [summarize(evaluate_scenes(full, store, e.scenes, e.seed, **e.options)[0]) for e in (ev, each)]
 with open(f"{{args.out}}/rank{{rank}}.json", "w") as f:
-    json.dump({{"metrics": metrics, "reference": reference, "calls": calls[0]}}, f)
+    json.dump({{"metrics": [metrics, independent], "reference": reference, "calls": calls[0]}}, f)
 '''
 
 
 @pytest.mark.ranks
 def test_zero3_ranks_decode_in_lockstep(mixed, tmp_path, cache_dir):
     """Three scenes on two ZeRO-3 ranks: uneven work (rank 1 runs a dummy round), the same forward calls
-    on both, and the metrics one process gets evaluating every scene with the gathered weights."""
+    on both, and the metrics one process gets evaluating every scene with the gathered weights; the same
+    with independent grasps."""
     script = tmp_path / "zero3_eval.py"
     script.write_text(ZERO3_SCRIPT.format())
     out = tmp_path / "out"
@@ -341,12 +345,13 @@ def test_zero3_ranks_decode_in_lockstep(mixed, tmp_path, cache_dir):
     run_ok(launch(2, ["--data", str(mixed.path), "--out", str(out)], cache_dir, script=script, timeout=240))
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["calls"] == r1["calls"] > 10
-    assert Path(r0["metrics"].pop("picture")).is_file() and "picture" not in r1["metrics"]
-    for m in (r0["metrics"], r1["metrics"], r0["reference"]):
-        for k in ("eval_seconds", "decode_tokens_per_s"):
-            m.pop(k, None)
-    assert r0["metrics"] == r1["metrics"] == r0["reference"]
-    assert r0["metrics"]["scenes"] == 3
+    for i in range(2):  # sequences, then independent grasps
+        assert Path(r0["metrics"][i].pop("picture")).is_file() and "picture" not in r1["metrics"][i]
+        for m in (r0["metrics"][i], r1["metrics"][i], r0["reference"][i]):
+            for k in ("eval_seconds", "decode_tokens_per_s"):
+                m.pop(k, None)
+        assert r0["metrics"][i] == r1["metrics"][i] == r0["reference"][i]
+        assert r0["metrics"][i]["scenes"] == 3
 
 
 # -- the command line -------------------------------------------------------------------------
