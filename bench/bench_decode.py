@@ -63,15 +63,16 @@ def grasp_latency(model, prompt, vocab, voxel_size: float, n: int) -> dict:
     """Seconds for one scene's n grounded grasps: one row writing them in turn, and n rows writing one each."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
-    def seconds(rows: int, cap: int) -> float:
+    def seconds(cap: int, independent: int = 0) -> float:
         sync()
         t0 = time.perf_counter()
-        dec.decode_many(model, [prompt], vocab, rows, cap, 1.0, None, seeds=[0], grounded=True, voxel_size=voxel_size)
+        dec.decode_many(model, [prompt], vocab, 1, cap, 1.0, None, seeds=[0], grounded=True, voxel_size=voxel_size,
+                        independent=independent)
         sync()
         return time.perf_counter() - t0
 
-    seconds(n, dec.GRASP_TOKENS)  # warm-up of the wide batch's shapes
-    sequence, independent = seconds(1, n * dec.GRASP_TOKENS), seconds(n, dec.GRASP_TOKENS)
+    seconds(None, n)  # warm-up of the wide batch's shapes
+    sequence, independent = seconds(n * dec.GRASP_TOKENS), seconds(None, n)
     return {"grasps": n, "sequence_s": round(sequence, 3), "independent_s": round(independent, 3),
             "speedup": round(sequence / independent, 1)}
 

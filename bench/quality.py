@@ -224,7 +224,7 @@ def main() -> int:
                          "default gripper)")
     ap.add_argument("--calibration_steps", type=int, default=40,
                     help="steps of the calibration run; 0: none, the re-plan at the end of the warmup sets the "
-                         "steps (saves a start-up and the calibration)"),
+                         "steps (saves a start-up and the calibration)")
     ap.add_argument("--session_minutes", type=float, default=None,
                     help="stop training after this long in this invocation (checkpoint; rerun to continue)")
     ap.add_argument("--device", default=None, help="evaluation device (default: cuda if present)")
@@ -339,8 +339,8 @@ def main() -> int:
         emit({"note": f"the {plan['minutes']}-minute budget ran out at step {plan['budget_hit_at_step']} of "
                       f"{max_iters}; evaluating that checkpoint"})
 
-    results, predictions = evaluate(cfg, train_dir, args.num_scenes, temperatures, args.groundings.split(","), device,
-                       cell_temperatures, independents, args.sequence_scenes)
+    results, predictions = evaluate(cfg, train_dir, args.num_scenes, temperatures, args.groundings.split(","),
+                                    device, cell_temperatures, independents, args.sequence_scenes)
     for r in results:
         budget = {"train_steps": plan["steps"]} if "steps" in plan else {"train_minutes": plan["minutes"]}
         emit({"model": args.model, **budget, "train_wall_s": plan["train_wall_s"], **r})

@@ -104,10 +104,12 @@ class Decoded:
     ended: np.ndarray  # (K,) bool: the sample wrote `end`
     forwards: int  # forward calls after the prompt (identical on every rank under a `sync`)
     seconds: float
+    written: int | None = None  # tokens the model wrote where `new` holds fewer (independent grasps: joined rows)
 
     @property
     def new_tokens(self) -> int:
-        return sum(len(n) for n in self.new)
+        """Tokens the model wrote."""
+        return self.written if self.written is not None else sum(len(n) for n in self.new)
 
 
 GRASP_TOKENS = 5  # one grasp block: `grasp`, its tag, then the left finger, right finger and base cells
@@ -133,7 +135,8 @@ def join_grasps(decoded: Decoded, per_sequence: int, vocab: Vocab) -> Decoded:
                 seen.add(grasp)
                 ids.extend(grasp)
         sequences.append(np.array(ids + [vocab.end], dtype=np.int64))
-    return Decoded(decoded.prompt, sequences, np.ones(len(sequences), dtype=bool), decoded.forwards, decoded.seconds)
+    return Decoded(decoded.prompt, sequences, np.ones(len(sequences), dtype=bool), decoded.forwards, decoded.seconds,
+                   decoded.new_tokens)
 
 
 def _widen(model, cache, samples: int):
@@ -248,7 +251,7 @@ def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temp
 def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_new_tokens: int | None = None,
            temperature: float = 1.0, top_k: int | None = None, constrained: bool | Sequence[bool] = True, seed: int = 0,
            sync: Callable[[bool], bool] | None = None, grounded: bool | Sequence[bool] = False,
-           voxel_size: float | None = None, cell_temperature: float | None = None) -> Decoded:
+           voxel_size: float | None = None, cell_temperature: float | None = None, independent: int = 0) -> Decoded:
     """Sample `num_samples` continuations of `prompt` together, stopping at `end` (decode_many of one prompt).
 
     With `constrained` every row's logits are masked by its own GrammarState: the grammar, and grasp
@@ -257,7 +260,7 @@ def decode(model, prompt: np.ndarray, vocab: Vocab, num_samples: int = 1, max_ne
     most `max_new_tokens` are written (default and cap: what the model's block size leaves).
     """
     return decode_many(model, [prompt], vocab, num_samples, max_new_tokens, temperature, top_k, constrained,
-                       [seed], sync, grounded, voxel_size, cell_temperature)[0]
+                       [seed], sync, grounded, voxel_size, cell_temperature, independent)[0]
 
 
 @torch.no_grad()
@@ -266,7 +269,7 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
                 constrained: bool | Sequence[bool] = True, seeds: Sequence[int] | None = None,
                 sync: Callable[[bool], bool] | None = None,
                 grounded: bool | Sequence[bool] = False, voxel_size: float | None = None,
-                cell_temperature: float | None = None) -> list[Decoded]:
+                cell_temperature: float | None = None, independent: int = 0) -> list[Decoded]:
     """`num_samples` continuations of each prompt, all prompts in one batch; one Decoded per prompt.
 
     The prompts run once, left-padded to the longest with a key mask, and their KV cache is copied
@@ -286,8 +289,23 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
     `sync(still_running) -> any_rank_running` keeps ranks in lock-step for ZeRO-3, whose
     forward passes gather parameters collectively: a rank that has finished keeps running a
     one-token dummy forward until every rank has, so all ranks make the same calls.
+
+    `independent` = N > 0: each sample is N grasps, each sampled on its own right after a grasp prompt
+    (N rows of one grasp block, joined: join_grasps); `max_new_tokens` then does not apply, and
+    `constrained` / `grounded` lists still give one flag per sample.
     """
     prompts = [np.asarray(p, dtype=np.int64) for p in prompts]
+    if independent:
+        if not all(len(p) and p[-1] == vocab.detectgrasp for p in prompts):
+            raise GenerateError("independent grasp sampling continues grasp prompts only (a scene, then "
+                                "`detectgrasp`); decode amodal and unseg prompts as one sequence (independent 0)")
+
+        def each_row(flags):  # a sample's flag for each of its rows
+            return flags if isinstance(flags, bool) else [f for f in flags for _ in range(independent)]
+
+        outs = decode_many(model, prompts, vocab, num_samples * independent, GRASP_TOKENS, temperature, top_k,
+                           each_row(constrained), seeds, sync, each_row(grounded), voxel_size, cell_temperature)
+        return [join_grasps(out, independent, vocab) for out in outs]
     P, K, block = len(prompts), num_samples, model.cfg.block_size
     lengths = [len(p) for p in prompts]
     T = max(lengths, default=0)

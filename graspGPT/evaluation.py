@@ -23,8 +23,8 @@ from .data.dataset import AugmentConfig, TrainingSamples, val_batches
 from .data.grammar import Sample, read_blocks, read_output
 from .data.storage import TokenStore
 from .data.vocab import Vocab
-from .decoding import (GRASP_TOKENS, GenerateError, accepts, decode, decode_many, default_max_new, grasp_list,
-                       join_grasps, prompt_state, task_of, task_prompt, truth_of)
+from .decoding import (GenerateError, accepts, decode, decode_many, default_max_new, grasp_list, prompt_state, task_of,
+                       task_prompt, truth_of)
 from .grasp_metrics import (NEIGHBOURHOOD, GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts,
                             untagged, valid_grasps, voxel_iou)
 
@@ -85,25 +85,17 @@ def evaluate_batch(model, samples: Sequence[np.ndarray], vocab: Vocab, voxel_siz
     prompts = [task_prompt(ids, vocab, task_of(t)) for ids, t in zip(samples, truths)]
     caps = [max_new_tokens if max_new_tokens is not None else default_max_new(ids, p)
             for ids, p in zip(samples, prompts)]
-    if independent:
-        if any(task_of(t) != "grasp" for t in truths):
-            raise GenerateError("independent grasp sampling continues grasp prompts only; evaluate amodal and "
-                                "unseg samples with sequence decoding (independent 0)")
-        caps, unconstrained = [GRASP_TOKENS] * len(prompts), False  # free rows judge a whole sequence's grammar
+    unconstrained = unconstrained and not independent  # free rows judge a whole sequence's grammar
     kinds = [""] + (["grammar_"] if grounded else []) + (["free_"] if unconstrained else [])
-    rows = [k for k in kinds for _ in range(num_samples)]  # the prefix of each row (sequence) of a sample
-    per_row = max(1, independent)  # decoded rows per sequence
-    outs = decode_many(model, prompts, vocab, len(rows) * per_row, caps, temperature, top_k,
-                       constrained=[k != "free_" for k in rows for _ in range(per_row)], seeds=seeds, sync=sync,
-                       grounded=[k == "" and grounded for k in rows for _ in range(per_row)],
-                       voxel_size=voxel_size if grounding == "gripper" else None, cell_temperature=cell_temperature)
+    rows = [k for k in kinds for _ in range(num_samples)]  # the prefix of each row of a sample
+    outs = decode_many(model, prompts, vocab, len(rows), caps, temperature, top_k,
+                       constrained=[k != "free_" for k in rows], seeds=seeds, sync=sync,
+                       grounded=[k == "" and grounded for k in rows],
+                       voxel_size=voxel_size if grounding == "gripper" else None, cell_temperature=cell_temperature,
+                       independent=independent)
     results = []
     for i, (out, truth, prompt, seed) in enumerate(zip(outs, truths, prompts, seeds)):
-        new_tokens = out.new_tokens
-        if independent:
-            out = join_grasps(out, independent, vocab)
         c = _score(out, truth, prompt, rows, vocab, voxel_size, np.random.default_rng([seed, 1]))
-        c["new_tokens"] = new_tokens
         c["decode_seconds"] = out.seconds if i == 0 else 0.0
         results.append((c, read_output(np.concatenate([prompt, out.new[0]]), vocab).grasps or [], truth))
     return results

@@ -36,8 +36,8 @@ from .data.grammar import Block, Sample, read_output
 from .data.render import PREDICTED, render_sample, tag_colours
 from .data.storage import StorageError, TokenStore
 from .data.vocab import Vocab, Workspace
-from .decoding import (GRASP_TOKENS, Decoded, GenerateError, accepts, decode, default_device, default_max_new,
-                       grasp_list, join_grasps, load_checked, prompt_state, task_of, task_prompt, truth_of)
+from .decoding import (Decoded, GenerateError, accepts, decode, default_device, default_max_new, grasp_list,
+                       load_checked, prompt_state, task_of, task_prompt, truth_of)
 from .grasp_metrics import GraspScore, correct_grasps, score_grasps
 from .grasp_pose import pose_from_cells, tolerance
 from .model import ModelInputError
@@ -214,25 +214,16 @@ def run(args) -> list[dict]:
     truth = truth_of(ids, vocab)
     prompt = task_prompt(ids, vocab, task_of(truth))
     max_new = args.max_new_tokens if args.max_new_tokens is not None else default_max_new(ids, prompt)
-    per_sample = max(1, args.independent_grasps)  # decoded rows per sample
-    if args.independent_grasps:
-        if task_of(truth) != "grasp":
-            raise GenerateError(f"sample {args.index} is a {task_of(truth)} sample, but --independent_grasps "
-                                f"continues grasp prompts only; leave it out for this sample")
-        max_new = GRASP_TOKENS
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = []
     for constrained, suffix in ((True, ""),) + (((False, "_free"),) if not args.independent_grasps else ()):
-        decoded = decode(model, prompt, vocab, args.num_samples * per_sample, max_new, args.temperature, args.top_k,
+        decoded = decode(model, prompt, vocab, args.num_samples, max_new, args.temperature, args.top_k,
                          constrained=constrained, seed=args.seed, grounded=args.grounding != "none",
                          voxel_size=store.workspace.voxel_size if args.grounding == "gripper" else None,
-                         cell_temperature=args.cell_temperature)
-        tokens_per_s = decoded.new_tokens / max(decoded.seconds, 1e-9)
-        if args.independent_grasps:
-            decoded = join_grasps(decoded, per_sample, vocab)
+                         cell_temperature=args.cell_temperature, independent=args.independent_grasps)
         s = write_outputs(out, suffix, args.index, decoded, truth, vocab, frame, constrained)
-        s["tokens_per_s"] = round(tokens_per_s, 1)
+        s["tokens_per_s"] = round(decoded.new_tokens / max(decoded.seconds, 1e-9), 1)
         summaries.append(s)
         line = (f"{s['mode']:>13}: grammar-valid {s['grammar_valid']}/{s['samples']}, {s['grasps']} grasps "
                 f"({s['poses']} with a gripper pose)")
