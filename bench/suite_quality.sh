@@ -10,6 +10,8 @@
 #   OUT=dir MIN=8 bash bench/suite_quality.sh real_packed   the same on packed rows
 #   OUT=dir bash bench/suite_quality.sh real_compare   packing's share: gpt-mini unpacked and packed, gpt2 packed,
 #                                                  the three at once on one GPU (cores 0-4, 5-9, 10-15)
+#   OUT=dir bash bench/suite_quality.sh real_sinusoidal   the axis terms' start: gpt-mini packed with normal and
+#                                                  with sinusoidal axis terms, gpt2 packed sinusoidal, three at once
 # MIN empty: each run trains its whole budget in this call. CELLS=0.3,0.1: evaluate each cell temperature,
 # GRASPS=128,0: each number of independent grasps (0: one sequence) (default: the configs'). SCENES=100:
 # validation scenes of every real run (default 20 gpt-mini, 12 gpt2), SEQ_SCENES=20: of those for one-sequence
@@ -69,8 +71,8 @@ for part in "${@:-lab}"; do
         lab_run cell "$((next_core - 1)),$next_core" --temperatures "$1" --cell_temperature "$2" >> "$OUT/lab_cell.log" 2>&1
       done
       ;;
-    real|real_packed|real_compare)
-      [ "$part" = real_compare ] || MIN=${MIN-8}
+    real|real_packed|real_compare|real_sinusoidal)
+      case $part in real_compare|real_sinusoidal) ;; *) MIN=${MIN-8} ;; esac
       # The runs share one data set: build it once before they start.
       python3 -c "from graspGPT.config import load_config; from graspGPT.data.source import resolve_data_dir; \
 c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_data_dir(c.dataset, c.system.seed))"
@@ -83,13 +85,18 @@ c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_da
       elif [ "$part" = real_packed ]; then
         real packed_gpt-mini gpt-mini "${SCENES:-12}" 0-7 $rows --set trainer.micro_batch_size=4
         real packed_gpt2 gpt2 "${SCENES:-12}" 8-15 $rows --set trainer.micro_batch_size=2
+      elif [ "$part" = real_sinusoidal ]; then
+        sin="--set model.coordinate_init=sinusoidal"
+        real packed_gpt-mini gpt-mini "${SCENES:-20}" 0-4 $rows --set trainer.micro_batch_size=4
+        real sin_packed_gpt-mini gpt-mini "${SCENES:-20}" 5-9 $rows --set trainer.micro_batch_size=4 $sin
+        real sin_packed_gpt2 gpt2 "${SCENES:-12}" 10-15 $rows --set trainer.micro_batch_size=2 $sin
       else
         real gpt-mini gpt-mini "${SCENES:-20}" 0-4
         real packed_gpt-mini gpt-mini "${SCENES:-20}" 5-9 $rows --set trainer.micro_batch_size=4
         real packed_gpt2 gpt2 "${SCENES:-12}" 10-15 $rows --set trainer.micro_batch_size=2
       fi
       ;;
-    *) echo "unknown part $part (lab, decoding, cell, real, real_packed, real_compare)"; exit 2 ;;
+    *) echo "unknown part $part (lab, decoding, cell, real, real_packed, real_compare, real_sinusoidal)"; exit 2 ;;
   esac
 done
 wait

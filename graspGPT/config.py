@@ -53,6 +53,8 @@ class ModelConfig:
     # voxel embeddings = own vector + learned x, y and z vectors (model.TokenEmbedding); export folds
     # them into a plain Qwen2 embedding
     coordinate_embedding: bool = True
+    # how the axis vectors start: "sinusoidal" waves of the coordinate, or "normal" noise like every weight
+    coordinate_init: str = choice("normal", "sinusoidal")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ def model_config(cfg: Config, vocab: Vocab) -> GraspGPTConfig:
                                   n_kv_head=m.n_kv_head, vocab_size=vocab.size,
                                   block_size=cfg.dataset.max_sequence_length, dropout=m.dropout,
                                   rope_theta=m.rope_theta, activation_checkpointing=m.activation_checkpointing,
-                                  voxel_grid=tuple(vocab.dims) if m.coordinate_embedding else None)
+                                  voxel_grid=tuple(vocab.dims) if m.coordinate_embedding else None,
+                                  axis_init=m.coordinate_init)
 
 
 def zero_init(ds: ResolvedDeepSpeed | None):

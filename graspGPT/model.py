@@ -77,6 +77,9 @@ def default_kv_heads(n_head: int) -> int:
     return min(divisors, key=lambda d: (abs(d - 4), -d))
 
 
+AXIS_INITS = ("normal", "sinusoidal")
+
+
 @dataclass
 class GraspGPTConfig:
     """Everything `GraspGPT` is built from. The training configuration's `model` section
@@ -99,6 +102,9 @@ class GraspGPTConfig:
     # (X, Y, Z) of the voxel grid whose cells are the last X*Y*Z token ids: their embeddings then get
     # learned per-axis terms (TokenEmbedding). None: a plain embedding table.
     voxel_grid: tuple[int, int, int] | None = None
+    # How the axis terms start (training only): "normal" like every weight, or "sinusoidal" (axis_waves):
+    # each axis's own channels hold waves of its coordinate, so cells start out knowing where they lie.
+    axis_init: str = "normal"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "loss_chunk_size"):
@@ -124,6 +130,8 @@ class GraspGPTConfig:
         for name in ("rope_theta", "rms_norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ModelConfigError(f"model.{name}={getattr(self, name)!r} must be > 0; set a positive value")
+        if self.axis_init not in AXIS_INITS:
+            raise ModelConfigError(f"axis_init={self.axis_init!r}; use one of {', '.join(AXIS_INITS)}")
         if self.voxel_grid is not None:
             grid = self.voxel_grid = tuple(self.voxel_grid)
             if (len(grid) != 3 or not all(isinstance(d, int) and d > 0 for d in grid)
@@ -527,6 +535,23 @@ class TokenEmbedding(nn.Module):
         return embedding_table(self.weight, self.x_axis, self.y_axis, self.z_axis)
 
 
+def axis_waves(axis: int, size: int, channels: int, std: float) -> torch.Tensor:
+    """(size, channels) start of one axis term: in the axis's third of the channels, sine and cosine of the
+    coordinate at wavelengths from 2 cells to 4x the axis, RMS `std`; zero elsewhere. Two cells' rows then
+    have a dot product that falls with their distance along each axis (a sum of cosines of it), so from
+    the first step attention and the output layer can tell near cells from far ones."""
+    third = channels // 3
+    pairs = third // 2
+    out = torch.zeros(size, channels)
+    if pairs == 0:
+        return out
+    wavelengths = 2.0 * (2.0 * max(size, 1)) ** (torch.arange(pairs, dtype=torch.float64) / max(pairs - 1, 1))
+    angle = torch.arange(size, dtype=torch.float64)[:, None] * (2 * math.pi / wavelengths)
+    lo = axis * third
+    out[:, lo: lo + 2 * pairs] = (torch.cat([angle.sin(), angle.cos()], 1) * std * math.sqrt(2.0)).float()
+    return out
+
+
 AXIS_KEYS = tuple(f"model.embed_tokens.{a}_axis" for a in "xyz")  # state-dict keys of the axis terms
 
 
@@ -570,8 +595,12 @@ class GraspGPT(nn.Module):
         if isinstance(module, (nn.Linear, TokenEmbedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
         if isinstance(module, TokenEmbedding) and module.grid is not None:
-            for axis in (module.x_axis, module.y_axis, module.z_axis):
-                nn.init.normal_(axis, mean=0.0, std=self.cfg.init_std)
+            for a, axis in enumerate((module.x_axis, module.y_axis, module.z_axis)):
+                if self.cfg.axis_init == "sinusoidal":
+                    with torch.no_grad():
+                        axis.copy_(axis_waves(a, axis.size(0), axis.size(1), self.cfg.init_std))
+                else:
+                    nn.init.normal_(axis, mean=0.0, std=self.cfg.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
         if isinstance(module, RMSNorm):

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graspGPT.model import (AXIS_KEYS, IGNORE_INDEX, MODEL_PRESETS, GraspGPT, LinearCrossEntropy, GraspGPTConfig,
+from graspGPT.model import (AXIS_KEYS, axis_waves, IGNORE_INDEX, MODEL_PRESETS, GraspGPT, LinearCrossEntropy, GraspGPTConfig,
                             ModelConfigError, ModelInputError, chunked_cross_entropy, default_kv_heads, fold_axes)
 
 V = 500
@@ -186,6 +186,27 @@ def test_coordinate_embedding_axis_terms_learn_from_every_voxel():
     assert emb.x_axis.grad[2].norm() > emb.x_axis.grad[0].norm()
     decay = model.configure_param_groups(0.1)[0]["params"]
     assert not any(p is emb.x_axis for p in decay)  # embeddings are never decayed
+
+
+def test_sinusoidal_axis_start_makes_near_cells_alike():
+    """axis_init="sinusoidal": the axis terms start as waves of the coordinate, so two cells' rows are more
+    alike the closer the cells, along every axis; the rows keep the normal start's scale and still fold."""
+    model = tiny(voxel_grid=(20, 12, 9), vocab_size=20 * 12 * 9 + 40, n_embd=48, axis_init="sinusoidal")
+    emb = model.model.embed_tokens
+    for a, axis in enumerate((emb.x_axis, emb.y_axis, emb.z_axis)):
+        torch.testing.assert_close(axis.data, axis_waves(a, axis.size(0), 48, 0.02))
+        alike = (axis @ axis.T)[0].detach()
+        assert alike[0] > alike[1] > alike[2] > alike[4]  # falls with the distance
+    # the axes use their own channels: moving along x does not change the y and z parts
+    assert torch.count_nonzero(emb.x_axis[:, 16:]) == 0 and torch.count_nonzero(emb.y_axis[:, :16]) == 0
+    assert 0.01 < (emb.x_axis + emb.y_axis[:1] + emb.z_axis[:1]).pow(2).mean().sqrt() < 0.03
+    plain = tiny(vocab_size=20 * 12 * 9 + 40, n_embd=48).eval()
+    plain.load_state_dict(fold_axes(model.state_dict()), strict=True)
+    ids = torch.arange(200, 224)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids), model.eval()(ids), atol=1e-6, rtol=0)
+    with pytest.raises(ModelConfigError, match="axis_init"):
+        tiny(axis_init="fourier")
 
 
 # ---- chunked loss ----------------------------------------------------------------------------------
