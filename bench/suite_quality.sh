@@ -10,8 +10,8 @@
 #   OUT=dir MIN=8 bash bench/suite_quality.sh real_packed   the same on packed rows
 #   OUT=dir bash bench/suite_quality.sh real_compare   packing's share: gpt-mini unpacked and packed, gpt2 packed,
 #                                                  the three at once on one GPU (cores 0-4, 5-9, 10-15)
-#   OUT=dir bash bench/suite_quality.sh real_sinusoidal   the axis terms' start: gpt-mini packed with normal and
-#                                                  with sinusoidal axis terms, gpt2 packed sinusoidal, three at once
+#   OUT=dir bash bench/suite_quality.sh real_sinusoidal   the axis terms' start: gpt-mini packed with normal,
+#                                                  sinusoidal and sinusoidal_pure axis terms, three at once
 # MIN empty: each run trains its whole budget in this call. CELLS=0.3,0.1: evaluate each cell temperature,
 # GRASPS=128,0: each number of independent grasps (0: one sequence) (default: the configs'). SCENES=100:
 # validation scenes of every real run (default 20 gpt-mini, 12 gpt2), SEQ_SCENES=20: of those for one-sequence
@@ -89,7 +89,7 @@ c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_da
         sin="--set model.coordinate_init=sinusoidal"
         real packed_gpt-mini gpt-mini "${SCENES:-20}" 0-4 $rows --set trainer.micro_batch_size=4
         real sin_packed_gpt-mini gpt-mini "${SCENES:-20}" 5-9 $rows --set trainer.micro_batch_size=4 $sin
-        real sin_packed_gpt2 gpt2 "${SCENES:-12}" 10-15 $rows --set trainer.micro_batch_size=2 $sin
+        real pure_packed_gpt-mini gpt-mini "${SCENES:-20}" 10-15 $rows --set trainer.micro_batch_size=4 ${sin}_pure
       else
         real gpt-mini gpt-mini "${SCENES:-20}" 0-4
         real packed_gpt-mini gpt-mini "${SCENES:-20}" 5-9 $rows --set trainer.micro_batch_size=4

@@ -54,7 +54,7 @@ class ModelConfig:
     # them into a plain Qwen2 embedding
     coordinate_embedding: bool = True
     # how the axis vectors start: "sinusoidal" waves of the coordinate, or "normal" noise like every weight
-    coordinate_init: str = choice("normal", "sinusoidal")
+    coordinate_init: str = choice("normal", "sinusoidal", "sinusoidal_pure")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ def default_kv_heads(n_head: int) -> int:
     return min(divisors, key=lambda d: (abs(d - 4), -d))
 
 
-AXIS_INITS = ("normal", "sinusoidal")
+AXIS_INITS = ("normal", "sinusoidal", "sinusoidal_pure")
 
 
 @dataclass
@@ -594,9 +594,13 @@ class GraspGPT(nn.Module):
     def _init_weights(self, module: nn.Module):
         if isinstance(module, (nn.Linear, TokenEmbedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            grid = self.cfg.voxel_grid
+            if self.cfg.axis_init == "sinusoidal_pure" and grid and module.weight is self.lm_head.weight:
+                with torch.no_grad():  # voxel rows start as their position alone (the tied table is visited twice)
+                    module.weight[module.weight.size(0) - math.prod(grid):].zero_()
         if isinstance(module, TokenEmbedding) and module.grid is not None:
             for a, axis in enumerate((module.x_axis, module.y_axis, module.z_axis)):
-                if self.cfg.axis_init == "sinusoidal":
+                if self.cfg.axis_init.startswith("sinusoidal"):
                     with torch.no_grad():
                         axis.copy_(axis_waves(a, axis.size(0), axis.size(1), self.cfg.init_std))
                 else:
