@@ -10,8 +10,8 @@
 #   OUT=dir MIN=8 bash bench/suite_quality.sh real_packed   the same on packed rows
 #   OUT=dir bash bench/suite_quality.sh real_compare   packing's share: gpt-mini unpacked and packed, gpt2 packed,
 #                                                  the three at once on one GPU (cores 0-4, 5-9, 10-15)
-#   OUT=dir bash bench/suite_quality.sh real_sinusoidal   the axis terms' start: gpt-mini packed with normal,
-#                                                  sinusoidal and sinusoidal_pure axis terms, three at once
+#   OUT=dir bash bench/suite_quality.sh real_sinusoidal   how voxel rows start: gpt-mini packed with the normal
+#                                                  and the sinusoidal start, two at once (2026-12-02 ran a third)
 # MIN empty: each run trains its whole budget in this call. CELLS=0.3,0.1: evaluate each cell temperature,
 # GRASPS=128,0: each number of independent grasps (0: one sequence) (default: the configs'). SCENES=100:
 # validation scenes of every real run (default 20 gpt-mini, 12 gpt2), SEQ_SCENES=20: of those for one-sequence
@@ -86,10 +86,10 @@ c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_da
         real packed_gpt-mini gpt-mini "${SCENES:-12}" 0-7 $rows --set trainer.micro_batch_size=4
         real packed_gpt2 gpt2 "${SCENES:-12}" 8-15 $rows --set trainer.micro_batch_size=2
       elif [ "$part" = real_sinusoidal ]; then
-        sin="--set model.coordinate_init=sinusoidal"
-        real packed_gpt-mini gpt-mini "${SCENES:-20}" 0-4 $rows --set trainer.micro_batch_size=4
-        real sin_packed_gpt-mini gpt-mini "${SCENES:-20}" 5-9 $rows --set trainer.micro_batch_size=4 $sin
-        real pure_packed_gpt-mini gpt-mini "${SCENES:-20}" 10-15 $rows --set trainer.micro_batch_size=4 ${sin}_pure
+        real packed_gpt-mini gpt-mini "${SCENES:-20}" 0-7 $rows --set trainer.micro_batch_size=4 \
+          --set model.coordinate_init=normal
+        real sin_packed_gpt-mini gpt-mini "${SCENES:-20}" 8-15 $rows --set trainer.micro_batch_size=4 \
+          --set model.coordinate_init=sinusoidal
       else
         real gpt-mini gpt-mini "${SCENES:-20}" 0-4
         real packed_gpt-mini gpt-mini "${SCENES:-20}" 5-9 $rows --set trainer.micro_batch_size=4

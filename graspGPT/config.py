@@ -53,8 +53,9 @@ class ModelConfig:
     # voxel embeddings = own vector + learned x, y and z vectors (model.TokenEmbedding); export folds
     # them into a plain Qwen2 embedding
     coordinate_embedding: bool = True
-    # how the axis vectors start: "sinusoidal" waves of the coordinate, or "normal" noise like every weight
-    coordinate_init: str = choice("normal", "sinusoidal", "sinusoidal_pure")
+    # how voxel embeddings start: "sinusoidal", their position alone (waves of x, y and z in the axis
+    # vectors, own vectors 0); "normal", noise like every weight (docs/QUALITY_LAB.md compares them)
+    coordinate_init: str = choice("sinusoidal", "normal")
 
 
 @dataclass(frozen=True)

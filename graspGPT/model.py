@@ -77,7 +77,7 @@ def default_kv_heads(n_head: int) -> int:
     return min(divisors, key=lambda d: (abs(d - 4), -d))
 
 
-AXIS_INITS = ("normal", "sinusoidal", "sinusoidal_pure")
+AXIS_INITS = ("sinusoidal", "normal")
 
 
 @dataclass
@@ -102,9 +102,9 @@ class GraspGPTConfig:
     # (X, Y, Z) of the voxel grid whose cells are the last X*Y*Z token ids: their embeddings then get
     # learned per-axis terms (TokenEmbedding). None: a plain embedding table.
     voxel_grid: tuple[int, int, int] | None = None
-    # How the axis terms start (training only): "normal" like every weight, or "sinusoidal" (axis_waves):
-    # each axis's own channels hold waves of its coordinate, so cells start out knowing where they lie.
-    axis_init: str = "normal"
+    # How voxel rows start (training only): "sinusoidal", their position alone (own vectors 0, axis terms
+    # axis_waves), so that cells start out knowing where they lie; or "normal" noise like every weight.
+    axis_init: str = "sinusoidal"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "loss_chunk_size"):
@@ -518,7 +518,8 @@ class TokenEmbedding(nn.Module):
     where it lies from its own few occurrences; the axis terms are shared by all cells of a plane, so
     what is learned about one position carries over to its neighbours, for reading the scene and for
     predicting grasp cells alike. The table is still a plain (V, C) matrix (``table()``): export folds
-    the axis terms into ``weight``, giving an ordinary Qwen2 embedding.
+    the axis terms into ``weight``, giving an ordinary Qwen2 embedding. By default (axis_init "sinusoidal")
+    a voxel row starts as its position alone: waves of its coordinates in the axis terms (axis_waves).
     """
 
     def __init__(self, cfg: GraspGPTConfig):
@@ -595,12 +596,12 @@ class GraspGPT(nn.Module):
         if isinstance(module, (nn.Linear, TokenEmbedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
             grid = self.cfg.voxel_grid
-            if self.cfg.axis_init == "sinusoidal_pure" and grid and module.weight is self.lm_head.weight:
-                with torch.no_grad():  # voxel rows start as their position alone (the tied table is visited twice)
+            if self.cfg.axis_init == "sinusoidal" and grid and module.weight is self.lm_head.weight:
+                with torch.no_grad():  # the tied table is visited twice (embedding, head): zeroed both times
                     module.weight[module.weight.size(0) - math.prod(grid):].zero_()
         if isinstance(module, TokenEmbedding) and module.grid is not None:
             for a, axis in enumerate((module.x_axis, module.y_axis, module.z_axis)):
-                if self.cfg.axis_init.startswith("sinusoidal"):
+                if self.cfg.axis_init == "sinusoidal":
                     with torch.no_grad():
                         axis.copy_(axis_waves(a, axis.size(0), axis.size(1), self.cfg.init_std))
                 else:

@@ -188,23 +188,30 @@ def test_coordinate_embedding_axis_terms_learn_from_every_voxel():
     assert not any(p is emb.x_axis for p in decay)  # embeddings are never decayed
 
 
-def test_sinusoidal_axis_start_makes_near_cells_alike():
-    """axis_init="sinusoidal": the axis terms start as waves of the coordinate, so two cells' rows are more
-    alike the closer the cells, along every axis; the rows keep the normal start's scale and still fold."""
-    model = tiny(voxel_grid=(20, 12, 9), vocab_size=20 * 12 * 9 + 40, n_embd=48, axis_init="sinusoidal")
+def test_sinusoidal_start_makes_voxel_rows_their_position():
+    """axis_init="sinusoidal" (the default): a voxel's row starts as its position alone, waves of x, y and
+    z in the axis terms' own channels, so two cells' rows are more alike the closer the cells; other
+    tokens start as noise; the table keeps the normal start's scale and still folds into a plain model."""
+    grid, V2 = (20, 12, 9), 20 * 12 * 9 + 40
+    model = tiny(voxel_grid=grid, vocab_size=V2, n_embd=48)
     emb = model.model.embed_tokens
+    assert torch.count_nonzero(emb.weight[40:]) == 0 and emb.weight[:40].std() > 0.01
     for a, axis in enumerate((emb.x_axis, emb.y_axis, emb.z_axis)):
         torch.testing.assert_close(axis.data, axis_waves(a, axis.size(0), 48, 0.02))
-        alike = (axis @ axis.T)[0].detach()
-        assert alike[0] > alike[1] > alike[2] > alike[4]  # falls with the distance
-    # the axes use their own channels: moving along x does not change the y and z parts
+    table = emb.table().detach()
+    cell = lambda x, y, z: 40 + (x * grid[1] + y) * grid[2] + z  # noqa: E731 (x-major ids)
+    for step in [(1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+        alike = [table[cell(2, 2, 2)] @ table[cell(*(2 + k * d for d in step))] for k in (0, 1, 2, 4)]
+        assert alike[0] > alike[1] > alike[2] > alike[3]  # falls with the distance along every axis
     assert torch.count_nonzero(emb.x_axis[:, 16:]) == 0 and torch.count_nonzero(emb.y_axis[:, :16]) == 0
-    assert 0.01 < (emb.x_axis + emb.y_axis[:1] + emb.z_axis[:1]).pow(2).mean().sqrt() < 0.03
-    plain = tiny(vocab_size=20 * 12 * 9 + 40, n_embd=48).eval()
+    assert 0.01 < table[40:].pow(2).mean().sqrt() < 0.03
+    plain = tiny(vocab_size=V2, n_embd=48).eval()
     plain.load_state_dict(fold_axes(model.state_dict()), strict=True)
     ids = torch.arange(200, 224)[None]
     with torch.no_grad():
         torch.testing.assert_close(plain(ids), model.eval()(ids), atol=1e-6, rtol=0)
+    noisy = tiny(voxel_grid=grid, vocab_size=V2, n_embd=48, axis_init="normal").model.embed_tokens
+    assert noisy.weight[40:].std() > 0.01 and noisy.x_axis[:, 16:].std() > 0.01
     with pytest.raises(ModelConfigError, match="axis_init"):
         tiny(axis_init="fourier")
 
