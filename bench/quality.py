@@ -170,7 +170,7 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
 
     from graspGPT.data.source import resolve_data_dir
     from graspGPT.data.storage import TokenStore
-    from graspGPT.evaluation import evaluate as evaluate_model
+    from graspGPT.evaluation import checkpoint_metrics, evaluate_scenes, evaluation_scenes, summarize
     from graspGPT.artifact import load_model
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this run was given (taskset)
@@ -178,15 +178,21 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
     store = TokenStore.open(resolve_data_dir(cfg.dataset, cfg.system.seed))
     _, val = store.split(cfg.dataset.val_fraction, cfg.system.seed)
     results, predictions = [], []
+    # The loss and the teacher-forced figures depend on the scenes (and the prefix precision on the temperature),
+    # not on the decoding: computed once for each, however many decodings are evaluated.
+    per_checkpoint: dict[tuple, dict] = {}
     for grounding, t, cell_temperature, independent in itertools.product(groundings, temperatures, cell_temperatures,
                                                                          independents):
         t0 = time.perf_counter()
         scenes: list = []
-        scenes_here = num_scenes if independent or sequence_scenes is None else sequence_scenes
-        m = evaluate_model(model, store, val, scenes_here, seed=0, loss_on=cfg.dataset.loss_on, temperature=t,
-                           grounding=grounding, cell_temperature=cell_temperature, independent=independent,
-                           per_scene=scenes)
-        m = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+        chosen = evaluation_scenes(store, val, num_scenes if independent or sequence_scenes is None else
+                                   sequence_scenes, 0, model.cfg.block_size, independent)
+        counts, _ = evaluate_scenes(model, store, chosen, 0, per_scene=scenes, temperature=t, grounding=grounding,
+                                    cell_temperature=cell_temperature, independent=independent)
+        key = (tuple(chosen), t)
+        if key not in per_checkpoint:
+            per_checkpoint[key] = checkpoint_metrics(model, store, chosen, cfg.dataset.loss_on, temperature=t)
+        m = {k: round(v, 4) if isinstance(v, float) else v for k, v in {**summarize(counts), **per_checkpoint[key]}.items()}
         # Each scene's own counts: runs evaluated on different numbers of scenes compare on the ones
         # they share (the choice is nested).
         m["per_scene"] = [{"index": i, **{k: int(c[k]) for k in PER_SCENE}} for i, c, _ in scenes]

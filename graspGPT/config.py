@@ -54,7 +54,8 @@ class ModelConfig:
     # them into a plain Qwen2 embedding
     coordinate_embedding: bool = True
     # how voxel embeddings start: "sinusoidal", their position alone (waves of x, y and z in the axis
-    # vectors, own vectors 0); "normal", noise like every weight (docs/QUALITY_LAB.md compares them)
+    # vectors, own vectors 0): better on fine grids; "normal", noise like every weight: better on the
+    # coarse 0.03 m grid (the quickstart's). docs/QUALITY_LAB.md compares them.
     coordinate_init: str = choice("sinusoidal", "normal")
 
 

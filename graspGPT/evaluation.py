@@ -437,22 +437,37 @@ class TrainingEvaluator:
         return path
 
 
-def evaluate(model, store: TokenStore, indices: np.ndarray, num_scenes: int, seed: int = 0, batch_size: int = 4,
-             loss_on: str = "all", per_scene: list | None = None, **options) -> dict:
-    """Generation metrics and the loss on `num_scenes` of `indices` (picked with `seed`), in one process.
-    loss_on: the targets of the loss, as the model was trained (dataset.loss_on); `per_scene`, if given,
-    receives each scene's (index, counts, grasps) (evaluate_scenes)."""
-    scenes = pick_scenes(indices, num_scenes, seed, store.lengths, model.cfg.block_size)
-    if options.get("independent"):
+def evaluation_scenes(store: TokenStore, indices: np.ndarray, num_scenes: int, seed: int, block_size: int,
+                      independent: int = 0) -> np.ndarray:
+    """The `num_scenes` of `indices` that `evaluate` decodes (picked with `seed` among those that fit
+    `block_size`; with independent grasps, the grasp scenes of those)."""
+    scenes = pick_scenes(indices, num_scenes, seed, store.lengths, block_size)
+    if independent:
         scenes = grasp_scenes(store, scenes)
     if len(scenes) == 0:
-        raise GenerateError(f"no sample of the split fits the model's block size ({model.cfg.block_size} tokens)")
-    counts, _ = evaluate_scenes(model, store, scenes, seed, per_scene=per_scene, **options)
-    metrics = summarize(counts)
+        raise GenerateError(f"no sample of the split fits the model's block size ({block_size} tokens)")
+    return scenes
+
+
+def checkpoint_metrics(model, store: TokenStore, scenes: np.ndarray, loss_on: str = "all", batch_size: int = 4,
+                       temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> dict:
+    """What `evaluate` reports beside the decoding: the loss on `scenes` (loss_on: the targets the model was
+    trained on, dataset.loss_on), each grasp token's prediction after the true prefix and one grasp after a
+    true prefix (at `temperature`). The same for every decoding of one checkpoint."""
     samples = TrainingSamples(store, scenes, model.cfg.block_size, AugmentConfig.none(), seed=0, loss_on=loss_on)
     loss = validation_loss(model, samples, val_batches(samples.lengths, batch_size))
-    metrics.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
+    metrics = dict(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
     metrics.update(teacher_forced_grasps(model, store, scenes))
-    metrics.update(prefix_precision(model, store, scenes, temperature=options.get("temperature", 1.0),
-                                    top_k=options.get("top_k"), seed=seed))
+    metrics.update(prefix_precision(model, store, scenes, temperature=temperature, top_k=top_k, seed=seed))
     return metrics
+
+
+def evaluate(model, store: TokenStore, indices: np.ndarray, num_scenes: int, seed: int = 0, batch_size: int = 4,
+             loss_on: str = "all", per_scene: list | None = None, **options) -> dict:
+    """Generation metrics and the loss on `num_scenes` of `indices` (picked with `seed`), in one process:
+    `evaluation_scenes`, decoded (`evaluate_scenes` with `options`), then `checkpoint_metrics`. `per_scene`,
+    if given, receives each scene's (index, counts, grasps) (evaluate_scenes)."""
+    scenes = evaluation_scenes(store, indices, num_scenes, seed, model.cfg.block_size, options.get("independent", 0))
+    counts, _ = evaluate_scenes(model, store, scenes, seed, per_scene=per_scene, **options)
+    return {**summarize(counts), **checkpoint_metrics(model, store, scenes, loss_on, batch_size,
+                                                      options.get("temperature", 1.0), options.get("top_k"), seed)}
