@@ -12,6 +12,10 @@
 #                                                  the three at once on one GPU (cores 0-4, 5-9, 10-15)
 #   OUT=dir bash bench/suite_quality.sh real_sinusoidal   how voxel rows start: gpt-mini packed with the normal
 #                                                  and the sinusoidal start, two at once (2026-12-02 ran a third)
+#   OUT=dir MODEL=gpt-mini bash bench/suite_quality.sh real_alone   one run of MODEL alone on the GPU (all cores),
+#                                                  packed rows, its grasps also evaluated on 12 scenes at each of its
+#                                                  8 checkpoints (precision against steps, in train/metrics_rank0.jsonl);
+#                                                  EXTRA="--set model.rope_theta=1000000" adds settings
 # MIN empty: each run trains its whole budget in this call. CELLS=0.3,0.1: evaluate each cell temperature,
 # GRASPS=128,0: each number of independent grasps (0: one sequence) (default: the configs'). SCENES=100:
 # validation scenes of every real run (default 20 gpt-mini, 12 gpt2), SEQ_SCENES=20: of those for one-sequence
@@ -71,8 +75,8 @@ for part in "${@:-lab}"; do
         lab_run cell "$((next_core - 1)),$next_core" --temperatures "$1" --cell_temperature "$2" >> "$OUT/lab_cell.log" 2>&1
       done
       ;;
-    real|real_packed|real_compare|real_sinusoidal)
-      case $part in real_compare|real_sinusoidal) ;; *) MIN=${MIN-8} ;; esac
+    real|real_packed|real_compare|real_sinusoidal|real_alone)
+      case $part in real_compare|real_sinusoidal|real_alone) ;; *) MIN=${MIN-8} ;; esac
       # The runs share one data set: build it once before they start.
       python3 -c "from graspGPT.config import load_config; from graspGPT.data.source import resolve_data_dir; \
 c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_data_dir(c.dataset, c.system.seed))"
@@ -85,6 +89,10 @@ c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_da
       elif [ "$part" = real_packed ]; then
         real packed_gpt-mini gpt-mini "${SCENES:-12}" 0-7 $rows --set trainer.micro_batch_size=4
         real packed_gpt2 gpt2 "${SCENES:-12}" 8-15 $rows --set trainer.micro_batch_size=2
+      elif [ "$part" = real_alone ]; then
+        m=${MODEL:-gpt-mini}
+        real "alone_$m" "$m" "${SCENES:-60}" "0-$((cores - 1))" $rows \
+          --set trainer.micro_batch_size="$([ "$m" = gpt2 ] && echo 2 || echo 4)" --set trainer.eval_scenes=12 ${EXTRA:-}
       elif [ "$part" = real_sinusoidal ]; then
         real packed_gpt-mini gpt-mini "${SCENES:-20}" 0-7 $rows --set trainer.micro_batch_size=4 \
           --set model.coordinate_init=normal
@@ -96,7 +104,7 @@ c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_da
         real packed_gpt2 gpt2 "${SCENES:-12}" 10-15 $rows --set trainer.micro_batch_size=2
       fi
       ;;
-    *) echo "unknown part $part (lab, decoding, cell, real, real_packed, real_compare, real_sinusoidal)"; exit 2 ;;
+    *) echo "unknown part $part (lab, decoding, cell, real, real_packed, real_compare, real_sinusoidal, real_alone)"; exit 2 ;;
   esac
 done
 wait
