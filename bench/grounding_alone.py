@@ -10,13 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import numpy as np
 import torch
 
-from graspGPT import decoding
 from graspGPT.data import synth
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.grasp_metrics import GraspScore, score_grasps
+from graspGPT.evaluation import COUNT_KEYS, evaluate_scene, summarize
 from graspGPT.model import GraspGPT, GraspGPTConfig
 
 
@@ -40,19 +38,16 @@ def main() -> None:
     ws = Workspace(voxel_size=args.voxel_size)
     vocab = Vocab.for_workspace(ws)
     model = uniform_model(vocab)
-    total = GraspScore()
+    counts = dict.fromkeys(COUNT_KEYS, 0.0)
     for i, ids in enumerate(synth.generate_scenes(args.scenes, args.seed, ws, "grasp", args.cap)):
-        prompt = decoding.task_prompt(ids, vocab, "grasp")
-        out = decoding.decode(model, prompt, vocab, seed=i, grounded=True, voxel_size=args.voxel_size,
-                              cell_temperature=args.cell_temperature, independent=args.grasps)
-        got = decoding.read_output(np.concatenate([prompt, out.new[0]]), vocab)
-        s = score_grasps(decoding.grasp_list(got.grasps, vocab), decoding.grasp_list(decoding.truth_of(ids, vocab).grasps,
-                                                                                       vocab))
-        for k in ("predicted", "correct", "objects", "covered"):
-            setattr(total, k, getattr(total, k) + getattr(s, k))
+        c, _, _ = evaluate_scene(model, ids, vocab, args.voxel_size, seed=i, cell_temperature=args.cell_temperature,
+                                 independent=args.grasps)
+        counts = {k: counts[k] + c[k] for k in COUNT_KEYS}
+    m = summarize(counts)
     print(json.dumps({"voxel_size": args.voxel_size, "cap": args.cap, "scenes": args.scenes, "grasps": args.grasps,
-                      "grounded_uniform_precision": round(total.correct / max(total.predicted, 1), 4),
-                      "coverage": round(total.covered / max(total.objects, 1), 4), "predicted": total.predicted}))
+                      "grounded_uniform_precision": round(m["grasp_precision"], 4),
+                      "coverage": round(m["grasp_coverage"], 4), "predicted": int(counts["predicted"]),
+                      "random_precision": round(m["baseline_precision"], 4)}))
 
 
 if __name__ == "__main__":
