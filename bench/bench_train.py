@@ -69,7 +69,9 @@ class HFWithLoss(nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, input_ids, targets):
+    def forward(self, input_ids, targets, cu_seqlens=None):
+        if cu_seqlens is not None:
+            raise ValueError("the transformers baseline trains one sample per row; packed cases are ours only")
         logits = self.hf(input_ids=input_ids, use_cache=False).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=gm.IGNORE_INDEX,
                                reduction="sum")

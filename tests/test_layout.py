@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 from conftest import REPO
 
 spec = importlib.util.spec_from_file_location("code_map", REPO / "bench" / "code_map.py")
@@ -40,14 +42,38 @@ def test_every_module_is_in_the_design_doc():
     assert not missing, missing
 
 
-def test_the_benchmark_runs_the_trainers_engine_and_step():
-    """bench/bench_train.py measures the trainer's step: no engine, step or DeepSpeed config of its own."""
+def _bench_train():
     import sys
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import bench_train
     finally:
         sys.path.remove(str(REPO / "bench"))
+    return bench_train
+
+
+def test_the_benchmark_baseline_takes_the_engines_call_and_scores_like_ours():
+    """The trainer's step calls the model as (ids, targets, cu_seqlens=...): the transformers baseline takes that
+    call (unpacked rows only) and gives our model's loss sum and count with the same weights."""
+    import torch
+    bench_train = _bench_train()
+    mcfg = bench_train.model_config("gpt-nano", vocab_size=97, block_size=24)
+    ours = bench_train.build_model("fast", mcfg, torch.device("cpu"))
+    theirs = bench_train.build_model("baseline", mcfg, torch.device("cpu"), weights=ours.state_dict())
+    ids = torch.randint(0, 97, (2, 24))
+    targets = torch.randint(0, 97, (2, 24))
+    targets[0, :5] = -100
+    with torch.no_grad():
+        (a, n), (b, m) = ours(ids, targets, cu_seqlens=None), theirs(ids, targets, cu_seqlens=None)
+    assert int(n) == int(m) == 43
+    torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one sample per row"):
+        theirs(ids, targets, cu_seqlens=torch.tensor([0, 10, 48], dtype=torch.int32))
+
+
+def test_the_benchmark_runs_the_trainers_engine_and_step():
+    """bench/bench_train.py measures the trainer's step: no engine, step or DeepSpeed config of its own."""
+    bench_train = _bench_train()
     import graspGPT.engine as engine
 
     assert bench_train.build_engine is engine.build_engine and bench_train.train_step is engine.train_step
