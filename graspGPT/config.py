@@ -48,7 +48,7 @@ class ModelConfig:
     n_embd: int | None = None
     n_kv_head: int | None = None  # None: the model's default for the shape
     dropout: float = 0.0
-    rope_theta: float = 10000.0
+    rope_theta: float = 1_000_000.0
     activation_checkpointing: bool = False
     # voxel embeddings = own vector + learned x, y and z vectors (model.TokenEmbedding); export folds
     # them into a plain Qwen2 embedding

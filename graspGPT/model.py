@@ -94,7 +94,7 @@ class GraspGPTConfig:
     n_embd: int
     n_kv_head: int | None = None  # None -> default_kv_heads(n_head)
     dropout: float = 0.0
-    rope_theta: float = 10000.0
+    rope_theta: float = 1_000_000.0
     rms_norm_eps: float = 1e-6
     init_std: float = 0.02
     activation_checkpointing: bool = False

@@ -112,7 +112,7 @@ def test_matches_hf_qwen2(n_kv_head):
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     hf_cfg = Qwen2Config.from_dict(model.to_hf_config(dtype="float32"))
-    assert hf_cfg.rope_parameters["rope_theta"] == 10000.0
+    assert hf_cfg.rope_parameters["rope_theta"] == model.cfg.rope_theta == 1e6  # Qwen2's own default
     assert hf_cfg.num_key_value_heads == n_kv_head and hf_cfg.tie_word_embeddings
     hf = Qwen2ForCausalLM(hf_cfg).float().eval()
     assert set(hf.state_dict()) == set(model.state_dict())
