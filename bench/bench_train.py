@@ -13,7 +13,9 @@ Implementations (--impl, comma-separated):
   fast       graspGPT.model.GraspGPT as the trainer builds it
   fast+X     fast with a switch: +cudnn (cuDNN attention first instead of flash), +eager (no
              torch.compile), +ckpt (activation checkpointing), +plain (no coordinate embedding: a
-             plain embedding table, as the baseline has); switches combine (fast+cudnn+ckpt)
+             plain embedding table, as the baseline has), +cce / +cce_filtered (the loss by the
+             cut-cross-entropy package, exact / with its gradient filter; GPU only, its wheel in .whl);
+             switches combine (fast+cudnn+ckpt)
 Both run in the trainer's engine and step (graspGPT/engine.py: build_engine, train_step), its DeepSpeed
 config resolved from a training config (graspGPT/ds_config.py): deepspeed_config.json with the ZeRO stage
 asked, bf16 where the GPU has it, gradient clipping 2.0, and torch's fused AdamW (constant lr 2e-4,
@@ -58,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEAK_FLOPS = 989e12
 MFU_DEF = "tokens/s/GPU x (6N + 12*L*d*T) / 989e12 (H100 SXM dense bf16)"
 VOXEL = 0.0075  # the built-in data set's default; V = 147,219
-DEFAULTS = dict(compile=gm.COMPILE, attention=list(gm.ATTENTION_BACKENDS))
+DEFAULTS = dict(compile=gm.COMPILE, attention=list(gm.ATTENTION_BACKENDS), loss=gm.chunked_cross_entropy)
 CUDNN_FIRST = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION] + DEFAULTS["attention"]
 
 
@@ -135,14 +137,33 @@ def build_model(impl: str, mcfg: gm.GraspGPTConfig, device: torch.device, seed: 
 def apply_switches(impl: str) -> tuple[str, set[str]]:
     """("baseline"|"fast", switches), setting model.py's measuring switches for this case."""
     base, *switches = impl.split("+")
-    unknown = set(switches) - {"cudnn", "eager", "ckpt", "plain"}
+    unknown = set(switches) - {"cudnn", "eager", "ckpt", "plain", "cce", "cce_filtered"}
     if base not in ("baseline", "fast") or unknown or (base == "baseline" and switches):
         raise SystemExit(f"error: unknown implementation {impl!r}; use baseline, fast, or "
-                         f"fast+cudnn/+eager/+ckpt/+plain")
+                         f"fast+cudnn/+eager/+ckpt/+plain/+cce/+cce_filtered")
     gm.COMPILE = DEFAULTS["compile"] and "eager" not in switches
     gm.ATTENTION_BACKENDS = CUDNN_FIRST if "cudnn" in switches else DEFAULTS["attention"]
+    cce = {"cce": None, "cce_filtered": "high"}
+    loss = [s for s in switches if s in cce]
+    gm.chunked_cross_entropy = cut_cross_entropy_loss(cce[loss[0]]) if loss else DEFAULTS["loss"]
     torch._dynamo.reset()  # every case compiles afresh (the attention kernel is fixed when tracing)
     return base, set(switches)
+
+
+def cut_cross_entropy_loss(filter_eps: str | None):
+    """The model's loss (sum over real targets, count) computed by the cut-cross-entropy package (Apple's
+    fused linear + cross-entropy Triton kernels, `pip install cut-cross-entropy`) instead of
+    `model.chunked_cross_entropy`. filter_eps None: exact gradients; "high": the package's default, which
+    skips gradient blocks whose softmax is below a threshold."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    def loss(h, weight, targets, chunk_rows):
+        del chunk_rows
+        h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+        total = linear_cross_entropy(h, weight, targets, ignore_index=gm.IGNORE_INDEX, reduction="sum",
+                                     filter_eps=filter_eps, impl="cce")
+        return total.float(), (targets != gm.IGNORE_INDEX).sum()
+    return loss
 
 
 # ------------------------------------------------------------------------------------------------ data
