@@ -3,11 +3,12 @@
 #   OUT=dir bash bench/suite_quality.sh lab        the lab variants in parallel, 2 CPU cores each (no GPU)
 #   OUT=dir bash bench/suite_quality.sh decoding   the lab's recipe, evaluated with each grounding at T = 1 and 0.5
 #   OUT=dir bash bench/suite_quality.sh cell       the lab's recipe, evaluated at T = 0.5 and with cell temperatures
-#   OUT=dir MIN=8 bash bench/suite_quality.sh real gpt-mini and gpt2 on the real grid, together on one GPU, each
+#   OUT=dir MIN=8 bash bench/suite_quality.sh real gpt-mini and gpt2 on the real grid, unpacked (one sample a row, as
+#                                                  those early runs were), together on one GPU, each
 #                                                  with a budget of REAL_MINUTES (default 15) of training (a hard
 #                                                  limit on wall time), of which this call trains at most MIN
 #                                                  minutes (default 8); decoding as the configs say
-#   OUT=dir MIN=8 bash bench/suite_quality.sh real_packed   the same on packed rows
+#   OUT=dir MIN=8 bash bench/suite_quality.sh real_packed   the same on packed rows (the configs' recipe)
 #   OUT=dir bash bench/suite_quality.sh real_compare   packing's share: gpt-mini unpacked and packed, gpt2 packed,
 #                                                  the three at once on one GPU (cores 0-4, 5-9, 10-15)
 #   OUT=dir bash bench/suite_quality.sh real_sinusoidal   how voxel rows start: gpt-mini packed with the normal
@@ -15,7 +16,8 @@
 #   OUT=dir MODEL=gpt-mini bash bench/suite_quality.sh real_alone   one run of MODEL alone on the GPU (all cores),
 #                                                  packed rows, its grasps also evaluated on 12 scenes at each of its
 #                                                  8 checkpoints (precision against steps, in train/metrics_rank0.jsonl);
-#                                                  EXTRA="--set model.rope_theta=1000000" adds settings
+#                                                  EXTRA="--set model.rope_theta=10000" adds settings (there: the
+#                                                  default before 2026-12-02)
 # MIN empty: each run trains its whole budget in this call. CELLS=0.3,0.1: evaluate each cell temperature,
 # GRASPS=128,0: each number of independent grasps (0: one sequence) (default: the configs'). SCENES=100:
 # validation scenes of every real run (default 20 gpt-mini, 12 gpt2), SEQ_SCENES=20: of those for one-sequence
@@ -81,27 +83,25 @@ for part in "${@:-lab}"; do
       python3 -c "from graspGPT.config import load_config; from graspGPT.data.source import resolve_data_dir; \
 c = load_config(['--config', 'configs/quality_gpt-mini.json']); print(resolve_data_dir(c.dataset, c.system.seed))"
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
-      # rows of 16384 positions, 8 a step: about the tokens of 32 samples (docs/QUALITY_LAB.md)
-      rows="--set dataset.pack_length=16384 --set trainer.batch_size=8"
+      # The configs train on packed rows (16384 positions, 8 a step: about the tokens of 32 samples);
+      # the unpacked runs of the early sessions: one sample a row, 32 a step
+      unpacked="--set dataset.pack_length=0 --set trainer.batch_size=32"
       if [ "$part" = real ]; then
-        real gpt-mini gpt-mini "${SCENES:-20}" 0-7
-        real gpt2 gpt2 "${SCENES:-12}" 8-15
+        real gpt-mini gpt-mini "${SCENES:-20}" 0-7 $unpacked --set trainer.micro_batch_size=16
+        real gpt2 gpt2 "${SCENES:-12}" 8-15 $unpacked --set trainer.micro_batch_size=8
       elif [ "$part" = real_packed ]; then
-        real packed_gpt-mini gpt-mini "${SCENES:-12}" 0-7 $rows --set trainer.micro_batch_size=4
-        real packed_gpt2 gpt2 "${SCENES:-12}" 8-15 $rows --set trainer.micro_batch_size=2
+        real packed_gpt-mini gpt-mini "${SCENES:-12}" 0-7
+        real packed_gpt2 gpt2 "${SCENES:-12}" 8-15
       elif [ "$part" = real_alone ]; then
         m=${MODEL:-gpt-mini}
-        real "alone_$m" "$m" "${SCENES:-60}" "0-$((cores - 1))" $rows \
-          --set trainer.micro_batch_size="$([ "$m" = gpt2 ] && echo 2 || echo 4)" --set trainer.eval_scenes=12 ${EXTRA:-}
+        real "alone_$m" "$m" "${SCENES:-60}" "0-$((cores - 1))" --set trainer.eval_scenes=12 ${EXTRA:-}
       elif [ "$part" = real_sinusoidal ]; then
-        real packed_gpt-mini gpt-mini "${SCENES:-20}" 0-7 $rows --set trainer.micro_batch_size=4 \
-          --set model.coordinate_init=normal
-        real sin_packed_gpt-mini gpt-mini "${SCENES:-20}" 8-15 $rows --set trainer.micro_batch_size=4 \
-          --set model.coordinate_init=sinusoidal
+        real packed_gpt-mini gpt-mini "${SCENES:-20}" 0-7 --set model.coordinate_init=normal
+        real sin_packed_gpt-mini gpt-mini "${SCENES:-20}" 8-15 --set model.coordinate_init=sinusoidal
       else
-        real gpt-mini gpt-mini "${SCENES:-20}" 0-4
-        real packed_gpt-mini gpt-mini "${SCENES:-20}" 5-9 $rows --set trainer.micro_batch_size=4
-        real packed_gpt2 gpt2 "${SCENES:-12}" 10-15 $rows --set trainer.micro_batch_size=2
+        real gpt-mini gpt-mini "${SCENES:-20}" 0-4 $unpacked --set trainer.micro_batch_size=16
+        real packed_gpt-mini gpt-mini "${SCENES:-20}" 5-9
+        real packed_gpt2 gpt2 "${SCENES:-12}" 10-15
       fi
       ;;
     *) echo "unknown part $part (lab, decoding, cell, real, real_packed, real_compare, real_sinusoidal, real_alone)"; exit 2 ;;
