@@ -203,22 +203,45 @@ class SceneVoxels:
         margin = int(np.ceil(FINGER_LENGTH / self.voxel_size + 2 * ROUNDING)) + 2
         wide = np.pad(self.grid, margin)
         self._margin, self._wide_max, self._wide = margin, np.asarray(wide.shape) - 1, wide.ravel()
-        self._strides = np.array([wide.shape[1] * wide.shape[2], wide.shape[2], 1])
+        self._strides = np.array([wide.shape[1] * wide.shape[2], wide.shape[2], 1], np.float64)  # exact: < 2**53
         self._left: dict[int, np.ndarray] = {}
         self._others: dict[int, np.ndarray] = {}
 
     # -- rules on arrays of candidates: each takes the object's label and (n, 3) cells
 
-    def _labels_along(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _labels_along(self, a: np.ndarray, b: np.ndarray, every: int = 1) -> np.ndarray:
         """(n, m) labels along the segments a[i] -> b[i] ((n, 3) each, float cell coordinates); every
-        segment has its own samples (a quarter voxel apart), padded with its end point."""
+        segment has its own samples (a quarter voxel apart), padded with its end point. every = k > 1:
+        only every k-th of those samples and the end point (a subset of the same points, for a first
+        pass that settles most segments cheaply)."""
         a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
         if len(a) == 0:
             return np.zeros((0, 1), np.int32)
-        steps = np.maximum(2, np.ceil(4 * np.abs(b - a).max(axis=1)).astype(np.int64) + 1)  # per segment
-        t = np.minimum(np.arange(int(steps.max()))[None, :] / (steps[:, None] - 1), 1.0)
-        cells = np.rint(a[:, None, :] + t[..., None] * (b - a)[:, None, :]).astype(np.int64) + self._margin
-        return self._wide[np.clip(cells, 0, self._wide_max) @ self._strides]
+        d = b - a
+        steps = np.maximum(2, np.ceil(4 * np.abs(d).max(axis=1)).astype(np.int64) + 1)  # per segment
+        k = np.arange(0, int(steps.max()), every)
+        if every > 1:
+            k = np.append(k, int(steps.max()) - 1)
+        t = np.minimum(k[None, :] / (steps[:, None] - 1), 1.0)
+        pts = a[:, None, :] + t[..., None] * d[:, None, :]
+        np.rint(pts, out=pts)
+        pts += self._margin
+        np.clip(pts, 0, self._wide_max, out=pts)
+        return self._wide[(pts @ self._strides).astype(np.int64)]
+
+    def _through(self, own: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(n,) bool: segment a[i] -> b[i] meets the object (a sample labelled `own`). A first pass over
+        every fourth sample finds most crossings; only the other segments are sampled in full."""
+        hit = (self._labels_along(a, b, every=4) == own).any(1)
+        rest = ~hit
+        hit[rest] = (self._labels_along(a[rest], b[rest]) == own).any(1)
+        return hit
+
+    def _clear(self, own: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(n,) bool: segment a[i] -> b[i] meets no other object (every sample free or `own`). One pass:
+        most of these segments are clear, so a sparse first pass would settle few of them."""
+        labels = self._labels_along(a, b)
+        return ((labels == 0) | (labels == own)).all(1)
 
     def _fingers_ok(self, own: int, fingers: np.ndarray) -> np.ndarray:
         touching = (self._padded[tuple((fingers[:, None, :] + 1 + NEIGHBOURHOOD).transpose(2, 0, 1))] == own).any(1)
@@ -228,7 +251,7 @@ class SceneVoxels:
     def _closing_ok(self, own: int, left: np.ndarray, rights: np.ndarray) -> np.ndarray:
         opening = np.linalg.norm(rights - left, axis=1) * self.voxel_size
         ok = opening <= GRIPPER_MAX_OPENING + ROUNDING * self.voxel_size
-        ok[ok] = (self._labels_along(np.tile(left, (int(ok.sum()), 1)), rights[ok]) == own).any(1)
+        ok[ok] = self._through(own, np.tile(left, (int(ok.sum()), 1)), rights[ok])
         return ok
 
     def _base_ok(self, own: int, left: np.ndarray, right: np.ndarray, bases: np.ndarray) -> np.ndarray:
@@ -244,9 +267,11 @@ class SceneVoxels:
                                  np.maximum(left, right) + FINGER_LENGTH / self.voxel_size + 2 * ROUNDING):
             return ok  # nothing else within the gripper's reach: fingers and palm are clear
         out = out[ok]
-        swept = np.concatenate([self._labels_along(left, left + out), self._labels_along(right, right + out),
-                                self._labels_along(left + out, right + out)], axis=1)
-        ok[ok] = ((swept == 0) | (swept == own)).all(1)
+        left, right = np.broadcast_to(left, out.shape), np.broadcast_to(right, out.shape)
+        clear = self._clear(own, left, left + out)
+        for a, b in ((right, right + out), (left + out, right + out)):
+            clear[clear] = self._clear(own, a[clear], b[clear])
+        ok[ok] = clear
         return ok
 
     def _others_near(self, own: int, lo: np.ndarray, hi: np.ndarray) -> bool:

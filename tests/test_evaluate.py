@@ -143,6 +143,26 @@ def test_physical_validity_of_hand_made_grasps():
     assert valid_grasps(grasp, scene + [(9, _box((3, 6, 0), (4, 6, 3)))], dims, vox).tolist() == [False]
 
 
+def test_the_sparse_first_pass_decides_segments_as_the_full_sampling_does():
+    """SceneVoxels._through samples every fourth point first and the rest only where that found nothing:
+    the same answer as sampling every point, for segments crossing, grazing and missing the objects."""
+    from graspGPT.grasp_metrics import SceneVoxels
+    ws = Workspace(voxel_size=0.0075)
+    vocab = Vocab.for_workspace(ws)
+    ids = next(iter(generate_scenes(1, seed=3, workspace=ws)))
+    scene = [(b.tag, vocab.cells_of(b.cells)) for b in read_output(task_prompt(ids, vocab, "grasp"), vocab).scene]
+    voxels = SceneVoxels(scene, vocab.dims, ws.voxel_size)
+    rng = np.random.default_rng(0)
+    for own, (_, cells) in enumerate(scene, start=1):
+        a = cells[rng.integers(len(cells), size=400)] + rng.normal(0, 4, (400, 3))
+        b = a + rng.normal(0, 6, (400, 3))
+        full = (voxels._labels_along(a, b) == own).any(1)
+        assert 0 < full.sum() < len(full)
+        assert np.array_equal(voxels._through(own, a, b), full)
+        sparse = voxels._labels_along(a, b, every=4)
+        assert sparse.shape[1] < voxels._labels_along(a, b).shape[1]
+
+
 @pytest.mark.parametrize("voxel,scenes", [(0.03, 40), (0.0075, 6)])
 def test_generator_grasps_are_valid_and_random_ones_mostly_not(voxel, scenes):
     ws = Workspace(voxel_size=voxel)
