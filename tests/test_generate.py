@@ -386,7 +386,7 @@ def test_real_checkpoint_records_its_model_and_its_old_layout_loads(trained, tmp
     ckpt, _ = trained
     state = json.loads((ckpt / "toolkit_state.json").read_text())
     assert state["model"] == {"vocab_size": VOCAB.size, "block_size": 512, "n_layer": 2, "n_head": 2, "n_embd": 32,
-                              "n_kv_head": 2, "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "coordinate_embedding": True}
+                              "n_kv_head": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "coordinate_embedding": True}
     assert state["workspace"]["grasp_cells"] == "scene_grid" and state["vocab"]["dims"] == [20, 14, 9]
     old = tmp_path / "old" / ckpt.name
     shutil.copytree(ckpt, old)
