@@ -626,3 +626,27 @@ def test_prefix_precision_scores_one_grasp_after_true_prefixes(mixed):
     a = prefix_precision(model, mixed, grasp_scenes, per_scene=2, seed=4)
     assert a == prefix_precision(model, mixed, grasp_scenes, per_scene=2, seed=4)  # seeded
     assert a["prefix_grasps"] == 2 * len(grasp_scenes) and 0.0 <= a["prefix_precision"] <= a["prefix_any_tag_precision"]
+
+
+def test_grasp_misses_counts_true_grasps_as_hits_and_moved_ones_as_misses():
+    """bench/grasp_misses.py: a scene's own grasps are all first-finger, pair and whole hits; the same grasps
+    with the second finger moved three voxels keep their first finger and lose pair and whole."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("grasp_misses", REPO / "bench" / "grasp_misses.py")
+    misses = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(misses)
+    ws = Workspace(voxel_size=0.03)
+    vocab = Vocab.for_workspace(ws)
+    truth = misses.truths(["0", "1"], 5, ws, 8)
+    exact, moved = {}, {}
+    for i, objects in truth.items():
+        for tag, (_, cells) in objects.items():
+            exact.setdefault(i, []).extend([tag, *vocab.cell_ids(g)] for g in cells)
+            shifted = cells.copy()
+            shifted[:, 1, 0] = np.where(shifted[:, 1, 0] >= 3, shifted[:, 1, 0] - 3, shifted[:, 1, 0] + 3)
+            moved.setdefault(i, []).extend([tag, *vocab.cell_ids(g)] for g in shifted)
+    hits = misses.shares(misses.miss_counts(exact, truth, vocab)["all"])
+    assert hits["grasps"] > 10 and hits["first"] == hits["pair"] == hits["whole"] == 1.0
+    assert hits["second_off"]["0"] == 1.0
+    off = misses.shares(misses.miss_counts(moved, truth, vocab)["all"])
+    assert off["first"] == 1.0 and off["pair"] < 0.5 and off["whole"] <= off["pair"]

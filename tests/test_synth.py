@@ -3,7 +3,7 @@ import pytest
 
 from graspGPT.data.grammar import parse
 from graspGPT.data.synth import (GRIPPER_MAX_OPENING, SynthError, generate_scene, generate_scenes,
-                                 parse_task_mix)
+                                 parse_task_mix, scene_geometry_of)
 from graspGPT.data.visibility import random_camera, visible_mask
 from graspGPT.data.vocab import Vocab, Workspace
 
@@ -31,6 +31,22 @@ def test_geometry_does_not_depend_on_task_mix():
     (g,), vocab = samples(COARSE, "grasp", 1, seed=5)
     (u,), _ = samples(COARSE, "unseg", 1, seed=5)
     assert np.array_equal(np.sort(np.concatenate([b.cells for b in g.scene])), u.scene[0].cells)
+
+
+def test_scene_geometry_of_gives_the_objects_of_the_written_scene():
+    """scene_geometry_of(i) is scene i of generate_scenes, whatever the task mix: the written tags and
+    ground-truth grasps, the cells of every object, and each object's primitive kind."""
+    vocab = Vocab.for_workspace(COARSE)
+    grasp = [parse(ids, vocab, strict=True) for ids in generate_scenes(6, 7, COARSE, task_mix="grasp")]
+    mixed = [parse(ids, vocab, strict=True) for ids in generate_scenes(6, 7, COARSE, task_mix="grasp=0.5,unseg=0.5")]
+    for i, (written, other) in enumerate(zip(grasp, mixed)):
+        geo = scene_geometry_of(i, 7, COARSE)
+        assert sorted(geo.tags) == sorted(b.tag for b in written.scene)
+        assert sorted((b.tag, *b.cells) for b in written.grasps) == \
+            sorted((t, *row) for t, rows in zip(geo.tags, geo.grasps) for row in rows.tolist())
+        cells = np.sort(vocab.cell_ids(np.concatenate(geo.cells)))
+        assert np.array_equal(cells, np.sort(np.concatenate([b.cells for b in other.scene])))
+        assert len(geo.kinds) == len(geo.tags) and set(geo.kinds) <= {"box", "cylinder", "lying_cylinder", "sphere"}
 
 
 @pytest.mark.parametrize("ws", [REAL, COARSE], ids=["real", "coarse"])

@@ -241,6 +241,7 @@ class SceneGeometry:
     tags: list[int]  # object tag id per object
     cells: list[np.ndarray]  # (N_k, 3) cells per object, sorted
     grasps: list[np.ndarray]  # (G_k, 3) voxel ids [left, right, base] per object, sorted
+    kinds: list[str]  # Primitive.kind per object (what an analysis of the grasps may group by)
 
 
 class _LabelGrid:
@@ -318,7 +319,7 @@ def scene_geometry(rng: np.random.Generator, workspace: Workspace, vocab: Vocab,
     ids = rng.choice(NUM_OBJECT_TAGS, len(objs), replace=False)
     grid = _LabelGrid(labels, workspace)
     grasps = [_grasps_for(o, k, grid, vocab, rng, max_grasps_per_object) for k, o in enumerate(objs)]
-    return SceneGeometry([vocab.object_tag(int(i)) for i in ids], cells, grasps)
+    return SceneGeometry([vocab.object_tag(int(i)) for i in ids], cells, grasps, [o.kind for o in objs])
 
 
 def _grasp_blocks(tags: list[int], grasps: list[np.ndarray]) -> list[Block]:
@@ -387,10 +388,18 @@ MAX_VOXEL_SIZE = 0.035  # coarser grids leave no object size that is 2+ cells wi
 def _scene_ids(i: int, seed: int, workspace: Workspace, names: list[str], cum: np.ndarray,
                max_grasps_per_object: int) -> np.ndarray:
     rng = np.random.default_rng([int(seed), i])
-    # Always one draw for the task, so the geometry does not depend on the mix.
+    # Always one draw for the task, so the geometry does not depend on the mix (scene_geometry_of relies on it).
     task = names[min(int(np.searchsorted(cum, rng.random(), side="right")), len(names) - 1)]
     vocab = Vocab.for_workspace(workspace)
     return serialize(generate_scene(rng, workspace, vocab, task, max_grasps_per_object), vocab)
+
+
+def scene_geometry_of(i: int, seed: int, workspace: Workspace, max_grasps_per_object: int = 100) -> SceneGeometry:
+    """The geometry of scene i of `generate_scenes(..., seed, workspace)` (any task mix): its objects, their
+    kinds, cells and ground-truth grasps, without writing the scene."""
+    rng = np.random.default_rng([int(seed), i])
+    rng.random()  # the task draw of _scene_ids
+    return scene_geometry(rng, workspace, Vocab.for_workspace(workspace), max_grasps_per_object)
 
 
 def generate_scenes(num_scenes: int, seed: int, workspace: Workspace | None = None,
