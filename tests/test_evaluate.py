@@ -163,6 +163,25 @@ def test_the_sparse_first_pass_decides_segments_as_the_full_sampling_does():
         assert sparse.shape[1] < voxels._labels_along(a, b).shape[1]
 
 
+def test_the_boxes_around_fingers_find_other_objects_as_a_search_of_their_cells_does():
+    """SceneVoxels._others_in (a summed-volume table) against a search of every other object's cells, for boxes
+    inside, across the edge of and outside the grid."""
+    from graspGPT.grasp_metrics import SceneVoxels
+    ws = Workspace(voxel_size=0.015)
+    vocab = Vocab.for_workspace(ws)
+    ids = next(iter(generate_scenes(1, seed=4, workspace=ws)))
+    scene = [(b.tag, vocab.cells_of(b.cells)) for b in read_output(task_prompt(ids, vocab, "grasp"), vocab).scene]
+    voxels = SceneVoxels(scene, vocab.dims, ws.voxel_size)
+    rng = np.random.default_rng(0)
+    lo = rng.uniform(-10, np.asarray(vocab.dims) + 5, (500, 3))
+    hi = lo + rng.uniform(0, 12, (500, 3))
+    for own in range(1, len(scene) + 1):
+        others = np.argwhere((voxels.grid != 0) & (voxels.grid != own))
+        want = [bool(np.all((others >= np.floor(a)) & (others <= np.ceil(b)), axis=1).any()) for a, b in zip(lo, hi)]
+        assert voxels._others_in(own, lo, hi).tolist() == want
+        assert 0 < sum(want) < len(want)
+
+
 @pytest.mark.parametrize("voxel,scenes", [(0.03, 40), (0.0075, 6)])
 def test_generator_grasps_are_valid_and_random_ones_mostly_not(voxel, scenes):
     ws = Workspace(voxel_size=voxel)
