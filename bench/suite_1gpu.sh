@@ -11,12 +11,7 @@
 #         tokens a step), varlen flash attention; each run's step-40 line goes to $OUT/packing.txt
 # packing2: the packed run with flex attention instead, and with 8 rows a step (varlen)
 #         (each packing part takes about 5 minutes; two parts so that each fits a 10-minute call)
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import this checkout's package
-OUT=${OUT:-bench-results}
-mkdir -p "$OUT"
-export GRASPGPT_NO_PROGRESS=1 GRASPGPT_CACHE=${GRASPGPT_CACHE:-/tmp/graspgpt-cache} PYTHONUNBUFFERED=1
+. "$(dirname "$0")/suite_env.sh"
 parts=${*:-final curves}
 log="$OUT/log.txt"
 run() {  # a command whose output goes to the log; failures to the screen

@@ -12,12 +12,7 @@
 #                                                 ($OUT/zero3.jsonl, bench/bench_train.py)
 # SCALING_CONFIG and ZERO3_CASE=MODEL/T replace the runs' shapes (the CPU smoke test of this script uses tiny ones).
 # Packed rows hold about the same tokens each (99% filled), so ranks get equal tokens, not only equal samples.
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import this checkout's package
-OUT=${OUT:-bench-results}
-mkdir -p "$OUT"
-export GRASPGPT_NO_PROGRESS=1 GRASPGPT_CACHE=${GRASPGPT_CACHE:-/tmp/graspgpt-cache} PYTHONUNBUFFERED=1
+. "$(dirname "$0")/suite_env.sh"
 log="$OUT/log_2gpu.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt"
 nvidia-smi topo -m >> "$OUT/gpu.txt" 2>&1

@@ -27,12 +27,8 @@
 # elsewhere). `real` resumes where an earlier call left
 # OUT (run it again to go on); once a run has trained its budget it is evaluated.
 # Every line of OUT/lab.jsonl and OUT/real.jsonl is one run's summary (bench/quality.py).
-set -u
-cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/*.py import this checkout's package
 OUT=${OUT:-quality-results}
-mkdir -p "$OUT"
-export GRASPGPT_NO_PROGRESS=1 GRASPGPT_CACHE=${GRASPGPT_CACHE:-/tmp/graspgpt-cache} PYTHONUNBUFFERED=1
+. "$(dirname "$0")/suite_env.sh"
 cores=$(nproc)
 next_core=$((cores - 1))
 

@@ -143,15 +143,20 @@ def test_physical_validity_of_hand_made_grasps():
     assert valid_grasps(grasp, scene + [(9, _box((3, 6, 0), (4, 6, 3)))], dims, vox).tolist() == [False]
 
 
+def _scene_voxels(voxel_size: float, seed: int):
+    """One built-in scene's objects (tag, cells) and their SceneVoxels."""
+    from graspGPT.grasp_metrics import SceneVoxels
+    ws = Workspace(voxel_size=voxel_size)
+    vocab = Vocab.for_workspace(ws)
+    ids = next(iter(generate_scenes(1, seed=seed, workspace=ws)))
+    scene = [(b.tag, vocab.cells_of(b.cells)) for b in read_output(task_prompt(ids, vocab, "grasp"), vocab).scene]
+    return scene, SceneVoxels(scene, vocab.dims, voxel_size)
+
+
 def test_the_sparse_first_pass_decides_segments_as_the_full_sampling_does():
     """SceneVoxels._through samples every fourth point first and the rest only where that found nothing:
     the same answer as sampling every point, for segments crossing, grazing and missing the objects."""
-    from graspGPT.grasp_metrics import SceneVoxels
-    ws = Workspace(voxel_size=0.0075)
-    vocab = Vocab.for_workspace(ws)
-    ids = next(iter(generate_scenes(1, seed=3, workspace=ws)))
-    scene = [(b.tag, vocab.cells_of(b.cells)) for b in read_output(task_prompt(ids, vocab, "grasp"), vocab).scene]
-    voxels = SceneVoxels(scene, vocab.dims, ws.voxel_size)
+    scene, voxels = _scene_voxels(0.0075, seed=3)
     rng = np.random.default_rng(0)
     for own, (_, cells) in enumerate(scene, start=1):
         a = cells[rng.integers(len(cells), size=400)] + rng.normal(0, 4, (400, 3))
@@ -166,14 +171,9 @@ def test_the_sparse_first_pass_decides_segments_as_the_full_sampling_does():
 def test_the_boxes_around_fingers_find_other_objects_as_a_search_of_their_cells_does():
     """SceneVoxels._others_in (a summed-volume table) against a search of every other object's cells, for boxes
     inside, across the edge of and outside the grid."""
-    from graspGPT.grasp_metrics import SceneVoxels
-    ws = Workspace(voxel_size=0.015)
-    vocab = Vocab.for_workspace(ws)
-    ids = next(iter(generate_scenes(1, seed=4, workspace=ws)))
-    scene = [(b.tag, vocab.cells_of(b.cells)) for b in read_output(task_prompt(ids, vocab, "grasp"), vocab).scene]
-    voxels = SceneVoxels(scene, vocab.dims, ws.voxel_size)
+    scene, voxels = _scene_voxels(0.015, seed=4)
     rng = np.random.default_rng(0)
-    lo = rng.uniform(-10, np.asarray(vocab.dims) + 5, (500, 3))
+    lo = rng.uniform(-10, np.asarray(voxels.dims) + 5, (500, 3))
     hi = lo + rng.uniform(0, 12, (500, 3))
     for own in range(1, len(scene) + 1):
         others = np.argwhere((voxels.grid != 0) & (voxels.grid != own))
