@@ -205,7 +205,7 @@ class SceneVoxels:
         self._margin, self._wide_max, self._wide = margin, np.asarray(wide.shape) - 1, wide.ravel()
         self._strides = np.array([wide.shape[1] * wide.shape[2], wide.shape[2], 1], np.float64)  # exact: < 2**53
         self._left: dict[int, np.ndarray] = {}
-        self._others: dict[int, np.ndarray] = {}
+        self._others: dict[int, np.ndarray] = {}  # label -> summed-volume table of the other objects (_others_in)
 
     # -- rules on arrays of candidates: each takes the object's label and (n, 3) cells
 
