@@ -22,6 +22,7 @@ import numpy as np
 
 from graspGPT.data.synth import scene_geometry_of
 from graspGPT.data.vocab import Vocab, Workspace
+from graspGPT.grasp_metrics import correct_grasps
 
 
 def truths(scenes, seed: int, ws: Workspace, cap: int) -> dict:
@@ -36,20 +37,26 @@ def truths(scenes, seed: int, ws: Workspace, cap: int) -> dict:
 
 
 def miss_counts(grasps: dict, truth: dict, vocab: Vocab) -> dict:
-    """kind ("all" too) -> Counter of the shares' numerators and "n" (grasps written)."""
+    """kind ("all" too) -> Counter of the shares' numerators and "n" (grasps written). Matches are
+    `grasp_metrics.correct_grasps` (the precision's rule) on the grasps and on their first one or two cells."""
     counts = collections.defaultdict(collections.Counter)
     for i, written in grasps.items():
-        for tag, *ids in written:
-            kind, T = truth[i].get(int(tag), ("unknown", None))
-            c = vocab.cells_of(np.asarray(ids, dtype=np.int64)) if ids else np.zeros((0, 3), np.int64)
-            found = collections.Counter(n=1)
+        true = [(tag, g) for tag, (_, T) in truth[i].items() for g in T]
+        true_pairs = [(tag, g[:2]) for tag, g in true]
+        true_fingers = [(tag, g[f:f + 1]) for tag, g in true for f in (0, 1)]
+        decoded = [(int(tag), vocab.cells_of(np.asarray(ids, dtype=np.int64))) for tag, *ids in written]
+        decoded = [(tag, c if len(c) == 3 else c[:0]) for tag, c in decoded]  # only whole grasps can match
+        hits = dict(first=correct_grasps([(t, c[:1]) for t, c in decoded], true_fingers),
+                    pair=correct_grasps([(t, c[:2]) for t, c in decoded], true_pairs),
+                    whole=correct_grasps(decoded, true),
+                    pair_2=correct_grasps([(t, c[:2]) for t, c in decoded], true_pairs, tol=2),
+                    whole_2=correct_grasps(decoded, true, tol=2))
+        for g, (tag, c) in enumerate(decoded):
+            kind, T = truth[i].get(tag, ("unknown", None))
+            found = collections.Counter(n=1, **{k: int(v[g]) for k, v in hits.items()})
             if T is not None and len(T) and len(c) == 3:
-                near = [np.abs(T[:, f] - c[j]).max(1) for j in (0, 1) for f in (0, 1)]  # c0~T0, c0~T1, c1~T0, c1~T1
-                pair = np.minimum(np.maximum(near[0], near[3]), np.maximum(near[1], near[2]))
-                whole = np.maximum(pair, np.abs(T[:, 2] - c[2]).max(1))
-                found.update(first=(np.minimum(near[0], near[1]) <= 1).any(), pair=(pair <= 1).any(),
-                             whole=(whole <= 1).any(), pair_2=(pair <= 2).any(), whole_2=(whole <= 2).any())
-                off = [np.abs(T[near[f] <= 1][:, 1 - f] - c[1]).max(1).min() for f in (0, 1) if (near[f] <= 1).any()]
+                near = [np.abs(T[:, f] - c[0]).max(1) <= 1 for f in (0, 1)]  # the first finger on true finger f
+                off = [np.abs(T[near[f]][:, 1 - f] - c[1]).max(1).min() for f in (0, 1) if near[f].any()]
                 found[f"second_off_{min(int(min(off)), 6)}" if off else "second_off_none"] = 1
             counts[kind].update(found)
             counts["all"].update(found)
