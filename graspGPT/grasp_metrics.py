@@ -264,14 +264,15 @@ class SceneVoxels:
               & (np.abs(out @ close) <= ROUNDING * (reach + np.linalg.norm(close)) + 3)
               & (self.grid[tuple(bases.T)] == 0))
         out = out[ok]
-        left, right = np.broadcast_to(left, out.shape), np.broadcast_to(right, out.shape)
-        # Only where another object lies in the box around a candidate's fingers and palm can they hit it:
-        # each point is sampled within that box (rounding to a cell moves it half a voxel).
-        corners = np.stack([left, right, left + out, right + out])
+        # The contacts and the fingers' ends, per candidate. Only where another object lies in the box around
+        # them can the fingers or the palm hit it: each point is sampled within that box (rounding to a cell
+        # moves it half a voxel).
+        corners = np.stack(np.broadcast_arrays(left, right, left + out, right + out))
         near = np.flatnonzero(self._others_in(own, corners.min(0) - 1, corners.max(0) + 1))
+        corners = corners[:, near]
         clear = np.ones(len(near), dtype=bool)
-        for a, b in ((left, left + out), (right, right + out), (left + out, right + out)):
-            clear[clear] = self._clear(own, a[near[clear]], b[near[clear]])
+        for a, b in ((0, 2), (1, 3), (2, 3)):  # each finger swept to the base's level, then the palm
+            clear[clear] = self._clear(own, corners[a][clear], corners[b][clear])
         ok[np.flatnonzero(ok)[near[~clear]]] = False
         return ok
 
