@@ -27,6 +27,14 @@ trainer() {  # NAME GPUS ZERO: 60 steps of the real command (bench/trainer_scali
   echo "$name: $(grep -a -h 'step 60/60' "$dir/training_rank_0.log" | sed 's/.*INFO //')" | tee -a "$OUT/scaling.txt"
 }
 
+zero3() {  # bench_train.py CASES on both GPUs, ZeRO 3 gathering at most 10^8 parameters at a time
+  python3 -m torch.distributed.run --nproc_per_node 2 bench/bench_train.py --out "$OUT/zero3.jsonl" --warmup 3 \
+    --steps 8 --ds zero_optimization.stage3_max_live_parameters=100000000 \
+    --ds zero_optimization.stage3_max_reuse_distance=100000000 \
+    --ds zero_optimization.stage3_prefetch_bucket_size=20000000 "$@" >> "$log" 2>&1 \
+    || { echo "FAILED: zero3 $*"; tail -n 20 "$log"; }
+}
+
 for part in ${*:-scaling zero3}; do
   case $part in
     scaling)
@@ -36,18 +44,8 @@ for part in ${*:-scaling zero3}; do
       trainer gpus2_zero2 2 2 ;;
     zero3)
       m=${ZERO3_CASE:-gpt2-large/8192}
-      python3 -m torch.distributed.run --nproc_per_node 2 bench/bench_train.py --out "$OUT/zero3.jsonl" \
-        --warmup 3 --steps 8 --case "fast+ckpt/${m%/*}/${m#*/}/1" --case "fast+ckpt/${m%/*}/${m#*/}/3" \
-        --ds zero_optimization.stage3_max_live_parameters=100000000 \
-        --ds zero_optimization.stage3_max_reuse_distance=100000000 \
-        --ds zero_optimization.stage3_prefetch_bucket_size=20000000 >> "$log" 2>&1 || { echo "FAILED: zero3"; tail -n 20 "$log"; }
-      python3 -m torch.distributed.run --nproc_per_node 2 bench/bench_train.py --out "$OUT/zero3.jsonl" \
-        --warmup 3 --steps 8 --case "fast+ckpt/${m%/*}/${m#*/}/3" \
-        --ds zero_optimization.stage3_max_live_parameters=100000000 \
-        --ds zero_optimization.stage3_max_reuse_distance=100000000 \
-        --ds zero_optimization.stage3_prefetch_bucket_size=20000000 \
-        --ds 'zero_optimization.offload_optimizer={"device": "cpu", "pin_memory": true}' >> "$log" 2>&1 \
-        || { echo "FAILED: zero3 offload"; tail -n 20 "$log"; } ;;
+      zero3 --case "fast+ckpt/${m%/*}/${m#*/}/1" --case "fast+ckpt/${m%/*}/${m#*/}/3"
+      zero3 --case "fast+ckpt/${m%/*}/${m#*/}/3" --ds 'zero_optimization.offload_optimizer={"device": "cpu", "pin_memory": true}' ;;
     *) echo "unknown part $part (scaling, zero3)"; exit 2 ;;
   esac
 done
