@@ -155,7 +155,11 @@ def cut_cross_entropy_loss(filter_eps: str | None):
     fused linear + cross-entropy Triton kernels, `pip install cut-cross-entropy`) instead of
     `model.chunked_cross_entropy`. filter_eps None: exact gradients; "high": the package's default, which
     skips gradient blocks whose softmax is below a threshold."""
-    from cut_cross_entropy import linear_cross_entropy
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+    except ImportError as e:  # the package, or the Triton it needs (none on CPU)
+        raise SystemExit(f"error: +cce needs the cut-cross-entropy package on a GPU with Triton ({e}); "
+                         f"pip install cut-cross-entropy, or leave the switch out") from None
 
     def loss(h, weight, targets, chunk_rows):
         del chunk_rows

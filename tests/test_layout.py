@@ -71,6 +71,18 @@ def test_the_benchmark_baseline_takes_the_engines_call_and_scores_like_ours():
         theirs(ids, targets, cu_seqlens=torch.tensor([0, 10, 48], dtype=torch.int32))
 
 
+def test_the_cce_switch_without_its_package_is_a_one_line_error():
+    bench_train = _bench_train()
+    try:
+        import cut_cross_entropy  # noqa: F401
+        pytest.skip("cut-cross-entropy is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(SystemExit, match="^error: [+]cce needs the cut-cross-entropy package"):
+        bench_train.apply_switches("fast+cce")
+    assert bench_train.gm.chunked_cross_entropy is bench_train.DEFAULTS["loss"]
+
+
 def test_the_benchmark_runs_the_trainers_engine_and_step():
     """bench/bench_train.py measures the trainer's step: no engine, step or DeepSpeed config of its own."""
     bench_train = _bench_train()
