@@ -7,6 +7,7 @@ data and prints one JSON line; then a ratio line per fast case that has a matchi
     torchrun --nproc_per_node 4 bench/bench_train.py --impl fast --zero 1,2 --seq-len 8192
     python bench/bench_train.py --seq-len builtin:600 --grad-accum 8    # the trainer's own data pipeline
     python bench/bench_train.py --case baseline/gpt2/8192/1 --case fast/gpt2/8192/1/8   # explicit cases
+    python bench/bench_train.py --impl fast --model gpt-mini,6x4x256 --seq-len 16384   # a shape of no preset
 
 Implementations (--impl, comma-separated):
   baseline   transformers Qwen2ForCausalLM, sdpa attention, cross-entropy on the full fp32-cast logits
@@ -38,6 +39,7 @@ import gc
 import itertools
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -110,7 +112,9 @@ def model_config(model_type: str, vocab_size: int, block_size: int, ckpt: bool =
                  coordinates: bool = False) -> gm.GraspGPTConfig:
     """coordinates: the trainer's default coordinate embedding over the real grid (only the fast model has it)."""
     grid = Vocab.for_workspace(Workspace(voxel_size=VOXEL)).dims if coordinates else None
-    return gm.GraspGPTConfig.from_shape(model_type, vocab_size=vocab_size, block_size=block_size,
+    custom = re.fullmatch(r"(\d+)x(\d+)x(\d+)", model_type)  # layers x heads x width, e.g. 6x4x256
+    shape = dict(zip(("n_layer", "n_head", "n_embd"), map(int, custom.groups()))) if custom else {"model_type": model_type}
+    return gm.GraspGPTConfig.from_shape(**shape, vocab_size=vocab_size, block_size=block_size,
                                      activation_checkpointing=ckpt, voxel_grid=grid)
 
 
@@ -413,7 +417,8 @@ def table(results: list[dict]) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impl", default="baseline,fast")
-    ap.add_argument("--model", default="gpt2", help="presets, comma-separated (gpt-mini, gpt2, gpt2-large, ...)")
+    ap.add_argument("--model", default="gpt2",
+                    help="presets (gpt-mini, gpt2, gpt2-large, ...) or LAYERSxHEADSxWIDTH (6x4x256), comma-separated")
     ap.add_argument("--seq-len", default="8192", help="comma-separated: T values and/or builtin:N")
     ap.add_argument("--zero", default="1", help="ZeRO stages, comma-separated")
     ap.add_argument("--micro-batch", type=int, default=1)

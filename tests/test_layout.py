@@ -71,6 +71,13 @@ def test_the_benchmark_baseline_takes_the_engines_call_and_scores_like_ours():
         theirs(ids, targets, cu_seqlens=torch.tensor([0, 10, 48], dtype=torch.int32))
 
 
+def test_the_benchmark_takes_a_custom_shape_as_layers_x_heads_x_width():
+    bench_train = _bench_train()
+    mcfg = bench_train.model_config("6x4x256", vocab_size=97, block_size=24)
+    assert (mcfg.n_layer, mcfg.n_head, mcfg.n_embd, mcfg.head_dim) == (6, 4, 256, 64)
+    assert (bench_train.model_config("gpt-mini", vocab_size=97, block_size=24).head_dim) == 32
+
+
 def test_the_cce_switch_without_its_package_is_a_one_line_error():
     bench_train = _bench_train()
     try:
