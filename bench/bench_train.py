@@ -15,8 +15,9 @@ Implementations (--impl, comma-separated):
   fast+X     fast with a switch: +cudnn (cuDNN attention first instead of flash), +eager (no
              torch.compile), +ckpt (activation checkpointing), +plain (no coordinate embedding: a
              plain embedding table, as the baseline has), +cce / +cce_filtered (the loss by the
-             cut-cross-entropy package, exact / with its gradient filter; GPU only, its wheel in .whl);
-             switches combine (fast+cudnn+ckpt)
+             cut-cross-entropy package, exact / with its gradient filter; GPU only, its wheel in .whl),
+             +sync (as before 2026-12-02: batches in pageable memory and the loss finding its targets
+             on the GPU, each a host-device synchronization); switches combine (fast+cudnn+ckpt)
 Both run in the trainer's engine and step (graspGPT/engine.py: build_engine, train_step), its DeepSpeed
 config resolved from a training config (graspGPT/ds_config.py): deepspeed_config.json with the ZeRO stage
 asked, bf16 where the GPU has it, gradient clipping 2.0, and torch's fused AdamW (constant lr 2e-4,
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import itertools
 import json
@@ -73,7 +75,7 @@ class HFWithLoss(nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, input_ids, targets, cu_seqlens=None):
+    def forward(self, input_ids, targets, cu_seqlens=None, num_targets=None):
         if cu_seqlens is not None:
             raise ValueError("the transformers baseline trains one sample per row; packed cases are ours only")
         logits = self.hf(input_ids=input_ids, use_cache=False).logits
@@ -141,15 +143,17 @@ def build_model(impl: str, mcfg: gm.GraspGPTConfig, device: torch.device, seed: 
 def apply_switches(impl: str) -> tuple[str, set[str]]:
     """("baseline"|"fast", switches), setting model.py's measuring switches for this case."""
     base, *switches = impl.split("+")
-    unknown = set(switches) - {"cudnn", "eager", "ckpt", "plain", "cce", "cce_filtered"}
+    unknown = set(switches) - {"cudnn", "eager", "ckpt", "plain", "cce", "cce_filtered", "sync"}
     if base not in ("baseline", "fast") or unknown or (base == "baseline" and switches):
         raise SystemExit(f"error: unknown implementation {impl!r}; use baseline, fast, or "
-                         f"fast+cudnn/+eager/+ckpt/+plain/+cce/+cce_filtered")
+                         f"fast+cudnn/+eager/+ckpt/+plain/+cce/+cce_filtered/+sync")
     gm.COMPILE = DEFAULTS["compile"] and "eager" not in switches
     gm.ATTENTION_BACKENDS = CUDNN_FIRST if "cudnn" in switches else DEFAULTS["attention"]
     cce = {"cce": None, "cce_filtered": "high"}
     loss = [s for s in switches if s in cce]
     gm.chunked_cross_entropy = cut_cross_entropy_loss(cce[loss[0]]) if loss else DEFAULTS["loss"]
+    if "sync" in switches:  # the targets found and checked on the GPU, as before the host counted them
+        gm.chunked_cross_entropy = functools.partial(counted_on_the_gpu, DEFAULTS["loss"])
     torch._dynamo.reset()  # every case compiles afresh (the attention kernel is fixed when tracing)
     return base, set(switches)
 
@@ -165,13 +169,17 @@ def cut_cross_entropy_loss(filter_eps: str | None):
         raise SystemExit(f"error: +cce needs the cut-cross-entropy package on a GPU with Triton ({e}); "
                          f"pip install cut-cross-entropy, or leave the switch out") from None
 
-    def loss(h, weight, targets, chunk_rows):
-        del chunk_rows
+    def loss(h, weight, targets, chunk_rows, num_targets=None):
+        del chunk_rows, num_targets
         h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
         total = linear_cross_entropy(h, weight, targets, ignore_index=gm.IGNORE_INDEX, reduction="sum",
                                      filter_eps=filter_eps, impl="cce")
         return total.float(), (targets != gm.IGNORE_INDEX).sum()
     return loss
+
+
+def counted_on_the_gpu(loss, h, weight, targets, chunk_rows, num_targets=None):
+    return loss(h, weight, targets, chunk_rows)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -194,8 +202,9 @@ class ScenePool:
 class FixedLengthData:
     """Micro-batches of `micro` rows of exactly T positions: no padding, every position a target."""
 
-    def __init__(self, pool: ScenePool, T: int, micro: int, accum: int, rank: int, world: int):
+    def __init__(self, pool: ScenePool, T: int, micro: int, accum: int, rank: int, world: int, pin: bool):
         self.pool, self.T, self.micro, self.accum, self.rank, self.world = pool, T, micro, accum, rank, world
+        self.pin = pin
         self.step = 0
 
     def __next__(self) -> tuple[list[Batch], int, float]:
@@ -204,7 +213,9 @@ class FixedLengthData:
         batches = [collate([self.pool.window(first + a * self.micro + m, self.T + 1) for m in range(self.micro)],
                            pad_id=0) for a in range(self.accum)]
         self.step += 1
-        return [pin(b) for b in batches], self.micro * self.accum * self.T * self.world, time.perf_counter() - t0
+        if self.pin:
+            batches = [b.pin_memory() for b in batches]
+        return batches, self.micro * self.accum * self.T * self.world, time.perf_counter() - t0
 
     def close(self):
         pass
@@ -213,7 +224,7 @@ class FixedLengthData:
 class BuiltinData:
     """The trainer's pipeline: built-in data set of N scenes, augmentation, length-grouped batches, prefetch."""
 
-    def __init__(self, num_scenes: int, max_len: int, micro: int, accum: int, rank: int, world: int, device):
+    def __init__(self, num_scenes: int, max_len: int, micro: int, accum: int, rank: int, world: int, pin: bool):
         from graspGPT.config import DatasetConfig
         from graspGPT.data.dataset import AugmentConfig, BatchLoader, BatchSchedule, TrainingSamples
         from graspGPT.data.source import builtin_dataset
@@ -229,22 +240,15 @@ class BuiltinData:
         train_idx, _ = store.split(dcfg.val_fraction, seed)
         samples = TrainingSamples(store, train_idx, max_len, AugmentConfig.of(dcfg), seed, overlong=dcfg.overlong)
         schedule = BatchSchedule(samples.lengths, micro, accum, world, seed)
-        self.loader = BatchLoader(samples, schedule, rank, 0)
-        self.device = device
+        self.loader = BatchLoader(samples, schedule, rank, 0, pin_memory=pin)
 
     def __next__(self) -> tuple[list[Batch], int | None, float]:
         t0 = time.perf_counter()
         sb = next(self.loader)
-        return [pin(b) for b in sb.micro], None, time.perf_counter() - t0
+        return sb.micro, None, time.perf_counter() - t0
 
     def close(self):
         self.loader.close()
-
-
-def pin(b: Batch) -> Batch:
-    if not torch.cuda.is_available():
-        return b
-    return Batch(b.input_ids.pin_memory(), b.targets.pin_memory(), b.num_targets, b.num_tokens)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -274,8 +278,9 @@ def run_case(impl: str, model_type: str, seq: str, zero: int, args, pool: SceneP
     engine = build_engine(model, ds, cfg.trainer)
     init_s = time.perf_counter() - t_init
 
-    data = (BuiltinData(int(seq.split(":")[1]), max_len, args.micro_batch, args.grad_accum, rank, world, device)
-            if builtin else FixedLengthData(pool, int(seq), args.micro_batch, args.grad_accum, rank, world))
+    pin = on_gpu and "sync" not in switches  # pageable batches: each copy to the GPU waits for its queued work
+    data = (BuiltinData(int(seq.split(":")[1]), max_len, args.micro_batch, args.grad_accum, rank, world, pin)
+            if builtin else FixedLengthData(pool, int(seq), args.micro_batch, args.grad_accum, rank, world, pin))
     host = dict(forward=0.0, backward=0.0, step=0.0)  # host seconds inside each engine call
 
     def step():

@@ -90,7 +90,7 @@ def train_step(engine, micro_batches, scale, host_s: dict | None = None) -> torc
     for mb in micro_batches:
         t0 = time.perf_counter()
         mb = mb.to(device, non_blocking=True)
-        s, _ = engine(mb.input_ids, mb.targets, cu_seqlens=mb.cu_seqlens)
+        s, _ = engine(mb.input_ids, mb.targets, cu_seqlens=mb.cu_seqlens, num_targets=mb.num_targets)
         t1 = time.perf_counter()
         engine.backward(s * scale)
         t2 = time.perf_counter()

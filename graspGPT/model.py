@@ -482,18 +482,21 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None if grad_w is None else grad_w * grad_loss, None, None)
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                          num_targets: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of CE over non-ignored targets and their count, never holding more than chunk_rows rows of logits.
 
-    Only rows with a real target are projected (padding costs nothing).
+    Only rows with a real target are projected (padding costs nothing). Finding them and checking their
+    ids each wait for the GPU; a caller that has counted them on the host (the training data pipeline,
+    which also checks every id against the vocabulary) passes `num_targets`, and neither waits.
     """
     h = h.reshape(-1, h.size(-1))
     targets = targets.reshape(-1)
-    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    real = targets != IGNORE_INDEX
+    keep = (real.nonzero() if num_targets is None else torch.nonzero_static(real, size=num_targets)).squeeze(1)
     h, targets = h.index_select(0, keep), targets.index_select(0, keep)
     n = keep.numel()
-    if n and bool(((targets < 0) | (targets >= weight.size(0))).any()):
+    if num_targets is None and n and bool(((targets < 0) | (targets >= weight.size(0))).any()):
         bad = targets[(targets < 0) | (targets >= weight.size(0))][0].item()
         raise ModelInputError(f"target id {bad} is outside 0..{weight.size(0) - 1}; "
                               f"mark non-target positions with IGNORE_INDEX={IGNORE_INDEX}")
@@ -652,7 +655,7 @@ class GraspGPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 start_pos: int = 0, last_only: bool = False, key_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None):
+                cu_seqlens: torch.Tensor | None = None, num_targets: int | None = None):
         """Logits (B, T, V) in the compute dtype, or with targets (loss_sum fp32, num_targets long).
 
         The loss is a sum, not a mean: the trainer divides by the target count of the whole global batch.
@@ -662,7 +665,8 @@ class GraspGPT(nn.Module):
         here too, so that under ZeRO-3 the parameters are gathered the same way as in training.
         cu_seqlens (n + 1,) int32 packs several samples into each row: sample i is positions cu_seqlens[i]
         to cu_seqlens[i + 1] of the flattened (B*T) batch (the first 0, the last B*T, no sample across two
-        rows); its positions restart at 0 and it attends to itself only (SampleMask).
+        rows); its positions restart at 0 and it attends to itself only (SampleMask). num_targets: how many
+        targets are not IGNORE_INDEX, counted by the caller, whose ids it vouches for (chunked_cross_entropy).
         """
         if cache is not None:
             B, T = input_ids.shape
@@ -676,7 +680,7 @@ class GraspGPT(nn.Module):
         if targets.shape != input_ids.shape:
             raise ModelInputError(f"targets shape {tuple(targets.shape)} != input_ids shape "
                                   f"{tuple(input_ids.shape)}; pass one target per input position")
-        return chunked_cross_entropy(h, table, targets, self.cfg.loss_chunk_size)
+        return chunked_cross_entropy(h, table, targets, self.cfg.loss_chunk_size, num_targets)
 
     @torch.no_grad()
     def logits_at(self, input_ids: torch.Tensor, positions: torch.Tensor, chunk: int = 512) -> Iterator[torch.Tensor]:

@@ -457,6 +457,18 @@ def test_loader_padding_fraction_and_wait():
         assert all(s.wait_s >= 0 for s in steps)
 
 
+def test_a_token_id_outside_the_vocabulary_is_a_one_line_error_naming_the_sample():
+    """The loader checks every id on the host, so the model need not check its targets on the GPU."""
+    seqs = make_store(6, seed=12).seqs
+    seqs[4] = seqs[4].copy()
+    seqs[4][3] = V.size + 7
+    samples = TrainingSamples(Store(seqs), np.arange(6), 200, aug(), seed=3)
+    assert samples.get(3, epoch=0) is not None
+    with pytest.raises(DatasetError, match=f"^sample 4 holds token id {V.size + 7}, outside the vocabulary "
+                                           f"[(]V = {V.size}[)]; the data set is corrupt: write it again"):
+        samples.get(4, epoch=0)
+
+
 class Exploding(Store):
     """Fails on the 11th read: rank 1 reads 4 samples a step, so step 2 fails."""
 

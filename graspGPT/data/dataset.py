@@ -207,6 +207,12 @@ class TrainingSamples:
         """
         index = int(self.indices[k])
         ids = np.asarray(self.store[index], dtype=np.int64)
+        # Checked here, in the loader's thread, so that the model need not check its targets on the GPU
+        # (a host-device synchronization in every forward).
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab.size):
+            bad = int(ids[(ids < 0) | (ids >= self.vocab.size)][0])
+            raise DatasetError(f"sample {index} holds token id {bad}, outside the vocabulary (V = {self.vocab.size}); "
+                               f"the data set is corrupt: write it again (python -m graspGPT.data)")
         max_len = self.max_len if limit is None else min(self.max_len, limit)
         if self.augment.is_noop and len(ids) <= max_len:
             return ids
@@ -354,6 +360,12 @@ class Batch:
                      self.targets.to(device, non_blocking=non_blocking), self.num_targets, self.num_tokens,
                      None if self.cu_seqlens is None else self.cu_seqlens.to(device, non_blocking=non_blocking))
 
+    def pin_memory(self) -> "Batch":
+        """This batch in page-locked memory (needs CUDA). A copy from pageable memory waits for all the
+        GPU's queued work first; from pinned memory `to(device, non_blocking=True)` does not."""
+        return Batch(self.input_ids.pin_memory(), self.targets.pin_memory(), self.num_targets, self.num_tokens,
+                     None if self.cu_seqlens is None else self.cu_seqlens.pin_memory())
+
 
 def collate(seqs: list[np.ndarray | None], pad_id: int, pad_to_multiple: int = 8, max_len: int | None = None,
             first_targets: list[int | None] | None = None) -> Batch:
@@ -431,10 +443,12 @@ class BatchLoader:
 
     The batches are a pure function of the step, so prefetch changes timing, never content. The
     schedule is a BatchSchedule (a sample per row) or a packing.PackedSchedule (rows of packed samples).
+    pin_memory (training on a GPU): the batches come in page-locked memory, so that copying them to the
+    GPU does not wait for the GPU's queued work.
     """
 
     def __init__(self, samples: TrainingSamples, schedule: BatchSchedule, rank: int, start_step: int,
-                 prefetch: int = 2, pad_to_multiple: int = 8):
+                 prefetch: int = 2, pad_to_multiple: int = 8, pin_memory: bool = False):
         if start_step < 0 or prefetch < 0:
             raise DatasetError(f"start_step and prefetch must be >= 0, got {start_step} and {prefetch}")
         if not 0 <= rank < schedule.world_size:
@@ -443,7 +457,7 @@ class BatchLoader:
             raise DatasetError(f"the schedule covers {len(schedule.lengths)} samples but there are {len(samples)}; "
                                f"build it from samples.lengths")
         self.samples, self.schedule, self.rank = samples, schedule, rank
-        self.pad_to_multiple = pad_to_multiple
+        self.pad_to_multiple, self.pin_memory = pad_to_multiple, pin_memory
         self._next_step = start_step
         self._targets = self._tokens = 0
         self._closed = threading.Event()
@@ -458,6 +472,8 @@ class BatchLoader:
         epoch = self.schedule.epoch_of(step)
         micro = [self.schedule.batch_of(self.samples, positions, epoch, self.pad_to_multiple)
                  for positions in self.schedule.micro_batches(step, self.rank)]
+        if self.pin_memory:
+            micro = [b.pin_memory() for b in micro]
         return StepBatches(step, epoch, micro, sum(b.num_targets for b in micro), sum(b.num_tokens for b in micro))
 
     def _put(self, item) -> bool:
