@@ -23,7 +23,7 @@ from .data.grammar import (GRASP_BLOCK, GRASP_TAG, Block, GrammarError, GrammarS
                            section_starts)
 from .data.storage import TokenStore
 from .data.vocab import Vocab
-from .grasp_metrics import SceneVoxels
+from .grasp_metrics import ROUNDING, SceneVoxels
 
 
 class GenerateError(ValueError):
@@ -172,6 +172,11 @@ def allowed_masks(states: list[GrammarState | None], vocab_size: int, device) ->
     return mask
 
 
+# How far the rounding of a grasp's points to cells may bend the gripper's shape where a grounded grasp's
+# base is allowed (voxels; grasp_metrics.SceneVoxels.base_cells).
+BASE_ROUNDING = ROUNDING
+
+
 class Grounding:
     """Where each grasp of one prompt's scene may put its cells: the two fingers touching the object its
     tag names and not inside another one; with `gripper`, also the gripper's shape (second finger within
@@ -203,7 +208,7 @@ class Grounding:
         elif len(cells) == 1:
             allowed = self.voxels.right_cells(tag, cells[0])
         elif len(cells) == 2 and self.gripper:
-            allowed = self.voxels.base_cells(tag, cells[0], cells[1])
+            allowed = self.voxels.base_cells(tag, cells[0], cells[1], BASE_ROUNDING)
         else:
             return None
         return self.vocab.cell_ids(allowed) if len(allowed) else None  # nothing fits: leave it to the model

@@ -254,14 +254,17 @@ class SceneVoxels:
         ok[ok] = self._through(own, np.tile(left, (int(ok.sum()), 1)), rights[ok])
         return ok
 
-    def _base_ok(self, own: int, left: np.ndarray, right: np.ndarray, bases: np.ndarray) -> np.ndarray:
+    def _base_ok(self, own: int, left: np.ndarray, right: np.ndarray, bases: np.ndarray,
+                 rounding: float = ROUNDING) -> np.ndarray:
         left, right = left.astype(np.float64), right.astype(np.float64)
         out = bases - (left + right) / 2
         close = right - left
         reach = np.linalg.norm(out, axis=1)
-        # The gripper's shape, up to each point's rounding to its cell.
-        ok = ((np.abs(reach - FINGER_LENGTH / self.voxel_size) <= ROUNDING)
-              & (np.abs(out @ close) <= ROUNDING * (reach + np.linalg.norm(close)) + 3)
+        # The gripper's shape, up to the rounding of its points to cells: `rounding` bounds how far that moves
+        # the base from the fingers' midpoint (and the closing direction), so a dot product of two vectors each
+        # off by at most `rounding` is off by at most rounding * (both lengths) + rounding^2.
+        ok = ((np.abs(reach - FINGER_LENGTH / self.voxel_size) <= rounding)
+              & (np.abs(out @ close) <= rounding * (reach + np.linalg.norm(close)) + rounding ** 2)
               & (self.grid[tuple(bases.T)] == 0))
         out = out[ok]
         # The contacts and the fingers' ends, per candidate. Only where another object lies in the box around
@@ -333,21 +336,24 @@ class SceneVoxels:
                        <= GRIPPER_MAX_OPENING + ROUNDING * self.voxel_size]
         return near[self._closing_ok(self.label_of[int(tag)], left, near)]
 
-    def base_cells(self, tag: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    def base_cells(self, tag: int, left: np.ndarray, right: np.ndarray, rounding: float = ROUNDING) -> np.ndarray:
         """Where the base may be, given both fingers: FINGER_LENGTH behind their midpoint, along an
-        approach perpendicular to the closing direction, with fingers and palm clear of other objects."""
+        approach perpendicular to the closing direction, with fingers and palm clear of other objects.
+        `rounding` (voxels): how far the rounding of the points to cells may bend that shape; the default is
+        its worst case, which valid_grasps allows (every valid base); less keeps to the snugger shell where
+        nearly all true grasps lie."""
         own = self.label_of.get(int(tag))
         if own is None:
             return np.zeros((0, 3), np.int64)
         left, right = np.asarray(left, np.int64), np.asarray(right, np.int64)
         mid = (left + right) / 2
-        r = FINGER_LENGTH / self.voxel_size + ROUNDING
+        r = FINGER_LENGTH / self.voxel_size + rounding
         lo = np.maximum(np.floor(mid - r), 0).astype(np.int64)
         hi = np.minimum(np.ceil(mid + r), np.asarray(self.dims) - 1).astype(np.int64)
         if np.any(lo > hi):
             return np.zeros((0, 3), np.int64)
         box = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)], indexing="ij"), -1).reshape(-1, 3)
-        return box[self._base_ok(own, left, right, box)]
+        return box[self._base_ok(own, left, right, box, rounding)]
 
 
 def valid_grasps(predicted: Sequence[Grasp], scene: Sequence[tuple[int, np.ndarray]], dims: Sequence[int],
