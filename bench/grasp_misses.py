@@ -93,7 +93,7 @@ def main() -> int:
     for d in decodings:
         counts = miss_counts(d["grasps"], truth, vocab)
         print(json.dumps({"temperature": d["temperature"], "cell_temperature": d["cell_temperature"],
-                          "independent_grasps": d["independent_grasps"],
+                          "independent_grasps": d["independent_grasps"], "base_rounding": d.get("base_rounding"),
                           **{kind: shares(c) for kind, c in sorted(counts.items())}}))
     return 0
 

@@ -2,7 +2,7 @@
 
     python bench/quality.py --model gpt-mini --minutes 12 --out runs/quality/gpt-mini
     python bench/quality.py --model gpt2 --minutes 12 --out runs/quality/gpt2
-    python bench/quality.py --model cpu_smoke --minutes 0.3 --num_scenes 4 --out /tmp/quality  # CPU, < 1 min
+    python bench/quality.py --model cpu_smoke --minutes 1 --num_scenes 4 --out /tmp/quality  # CPU, ~1.5 min
     python bench/quality.py --model lab --steps 300 --set dataset.loss_on=answer --out runs/lab/answer  # CPU lab
     python bench/quality.py --model lab --steps 300 --groundings gripper,fingers --out runs/lab/g  # decodings
     python bench/quality.py --model lab --steps 300 --independent_grasps 0,32 --out runs/lab/i  # sampling
@@ -21,7 +21,7 @@ configs/quality_<model>.json holds the run (real 0.0075 m grid, grasp task, but 
                 (under whatever then shares the GPU: the calibration run may not see it) and plans
                 max_iters again from the budget left
   3. evaluate   the newest checkpoint on --num_scenes validation scenes at each --temperatures, each
-                --cell_temperature, each --independent_grasps and each --groundings: constrained,
+                --cell_temperature, each --independent_grasps, each --base_rounding and each --groundings: constrained,
                 grammar-only and (for sequences) unconstrained decoding and the random baseline
                 (graspGPT.evaluation)
 Calibration and training are skipped when OUT holds their result. --session_minutes M stops training
@@ -107,7 +107,7 @@ def summary(results: list[dict]) -> dict:
             "baseline_validity", "baseline_coverage", "prefix_precision", "val_loss", "valid_rate")
     return {"step": r["step"], "grounding": r.get("grounding"), "temperature": r["temperature"],
             "cell_temperature": r.get("cell_temperature"), "independent_grasps": r.get("independent_grasps"),
-            **{k: r.get(k) for k in keys}}
+            "base_rounding": r.get("base_rounding"), **{k: r.get(k) for k in keys}}
 
 
 def run_trainer(config: Path, output_dir: Path, flags: list[str], session_s: float | None = None,
@@ -165,8 +165,10 @@ def latest_step(train_dir: Path) -> int:
 
 def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], groundings: list[str],
              device: str, cell_temperatures: list[float | None], independents: list[int],
-             sequence_scenes: int | None = None) -> tuple[list[dict], list[dict]]:
+             sequence_scenes: int | None = None, base_roundings: list[float] | None = None) -> tuple[list[dict], list[dict]]:
     import torch
+
+    import graspGPT.decoding as decoding
 
     from graspGPT.data.source import resolve_data_dir
     from graspGPT.data.storage import TokenStore
@@ -181,8 +183,10 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
     # The loss and the teacher-forced figures depend on the scenes (and the prefix precision on the temperature),
     # not on the decoding: computed once for each, however many decodings are evaluated.
     per_checkpoint: dict[tuple, dict] = {}
-    for grounding, t, cell_temperature, independent in itertools.product(groundings, temperatures, cell_temperatures,
-                                                                         independents):
+    default_rounding = decoding.BASE_ROUNDING
+    for grounding, t, cell_temperature, independent, base_rounding in itertools.product(
+            groundings, temperatures, cell_temperatures, independents, base_roundings or [decoding.BASE_ROUNDING]):
+        decoding.BASE_ROUNDING = base_rounding  # the gripper grounding's base shell for this decoding
         t0 = time.perf_counter()
         scenes: list = []
         chosen = evaluation_scenes(store, val, num_scenes if independent or sequence_scenes is None else
@@ -197,11 +201,12 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
         # they share (the choice is nested).
         m["per_scene"] = [{"index": i, **{k: int(c[k]) for k in PER_SCENE}} for i, c, _ in scenes]
         seconds = round(time.perf_counter() - t0, 1)
-        decoding = {"step": meta["step"], "grounding": grounding, "temperature": t,
-                    "cell_temperature": cell_temperature, "independent_grasps": independent}
-        results.append({**decoding, **m, "eval_seconds": seconds})
+        settings = {"step": meta["step"], "grounding": grounding, "temperature": t, "cell_temperature": cell_temperature,
+                    "independent_grasps": independent, "base_rounding": round(base_rounding, 4)}
+        results.append({**settings, **m, "eval_seconds": seconds})
         # The grasps themselves (tag id and voxel ids of each, per scene), for looking into them offline.
-        predictions.append({**decoding, "grasps": {i: [[b.tag, *map(int, b.cells)] for b in g] for i, _, g in scenes}})
+        predictions.append({**settings, "grasps": {i: [[b.tag, *map(int, b.cells)] for b in g] for i, _, g in scenes}})
+    decoding.BASE_ROUNDING = default_rounding
     return results, predictions
 
 
@@ -228,6 +233,10 @@ def main() -> int:
     ap.add_argument("--groundings", default="gripper",
                     help="constrained decodings to evaluate, each at every temperature (gripper, fingers, none; "
                          "default gripper)")
+    ap.add_argument("--base_rounding", default=None,
+                    help="voxels the gripper grounding lets rounding bend the gripper's shape where it puts a base, "
+                         "each evaluated, e.g. 1.732,0.866 (the worst case, which validity allows; half of it) "
+                         "(default: graspGPT.decoding.BASE_ROUNDING)")
     ap.add_argument("--calibration_steps", type=int, default=40,
                     help="steps of the calibration run; 0: none, the re-plan at the end of the warmup sets the "
                          "steps (saves a start-up and the calibration)")
@@ -267,9 +276,12 @@ def main() -> int:
                              [None if c.strip().lower() == "none" else float(c) for c in args.cell_temperature.split(",")])
         independents = ([cfg.trainer.eval_independent_grasps] if args.independent_grasps is None else
                         [int(n) for n in args.independent_grasps.split(",")])
+        base_roundings = None if args.base_rounding is None else [float(r) for r in args.base_rounding.split(",")]
     except ValueError as err:
-        raise SystemExit(f"error: --temperatures / --cell_temperature / --independent_grasps take numbers (cell: or "
-                         f"none): {err}") from None
+        raise SystemExit(f"error: --temperatures / --cell_temperature / --independent_grasps / --base_rounding take "
+                         f"numbers (cell: or none): {err}") from None
+    if base_roundings is not None and min(base_roundings) <= 0:
+        raise SystemExit(f"error: --base_rounding takes voxels > 0, got {args.base_rounding}")
     if min(independents) < 0:
         raise SystemExit(f"error: --independent_grasps takes counts >= 0, got {args.independent_grasps}")
 
@@ -340,13 +352,16 @@ def main() -> int:
             emit({"note": f"stopped at step {done} of {max_iters}; run the same command again to continue"})
             return 0
         break
+    if latest_step(train_dir) == 0:
+        raise SystemExit(f"error: the {plan.get('minutes')}-minute budget ran out before the first checkpoint "
+                         f"(start-ups and calibration took it); raise --minutes or give --steps")
     if latest_step(train_dir) < max_iters:
         plan["budget_hit_at_step"] = latest_step(train_dir)
         emit({"note": f"the {plan['minutes']}-minute budget ran out at step {plan['budget_hit_at_step']} of "
                       f"{max_iters}; evaluating that checkpoint"})
 
     results, predictions = evaluate(cfg, train_dir, args.num_scenes, temperatures, args.groundings.split(","),
-                                    device, cell_temperatures, independents, args.sequence_scenes)
+                                    device, cell_temperatures, independents, args.sequence_scenes, base_roundings)
     for r in results:
         budget = {"train_steps": plan["steps"]} if "steps" in plan else {"train_minutes": plan["minutes"]}
         emit({"model": args.model, **budget, "train_wall_s": plan["train_wall_s"], **r})

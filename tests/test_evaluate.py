@@ -19,12 +19,12 @@ from graspGPT.data.grammar import read_output
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.decoding import (Decoded, GenerateError, accepts, grasp_list, join_grasps, prompt_state, task_prompt,
-                               truth_of)
+from graspGPT.decoding import (BASE_ROUNDING, Decoded, GenerateError, accepts, grasp_list, join_grasps, prompt_state,
+                               task_prompt, truth_of)
 from graspGPT.evaluation import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evaluate_scene, evaluate_scenes,
                                  grasp_slots, prefix_precision, summarize, teacher_forced_grasps, validation_loss)
-from graspGPT.grasp_metrics import (GraspScore, correct_grasps, random_grasps, score_grasps, segmentation_counts, untagged,
-                                    valid_grasps, voxel_iou)
+from graspGPT.grasp_metrics import (ROUNDING, GraspScore, SceneVoxels, correct_grasps, random_grasps, score_grasps,
+                                    segmentation_counts, untagged, valid_grasps, voxel_iou)
 from graspGPT.model import GraspGPT, GraspGPTConfig
 
 COARSE = Workspace(voxel_size=0.03)
@@ -197,6 +197,30 @@ def test_generator_grasps_are_valid_and_random_ones_mostly_not(voxel, scenes):
         total += len(true)
     assert total > 300 and good / total >= 0.95
     assert bad / total < (0.6 if voxel > 0.02 else 0.25)
+
+
+@pytest.mark.parametrize("voxel,scenes", [(0.03, 12), (0.0075, 5)])
+def test_decodings_base_shell_holds_nearly_every_true_base_and_is_snugger_than_validity(voxel, scenes):
+    """Grounding puts a base only where the gripper's shape puts it, up to BASE_ROUNDING: a subset of what
+    validity allows (so every grounded grasp stays valid) that still holds >= 0.99 of the generator's bases."""
+    ws = Workspace(voxel_size=voxel)
+    vocab = Vocab.for_workspace(ws)
+    held = total = snug = loose = 0
+    for ids in generate_scenes(scenes, seed=7, workspace=ws, max_grasps_per_object=6):
+        truth = truth_of(ids, vocab)
+        scene = [(b.tag, vocab.cells_of(b.cells)) for b in truth.scene]
+        voxels = SceneVoxels(scene, vocab.dims, voxel)
+        for tag, (left, right, base) in grasp_list(truth.grasps, vocab):
+            if not voxels.valid([(tag, np.array([left, right, base]))])[0]:
+                continue
+            inner = {tuple(c) for c in voxels.base_cells(tag, left, right, BASE_ROUNDING)}
+            outer = {tuple(c) for c in voxels.base_cells(tag, left, right, ROUNDING)}
+            assert inner <= outer
+            held += tuple(base) in inner
+            total += 1
+            snug, loose = snug + len(inner), loose + len(outer)
+    assert total > 100 and held / total >= 0.99
+    assert snug < 0.6 * loose
 
 
 # -- a model that knows the answers -----------------------------------------------------------
