@@ -2,7 +2,7 @@
 
     python bench/quality.py --model gpt-mini --minutes 12 --out runs/quality/gpt-mini
     python bench/quality.py --model gpt2 --minutes 12 --out runs/quality/gpt2
-    python bench/quality.py --model cpu_smoke --minutes 1 --num_scenes 4 --out /tmp/quality  # CPU, ~1.5 min
+    python bench/quality.py --model cpu_smoke --minutes 1 --num_scenes 4 --out /tmp/quality  # CPU, ~1 min
     python bench/quality.py --model lab --steps 300 --set dataset.loss_on=answer --out runs/lab/answer  # CPU lab
     python bench/quality.py --model lab --steps 300 --groundings gripper,fingers --out runs/lab/g  # decodings
     python bench/quality.py --model lab --steps 300 --independent_grasps 0,32 --out runs/lab/i  # sampling
