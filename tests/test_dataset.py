@@ -464,7 +464,7 @@ def test_a_token_id_outside_the_vocabulary_is_a_one_line_error_naming_the_sample
     seqs[4][3] = V.size + 7
     samples = TrainingSamples(Store(seqs), np.arange(6), 200, aug(), seed=3)
     assert samples.get(3, epoch=0) is not None
-    with pytest.raises(DatasetError, match=f"^sample 4 holds token id {V.size + 7}, outside the vocabulary "
+    with pytest.raises(DatasetError, match=f"^sample 4: token 3 has id {V.size + 7}, outside the vocabulary "
                                            f"[(]V = {V.size}[)]; the data set is corrupt: write it again"):
         samples.get(4, epoch=0)
 

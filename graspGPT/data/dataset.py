@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .grammar import Block, GrammarError, Sample, parse, section_starts, serialize
-from .vocab import Vocab
+from .vocab import Vocab, VocabError
 
 IGNORE_INDEX = -100  # target of a padded position; cross-entropy skips it
 LOSS_ON = ("all", "answer")  # which tokens are targets: the whole sequence, or what follows the scene
@@ -209,10 +209,11 @@ class TrainingSamples:
         ids = np.asarray(self.store[index], dtype=np.int64)
         # Checked here, in the loader's thread, so that the model need not check its targets on the GPU
         # (a host-device synchronization in every forward).
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab.size):
-            bad = int(ids[(ids < 0) | (ids >= self.vocab.size)][0])
-            raise DatasetError(f"sample {index} holds token id {bad}, outside the vocabulary (V = {self.vocab.size}); "
-                               f"the data set is corrupt: write it again (python -m graspGPT.data)")
+        try:
+            self.vocab.check_ids(ids)
+        except VocabError as e:
+            raise DatasetError(f"sample {index}: {e}; the data set is corrupt: write it again "
+                               f"(python -m graspGPT.data)") from None
         max_len = self.max_len if limit is None else min(self.max_len, limit)
         if self.augment.is_noop and len(ids) <= max_len:
             return ids
