@@ -385,11 +385,17 @@ def parse_task_mix(s: str) -> dict[str, float]:
 MAX_VOXEL_SIZE = 0.035  # coarser grids leave no object size that is 2+ cells wide and still graspable
 
 
+def _scene_rng(i: int, seed: int) -> tuple[np.random.Generator, float]:
+    """Scene i's generator and its task draw, always taken first, so that the geometry drawn after it does
+    not depend on the task mix."""
+    rng = np.random.default_rng([int(seed), i])
+    return rng, rng.random()
+
+
 def _scene_ids(i: int, seed: int, workspace: Workspace, names: list[str], cum: np.ndarray,
                max_grasps_per_object: int) -> np.ndarray:
-    rng = np.random.default_rng([int(seed), i])
-    # Always one draw for the task, so the geometry does not depend on the mix (scene_geometry_of relies on it).
-    task = names[min(int(np.searchsorted(cum, rng.random(), side="right")), len(names) - 1)]
+    rng, u = _scene_rng(i, seed)
+    task = names[min(int(np.searchsorted(cum, u, side="right")), len(names) - 1)]
     vocab = Vocab.for_workspace(workspace)
     return serialize(generate_scene(rng, workspace, vocab, task, max_grasps_per_object), vocab)
 
@@ -397,8 +403,7 @@ def _scene_ids(i: int, seed: int, workspace: Workspace, names: list[str], cum: n
 def scene_geometry_of(i: int, seed: int, workspace: Workspace, max_grasps_per_object: int = 100) -> SceneGeometry:
     """The geometry of scene i of `generate_scenes(..., seed, workspace)` (any task mix): its objects, their
     kinds, cells and ground-truth grasps, without writing the scene."""
-    rng = np.random.default_rng([int(seed), i])
-    rng.random()  # the task draw of _scene_ids
+    rng, _ = _scene_rng(i, seed)
     return scene_geometry(rng, workspace, Vocab.for_workspace(workspace), max_grasps_per_object)
 
 
