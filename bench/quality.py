@@ -185,7 +185,7 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
     per_checkpoint: dict[tuple, dict] = {}
     default_rounding = decoding.BASE_ROUNDING
     for grounding, t, cell_temperature, independent, base_rounding in itertools.product(
-            groundings, temperatures, cell_temperatures, independents, base_roundings or [decoding.BASE_ROUNDING]):
+            groundings, temperatures, cell_temperatures, independents, base_roundings or [default_rounding]):
         decoding.BASE_ROUNDING = base_rounding  # the gripper grounding's base shell for this decoding
         t0 = time.perf_counter()
         scenes: list = []
@@ -353,8 +353,9 @@ def main() -> int:
             return 0
         break
     if latest_step(train_dir) == 0:
-        raise SystemExit(f"error: the {plan.get('minutes')}-minute budget ran out before the first checkpoint "
-                         f"(start-ups and calibration took it); raise --minutes or give --steps")
+        why = (f"the {plan['minutes']}-minute budget ran out first (start-ups and calibration took it); raise "
+               f"--minutes or give --steps") if "minutes" in plan else f"see {train_dir}"
+        raise SystemExit(f"error: training left no checkpoint to evaluate: {why}")
     if latest_step(train_dir) < max_iters:
         plan["budget_hit_at_step"] = latest_step(train_dir)
         emit({"note": f"the {plan['minutes']}-minute budget ran out at step {plan['budget_hit_at_step']} of "
