@@ -95,6 +95,9 @@ class DatasetConfig:
     shuffle_blocks: bool = True
     drop_cell_prob: float = 0.05
     max_grasps_per_object: int = 100
+    # each training sample keeps at most this many grasps of each object, a new random pick each epoch (the
+    # data set and the evaluation's ground truth keep all of them); 0: as many as max_grasps_per_object
+    train_grasps_per_object: int = 0
     # random: a new order per sample and epoch (what grounded decoding needs to cover every object,
     # docs/QUALITY_LAB.md); sorted: by first cell, as the format stores grasps
     grasp_order: str = choice("random", "sorted")
@@ -263,6 +266,8 @@ def _validate(cfg: Config) -> Config:
         (0.0 <= d.val_fraction < 1.0, f"dataset.val_fraction must be in [0, 1), got {d.val_fraction}"),
         (d.pack_length >= 0, f"dataset.pack_length must be >= 0 (0: no packing), got {d.pack_length}"),
         (d.max_grasps_per_object >= 1, f"dataset.max_grasps_per_object must be >= 1, got {d.max_grasps_per_object}"),
+        (d.train_grasps_per_object >= 0,
+         f"dataset.train_grasps_per_object must be >= 0 (0: no cap of its own), got {d.train_grasps_per_object}"),
         (d.synthetic_scenes >= 1, f"dataset.synthetic_scenes must be >= 1, got {d.synthetic_scenes}"),
         (d.synthetic_voxel_size > 0, f"dataset.synthetic_voxel_size must be > 0, got {d.synthetic_voxel_size}"),
         (d.synthetic_voxel_size <= MAX_SYNTH_VOXEL,

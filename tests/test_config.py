@@ -108,6 +108,8 @@ def test_ints_accepted_for_floats_and_choices():
         config_from_dict({"dataset": {"real_filter_mode": "all"}})
     with pytest.raises(ConfigError, match="dataset.grasp_order: 'shuffled' is not one of random, sorted"):
         config_from_dict({"dataset": {"grasp_order": "shuffled"}})
+    with pytest.raises(ConfigError, match="dataset.train_grasps_per_object must be >= 0"):
+        config_from_dict({"dataset": {"train_grasps_per_object": -1}})
     with pytest.raises(ConfigError, match="model.coordinate_init: 'fourier' is not one of sinusoidal, normal"):
         config_from_dict({"model": {"coordinate_init": "fourier"}})
 

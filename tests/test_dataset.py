@@ -212,6 +212,10 @@ def test_augment_config_checks():
     section = types.SimpleNamespace(shuffle_blocks=False, drop_cell_prob=0.1, max_grasps_per_object=3,
                                     grasp_order="random", amodal_prob=0.2, unseg_prob=0.1, overlong="cut")
     assert AugmentConfig.of(section) == AugmentConfig(False, 0.1, 3, "random", 0.2, 0.1)
+    # train_grasps_per_object caps a training sample's grasps below what the data keeps, never above it
+    for per_sample, cap in ((0, 3), (2, 2), (5, 3)):
+        section.train_grasps_per_object = per_sample
+        assert AugmentConfig.of(section).max_grasps_per_object == cap
 
 
 def test_unparsable_sample_returned_unaugmented_and_counted():

@@ -70,8 +70,13 @@ class AugmentConfig:
 
     @classmethod
     def of(cls, section) -> "AugmentConfig":
-        """From any object with these fields as attributes, e.g. the config's dataset section."""
-        return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
+        """From any object with these fields as attributes, e.g. the config's dataset section; a positive
+        `train_grasps_per_object` there lowers the cap further."""
+        fields = {f.name: getattr(section, f.name) for f in dataclasses.fields(cls)}
+        per_sample = getattr(section, "train_grasps_per_object", 0)
+        if per_sample:
+            fields["max_grasps_per_object"] = min(per_sample, fields["max_grasps_per_object"] or per_sample)
+        return cls(**fields)
 
     @property
     def is_noop(self) -> bool:
