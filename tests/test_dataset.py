@@ -112,6 +112,18 @@ def test_grasps_capped_per_object_and_sorted():
     assert len(picks) == 5  # a different random subset each epoch
 
 
+@pytest.mark.parametrize("cap", [1, 5, 30, 100])
+def test_length_estimate_counts_the_grasp_cap(cap):
+    # Packed rows are planned from `lengths`: with the cap they must be the capped samples' lengths, not the stored
+    rng = np.random.default_rng(3)
+    stored = [serialize(make_sample(rng, n_obj=3, grasps=(10, 40)), V) for _ in range(4)]
+    s = TrainingSamples(Store(stored), np.arange(4), 10_000, aug(max_grasps_per_object=cap, drop_cell_prob=0.0),
+                        seed=0)
+    assert s.lengths.tolist() == [len(s.get(k, 0)) for k in range(4)]
+    if cap < 10:
+        assert (s.lengths < [len(x) for x in stored]).all()
+
+
 @pytest.mark.parametrize("shuffle,cap", [(True, 5), (False, None)])
 def test_random_grasp_order_is_a_fresh_permutation_per_epoch(shuffle, cap):
     rng = np.random.default_rng(3)

@@ -118,6 +118,21 @@ def _pick_grasps(grasps: list[Block], shuffle: bool, cap: int | None, grasp_orde
     return [grasps[i] for i in order[np.argsort(firsts, kind="stable")]]
 
 
+def _capped_length(ids: np.ndarray, vocab: Vocab, cap: int) -> int:
+    """The length of `ids` once each object keeps at most `cap` grasps (_pick_grasps; the mean block length of
+    each object's grasps where their lengths differ)."""
+    starts = np.flatnonzero(ids == vocab.grasp)  # grasp blocks, in the last section: `end` closes the final one
+    if len(starts) == 0:
+        return len(ids)
+    sizes = np.diff(np.append(starts, len(ids) - 1))
+    tags, which, counts = np.unique(ids[np.minimum(starts + 1, len(ids) - 1)], return_inverse=True, return_counts=True)
+    over = np.maximum(counts - cap, 0)
+    if not over.any():
+        return len(ids)
+    mean_size = np.bincount(which, weights=sizes) / counts
+    return len(ids) - int(round(float((over * mean_size).sum())))
+
+
 def _retag(grasps: list[Block] | None, tag: int) -> list[Block] | None:
     return None if grasps is None else [Block(tag, g.cells, g.serials) for g in grasps]
 
@@ -197,8 +212,13 @@ class TrainingSamples:
         self.store, self.vocab = store, store.vocab
         self.max_len, self.augment, self.seed, self.overlong = max_len, augment, seed, overlong
         self.loss_on = loss_on
-        # Length estimate for batching: augmentation changes lengths a little, cutting caps them.
-        self.lengths = np.minimum(np.asarray(store.lengths, dtype=np.int64)[self.indices], max_len)
+        # Length estimate for batching: augmentation changes lengths a little, cutting caps them, a cap on
+        # the grasps per object may shorten them a lot (packed rows are planned from these).
+        lengths = np.asarray(store.lengths, dtype=np.int64)[self.indices]
+        if augment.max_grasps_per_object is not None:
+            lengths = np.array([_capped_length(np.asarray(store[int(i)]), store.vocab, augment.max_grasps_per_object)
+                                for i in self.indices], dtype=np.int64)
+        self.lengths = np.minimum(lengths, max_len)
         self.stats = {"cut": 0, "dropped": 0, "unparsable": 0, "amodal": 0, "unseg": 0}
 
     def __len__(self) -> int:
