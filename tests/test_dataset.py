@@ -486,13 +486,14 @@ def test_a_token_id_outside_the_vocabulary_is_a_one_line_error_naming_the_sample
 
 
 class Exploding(Store):
-    """Fails on the 11th read: rank 1 reads 4 samples a step, so step 2 fails."""
+    """Fails on the loader's 11th read (after one read of each sample for the length estimate): rank 1 reads
+    4 samples a step, so step 2 fails."""
 
     reads = 0
 
     def __getitem__(self, i):
         self.reads += 1
-        if self.reads == 11:
+        if self.reads == len(self) + 11:
             raise RuntimeError("disk on fire")
         return super().__getitem__(i)
 
