@@ -693,3 +693,30 @@ def test_grasp_misses_counts_true_grasps_as_hits_and_moved_ones_as_misses():
     assert hits["second_off"]["0"] == 1.0
     off = misses.shares(misses.miss_counts(moved, truth, vocab)["all"])
     assert off["first"] == 1.0 and off["pair"] < 0.5 and off["whole"] <= off["pair"]
+
+
+def test_paired_comparison_of_two_evaluations(tmp_path):
+    """bench/paired.py: scene by scene over the scenes both evaluated; a run against itself differs by exactly
+    nothing, and a run that is right on every grasp of every scene is ahead by 1 - precision."""
+    rng = np.random.default_rng(0)
+    scenes = [dict(index=i, predicted=10, correct=int(c), objects=3, covered=int(c > 0), feasible=10,
+                   baseline_correct=0) for i, c in enumerate(rng.integers(0, 11, 30))]
+    perfect = [dict(s, correct=10, covered=3) for s in scenes[:20]]  # evaluated on fewer scenes
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"results": [{"per_scene": scenes}]}))
+    b.write_text(json.dumps({"results": [{"per_scene": scenes}, {"per_scene": perfect}]}))
+
+    def paired(*specs):
+        r = run_ok(subprocess.run([sys.executable, str(REPO / "bench" / "paired.py"), *map(str, specs)],
+                                  capture_output=True, text=True))
+        return json.loads(r.stdout)
+
+    same = paired(a, f"{b}#0")
+    assert same["scenes"] == 30 and same["precision_diff"] == 0.0 and same["precision_ci95"] == [0.0, 0.0]
+    ahead = paired(a, f"{b}#1")
+    base = sum(s["correct"] for s in scenes[:20]) / 200
+    assert ahead["scenes"] == 20 and ahead["precision"] == [round(base, 4), 1.0]
+    assert 0 < ahead["precision_ci95"][0] <= ahead["precision_diff"] <= ahead["precision_ci95"][1]
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "paired.py"), str(a), f"{b}#5"], capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "with #k below its number of results" in bad.stderr
