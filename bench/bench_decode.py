@@ -20,6 +20,7 @@ import inspect
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,6 +78,43 @@ def grasp_latency(model, prompt, vocab, voxel_size: float, n: int) -> dict:
             "speedup": round(sequence / independent, 1)}
 
 
+def evaluation_case(model, scenes, vocab, voxel_size: float, grasps: int, cell_temperature: float,
+                    profile: bool) -> dict:
+    """The quality evaluation's decoding and scoring (evaluation.evaluate_batch, as evaluate_scenes batches it:
+    `grasps` independent grounded rows and as many grammar-only rows per scene): decoded tokens/s, and with
+    `profile` the host functions that take the most of its time (cProfile; time a function spends waiting
+    for the GPU counts as its own)."""
+    import cProfile
+    import pstats
+
+    from graspGPT.evaluation import INDEPENDENT_GRASPS_PER_BATCH, evaluate_batch
+    per_batch = max(1, INDEPENDENT_GRASPS_PER_BATCH // grasps)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    tokens, decode_s, profiler = 0, 0.0, cProfile.Profile() if profile else None
+    sync()
+    t0 = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    for lo in range(0, len(scenes), per_batch):
+        batch = scenes[lo: lo + per_batch]
+        for c, _, _ in evaluate_batch(model, batch, vocab, voxel_size, list(range(lo, lo + len(batch))),
+                                      cell_temperature=cell_temperature, independent=grasps):
+            tokens += int(c["new_tokens"])
+            decode_s += c["decode_seconds"]
+    sync()
+    if profiler:
+        profiler.disable()
+    out = {"scenes": len(scenes), "grasps": grasps, "cell_temperature": cell_temperature, "new_tokens": tokens,
+           "decode_s": round(decode_s, 3), "decode_tokens_per_s": round(tokens / decode_s, 1),
+           "with_scoring_s": round(time.perf_counter() - t0, 3)}
+    if profiler:
+        stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, _, own seconds, cumulative, _)
+        top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:15]
+        out["host_top"] = [[f"{Path(f).name}:{line}:{name}", calls, round(own, 3), round(cum, 3)]
+                           for (f, line, name), (calls, _, own, cum, _) in top]
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt-mini,gpt2", help="model presets, comma-separated")
@@ -86,6 +124,11 @@ def main() -> int:
     ap.add_argument("--grasps", type=int, default=0,
                     help="also time one scene's N grasps, in one sequence and as N independent rows")
     ap.add_argument("--label", default="", help="a name for this code version in the output")
+    ap.add_argument("--evaluation", type=int, default=0,
+                    help="also decode and score the --scenes as the quality evaluation does, N independent grasps "
+                         "a scene (grounded and grammar-only rows), at --cell_temperature")
+    ap.add_argument("--cell_temperature", type=float, default=0.3)
+    ap.add_argument("--profile", action="store_true", help="with --evaluation: the host functions that take longest")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,6 +136,7 @@ def main() -> int:
     vocab = Vocab.for_workspace(ws)
     scenes = list(generate_scenes(args.scenes, seed=11, workspace=ws, task_mix="grasp", max_grasps_per_object=4))
     prompts = [dec.task_prompt(ids, vocab, "grasp") for ids in scenes]
+    sample_as_written = dec._sample_tokens
     dec._sample_tokens = no_end(vocab)
     for name in args.model.split(","):
         torch.manual_seed(0)
@@ -105,6 +149,11 @@ def main() -> int:
         one = run_case(model, prompts[:1], vocab, args.voxel_size, 1, args.max_new, 0)
         grasps = {"grasps": grasp_latency(model, prompts[0], vocab, args.voxel_size, args.grasps)} \
             if args.grasps else {}
+        if args.evaluation:
+            dec._sample_tokens = sample_as_written  # the evaluation lets rows end
+            grasps["evaluation"] = evaluation_case(model, scenes, vocab, args.voxel_size, args.evaluation,
+                                                   args.cell_temperature, args.profile)
+            dec._sample_tokens = no_end(vocab)
         print(json.dumps({"label": args.label, "model": name, "device": torch.cuda.get_device_name() if device == "cuda"
                           else "cpu", "scenes": args.scenes, "max_new": args.max_new, "batch": batch,
                           "batch1_grounded": one, **grasps}), flush=True)
