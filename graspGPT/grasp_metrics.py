@@ -135,8 +135,11 @@ def segmentation_counts(predicted: Sequence[tuple[int, np.ndarray]],
 def touching_cells(cells: np.ndarray, dims: Sequence[int]) -> np.ndarray:
     """(m, 3) the distinct in-grid cells within one cell (Chebyshev) of `cells` (k, 3), sorted: where a
     finger touching that object can be."""
-    grown = (np.asarray(cells, dtype=np.int64).reshape(-1, 3)[:, None, :] + NEIGHBOURHOOD).reshape(-1, 3)
-    return np.unique(grown[np.all((grown >= 0) & (grown < np.asarray(dims)), axis=1)], axis=0)
+    cells = np.asarray(cells, dtype=np.int64).reshape(-1, 3) + 1
+    near = np.zeros(tuple(int(d) + 2 for d in dims), dtype=bool)  # the grid with a margin of one cell
+    for offset in NEIGHBOURHOOD:  # marked on a grid, not sorted: 27 scatters cost less than a unique of 27k rows
+        near[tuple((cells + offset).T)] = True
+    return np.argwhere(near[1:-1, 1:-1, 1:-1])  # C order: sorted
 
 
 def random_grasps(rng: np.random.Generator, scene: Sequence[tuple[int, np.ndarray]], n: int,

@@ -720,3 +720,15 @@ def test_paired_comparison_of_two_evaluations(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "bench" / "paired.py"), str(a), f"{b}#5"], capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "with #k below its number of results" in bad.stderr
+
+
+def test_touching_cells_are_the_sorted_in_grid_cells_next_to_an_object():
+    from graspGPT.grasp_metrics import touching_cells
+    dims = (7, 5, 4)
+    rng = np.random.default_rng(1)
+    for cells in ([[0, 0, 0]], [[6, 4, 3], [3, 2, 1]], rng.integers(0, dims, (12, 3)), np.zeros((0, 3), int)):
+        cells = np.asarray(cells).reshape(-1, 3)
+        every = np.argwhere(np.ones(dims, bool))
+        brute = [c for c in every.tolist() if len(cells) and (np.abs(cells - c).max(1) <= 1).any()]
+        got = touching_cells(cells, dims)
+        assert got.dtype == np.int64 and got.shape == (len(brute), 3) and got.tolist() == sorted(brute)
