@@ -287,8 +287,10 @@ class SceneVoxels:
         bounds rounded outwards; the grid's outside holds nothing). Counted in a summed-volume table of the
         other objects' cells, built once per object: eight lookups a box."""
         if own not in self._others:
-            table = np.zeros(tuple(d + 1 for d in self.dims), np.int64)  # table[i, j, k]: cells in [0,i)x[0,j)x[0,k)
-            table[1:, 1:, 1:] = ((self.grid != 0) & (self.grid != own)).cumsum(0).cumsum(1).cumsum(2)
+            # table[i, j, k]: cells in [0,i)x[0,j)x[0,k); int32 holds any grid's count and sums faster than int64
+            table = np.zeros(tuple(d + 1 for d in self.dims), np.int32)
+            others = (self.grid != 0) & (self.grid != own)
+            table[1:, 1:, 1:] = others.cumsum(0, dtype=np.int32).cumsum(1, dtype=np.int32).cumsum(2, dtype=np.int32)
             self._others[own] = table
         table, dims = self._others[own], np.asarray(self.dims)
         hi = np.clip(np.ceil(hi).astype(np.int64) + 1, 0, dims)
