@@ -125,7 +125,7 @@ def _capped_length(ids: np.ndarray, vocab: Vocab, cap: int) -> int:
     if len(starts) == 0:
         return len(ids)
     sizes = np.diff(np.append(starts, len(ids) - 1))
-    tags, which, counts = np.unique(ids[np.minimum(starts + 1, len(ids) - 1)], return_inverse=True, return_counts=True)
+    _, which, counts = np.unique(ids[np.minimum(starts + 1, len(ids) - 1)], return_inverse=True, return_counts=True)
     over = np.maximum(counts - cap, 0)
     if not over.any():
         return len(ids)
