@@ -195,7 +195,8 @@ def evaluate(cfg, train_dir: Path, num_scenes: int, temperatures: list[float], g
                                     cell_temperature=cell_temperature, independent=independent)
         key = (tuple(chosen), t)
         if key not in per_checkpoint:
-            per_checkpoint[key] = checkpoint_metrics(model, store, chosen, cfg.dataset.loss_on, temperature=t)
+            per_checkpoint[key] = checkpoint_metrics(model, store, chosen, cfg.dataset.loss_on, temperature=t,
+                                                     train_grasps_per_object=cfg.dataset.train_grasps_per_object)
         m = {k: round(v, 4) if isinstance(v, float) else v for k, v in {**summarize(counts), **per_checkpoint[key]}.items()}
         # Each scene's own counts: runs evaluated on different numbers of scenes compare on the ones
         # they share (the choice is nested).

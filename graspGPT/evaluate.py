@@ -6,7 +6,9 @@
 For each scene the model continues the task prompt (decoding.task_prompt) twice: with the
 grammar mask and without it. Reported, as a table and as JSON:
 
-  val_loss, val_ppl        mean next-token loss over the evaluated samples, and exp of it
+  val_loss, val_ppl        mean next-token loss over the evaluated samples, and exp of it (each sample
+                           capped to the grasps per object the model's training samples kept, as the
+                           trainer's validation does: dataset.train_grasps_per_object)
   valid_rate               sequences that are whole valid sequences (with the mask: all that
                            finished within the token cap); free_valid_rate: without the mask
   grasp_precision          predicted grasps matching a ground-truth grasp (grasp_metrics)
@@ -153,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         model, meta = load_checked(args.checkpoint, store, args.device, args.dtype)
         indices = select_indices(store, args.split, meta, args.val_fraction, args.split_seed)
         t0 = time.perf_counter()
-        loss_on = (meta.get("training_config") or {}).get("dataset", {}).get("loss_on", "all")
-        metrics = evaluate(model, store, indices, args.num_scenes, args.seed, args.batch_size, loss_on,
+        trained_on = (meta.get("training_config") or {}).get("dataset", {})
+        metrics = evaluate(model, store, indices, args.num_scenes, args.seed, args.batch_size,
+                           trained_on.get("loss_on", "all"),
+                           train_grasps_per_object=trained_on.get("train_grasps_per_object", 0),
                            num_samples=args.num_samples, temperature=args.temperature, top_k=args.top_k,
                            unconstrained=not args.no_free, grounding=args.grounding,
                            cell_temperature=args.cell_temperature, independent=args.independent_grasps)

@@ -450,11 +450,14 @@ def evaluation_scenes(store: TokenStore, indices: np.ndarray, num_scenes: int, s
 
 
 def checkpoint_metrics(model, store: TokenStore, scenes: np.ndarray, loss_on: str = "all", batch_size: int = 4,
-                       temperature: float = 1.0, top_k: int | None = None, seed: int = 0) -> dict:
-    """What `evaluate` reports beside the decoding: the loss on `scenes` (loss_on: the targets the model was
-    trained on, dataset.loss_on), each grasp token's prediction after the true prefix and one grasp after a
-    true prefix (at `temperature`). The same for every decoding of one checkpoint."""
-    samples = TrainingSamples(store, scenes, model.cfg.block_size, AugmentConfig.none(), seed=0, loss_on=loss_on)
+                       temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+                       train_grasps_per_object: int = 0) -> dict:
+    """What `evaluate` reports beside the decoding: the loss on `scenes` as the trainer's validation scores it
+    (loss_on and train_grasps_per_object: the model's dataset.loss_on and dataset.train_grasps_per_object),
+    each grasp token's prediction after the true prefix and one grasp after a true prefix (at `temperature`).
+    The same for every decoding of one checkpoint."""
+    samples = TrainingSamples(store, scenes, model.cfg.block_size, AugmentConfig.validation(train_grasps_per_object),
+                              seed=0, loss_on=loss_on)
     loss = validation_loss(model, samples, val_batches(samples.lengths, batch_size))
     metrics = dict(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
     metrics.update(teacher_forced_grasps(model, store, scenes))
@@ -463,11 +466,13 @@ def checkpoint_metrics(model, store: TokenStore, scenes: np.ndarray, loss_on: st
 
 
 def evaluate(model, store: TokenStore, indices: np.ndarray, num_scenes: int, seed: int = 0, batch_size: int = 4,
-             loss_on: str = "all", per_scene: list | None = None, **options) -> dict:
+             loss_on: str = "all", per_scene: list | None = None, train_grasps_per_object: int = 0,
+             **options) -> dict:
     """Generation metrics and the loss on `num_scenes` of `indices` (picked with `seed`), in one process:
     `evaluation_scenes`, decoded (`evaluate_scenes` with `options`), then `checkpoint_metrics`. `per_scene`,
     if given, receives each scene's (index, counts, grasps) (evaluate_scenes)."""
     scenes = evaluation_scenes(store, indices, num_scenes, seed, model.cfg.block_size, options.get("independent", 0))
     counts, _ = evaluate_scenes(model, store, scenes, seed, per_scene=per_scene, **options)
     return {**summarize(counts), **checkpoint_metrics(model, store, scenes, loss_on, batch_size,
-                                                      options.get("temperature", 1.0), options.get("top_k"), seed)}
+                                                      options.get("temperature", 1.0), options.get("top_k"), seed,
+                                                      train_grasps_per_object)}

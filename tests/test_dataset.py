@@ -112,6 +112,29 @@ def test_grasps_capped_per_object_and_sorted():
     assert len(picks) == 5  # a different random subset each epoch
 
 
+def test_validation_keeps_the_training_cap_as_a_fixed_random_pick():
+    # dataset.train_grasps_per_object: validation scores sequences like the training samples (a capped pick,
+    # the same every time), not the data's longer ones
+    assert AugmentConfig.validation(0) == AugmentConfig.none()
+    assert AugmentConfig.validation(5) == AugmentConfig(False, 0.0, 5, "sorted", 0.0, 0.0)
+    rng = np.random.default_rng(4)
+    origs = [make_sample(rng, n_obj=3, grasps=(30, 31)) for _ in range(4)]
+    s = TrainingSamples(Store([serialize(o, V) for o in origs]), np.arange(4), 10_000, AugmentConfig.validation(5),
+                        seed=0)
+    assert s.lengths.tolist() == [len(s.get(k, 0)) for k in range(4)]
+    first_five = 0
+    for k, orig in enumerate(origs):
+        np.testing.assert_array_equal(s.get(k, 0), s.get(k, 0))
+        out = parse(s.get(k, 0), V)
+        assert [b.tag for b in out.scene] == [b.tag for b in orig.scene]  # no other augmentation
+        for tag in {b.tag for b in orig.scene}:
+            kept = [tuple(g.cells.tolist()) for g in out.grasps if g.tag == tag]
+            stored = [tuple(g.cells.tolist()) for g in orig.grasps if g.tag == tag]
+            assert len(kept) == 5 and set(kept) <= set(stored) and kept == sorted(kept, key=lambda c: c[0])
+            first_five += kept == stored[:5]
+    assert first_five < 3  # a random pick, not the first grasps of the stored order
+
+
 @pytest.mark.parametrize("cap", [1, 5, 30, 100])
 def test_length_estimate_counts_the_grasp_cap(cap):
     # Packed rows are planned from `lengths`: with the cap they must be the capped samples' lengths, not the stored

@@ -21,8 +21,8 @@ from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.decoding import (BASE_ROUNDING, Decoded, GenerateError, accepts, grasp_list, join_grasps, prompt_state,
                                task_prompt, truth_of)
-from graspGPT.evaluation import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, evaluate_scene, evaluate_scenes,
-                                 grasp_slots, prefix_precision, summarize, teacher_forced_grasps, validation_loss)
+from graspGPT.evaluation import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, checkpoint_metrics, evaluate_scene,
+                                 evaluate_scenes, grasp_scenes, grasp_slots, prefix_precision, summarize, teacher_forced_grasps, validation_loss)
 from graspGPT.grasp_metrics import (ROUNDING, GraspScore, SceneVoxels, correct_grasps, random_grasps, score_grasps,
                                     segmentation_counts, untagged, valid_grasps, voxel_iou)
 from graspGPT.model import GraspGPT, GraspGPTConfig
@@ -506,6 +506,20 @@ def test_validation_loss_is_the_mean_over_every_target_token(mixed):
         loss = validation_loss(model, samples, val_batches(samples.lengths, micro))
         assert loss == pytest.approx(total / count, rel=1e-5) and model.training
     assert validation_loss(model.eval(), samples, []) == 0.0 and not model.training
+
+
+def test_evaluates_loss_is_the_trainers_under_a_training_cap_on_grasps(mixed):
+    """With dataset.train_grasps_per_object the trainer's validation scores capped samples; evaluate's loss
+    of the same checkpoint must score the same ones."""
+    torch.manual_seed(0)
+    model = GraspGPT(GraspGPTConfig(vocab_size=mixed.vocab.size, block_size=1024, n_layer=2, n_head=2, n_embd=32))
+    scenes = grasp_scenes(mixed, np.arange(len(mixed)))  # 6 grasps an object
+    capped = TrainingSamples(mixed, scenes, 1024, AugmentConfig.validation(2), seed=0)
+    assert (capped.lengths < mixed.lengths[scenes]).all()
+    want = validation_loss(model, capped, val_batches(capped.lengths, 4))
+    got = checkpoint_metrics(model, mixed, scenes, train_grasps_per_object=2)["val_loss"]
+    whole = checkpoint_metrics(model, mixed, scenes)["val_loss"]
+    assert got == pytest.approx(want, rel=1e-6) and whole != pytest.approx(want, rel=1e-3)
 
 
 def test_quality_configs_keep_a_ground_truth_dense_enough_for_the_bar():

@@ -78,6 +78,13 @@ class AugmentConfig:
             fields["max_grasps_per_object"] = min(per_sample, fields["max_grasps_per_object"] or per_sample)
         return cls(**fields)
 
+    @classmethod
+    def validation(cls, train_grasps_per_object: int = 0) -> "AugmentConfig":
+        """No augmentation but the training samples' cap on grasps per object (dataset.train_grasps_per_object,
+        0: none): the validation loss then scores sequences like those the model is trained to write (a fixed
+        random pick per sample), not the data's longer ones."""
+        return dataclasses.replace(cls.none(), max_grasps_per_object=train_grasps_per_object or None)
+
     @property
     def is_noop(self) -> bool:
         return self == AugmentConfig.none()
@@ -99,9 +106,9 @@ def _drop_cells(blocks: list[Block], p: float, rng: np.random.Generator) -> list
 
 def _pick_grasps(grasps: list[Block], shuffle: bool, cap: int | None, grasp_order: str,
                  rng: np.random.Generator) -> list[Block]:
-    """Shuffle, keep at most `cap` per tag, then re-sort by first cell (stable, so ties stay shuffled)
-    or keep the random order."""
-    shuffle = shuffle or grasp_order == "random"
+    """Shuffle, keep at most `cap` per tag (a random pick), then re-sort by first cell (stable, so ties stay
+    shuffled) or keep the random order."""
+    shuffle = shuffle or grasp_order == "random" or cap is not None
     order = rng.permutation(len(grasps)) if shuffle else np.arange(len(grasps))
     if cap is not None:
         seen: dict[int, int] = {}
