@@ -96,8 +96,10 @@ class DatasetConfig:
     drop_cell_prob: float = 0.05
     max_grasps_per_object: int = 100
     # each training sample keeps at most this many grasps of each object, a new random pick each epoch (the
-    # data set and the evaluation's ground truth keep all of them); 0: as many as max_grasps_per_object
-    train_grasps_per_object: int = 0
+    # data set and the evaluation's ground truth keep all of them; validation caps its samples the same way);
+    # 0: as many as max_grasps_per_object. 8: with a hundred grasps of an object before it, a model learns to
+    # copy its neighbours instead of finding a grasp from the scene (real grid 0.503 -> 0.617, docs/QUALITY_LAB.md)
+    train_grasps_per_object: int = 8
     # random: a new order per sample and epoch (what grounded decoding needs to cover every object,
     # docs/QUALITY_LAB.md); sorted: by first cell, as the format stores grasps
     grasp_order: str = choice("random", "sorted")

@@ -538,7 +538,8 @@ def test_quality_configs_keep_a_ground_truth_dense_enough_for_the_bar():
             for name in ("gpt-mini", "gpt2")}
     for cfg in cfgs.values():
         assert cfg.dataset.max_grasps_per_object >= 100 and cfg.dataset.synthetic_voxel_size == 0.0075
-        assert (cfg.dataset.grasp_order, cfg.dataset.loss_on) == ("random", "all")  # the recipe (docs/QUALITY_LAB.md)
+        # the recipe (docs/QUALITY_LAB.md): random order, loss on every token, 8 of the truth's 100 a sample
+        assert (cfg.dataset.grasp_order, cfg.dataset.loss_on, cfg.dataset.train_grasps_per_object) == ("random", "all", 8)
 
 
 def test_the_lab_is_the_quickstart_with_more_validation_scenes():
