@@ -21,6 +21,7 @@ such a scene counts as one object.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Sequence
 
@@ -212,20 +213,23 @@ class SceneVoxels:
 
     # -- rules on arrays of candidates: each takes the object's label and (n, 3) cells
 
-    def _labels_along(self, a: np.ndarray, b: np.ndarray, every: int = 1) -> np.ndarray:
+    def _labels_along(self, a: np.ndarray, b: np.ndarray, every: int = 1, middle: bool = False) -> np.ndarray:
         """(n, m) labels along the segments a[i] -> b[i] ((n, 3) each, float cell coordinates); every
         segment has its own samples (a quarter voxel apart), padded with its end point. every = k > 1:
-        only every k-th of those samples and the end point (a subset of the same points, for a first
-        pass that settles most segments cheaply)."""
+        only every k-th of those samples and the end point; middle: only each segment's middle sample
+        ((n, 1)). Both read a subset of the same points, for first passes that settle most segments cheaply."""
         a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
         if len(a) == 0:
             return np.zeros((0, 1), np.int32)
         d = b - a
         steps = np.maximum(2, np.ceil(4 * np.abs(d).max(axis=1)).astype(np.int64) + 1)  # per segment
-        k = np.arange(0, int(steps.max()), every)
-        if every > 1:
-            k = np.append(k, int(steps.max()) - 1)
-        t = np.minimum(k[None, :] / (steps[:, None] - 1), 1.0)
+        if middle:
+            k = ((steps - 1) // 2)[:, None]
+        else:
+            k = np.arange(0, int(steps.max()), every)[None, :]
+            if every > 1:
+                k = np.append(k, int(steps.max()) - 1)[None, :]
+        t = np.minimum(k / (steps[:, None] - 1), 1.0)
         pts = a[:, None, :] + t[..., None] * d[:, None, :]
         np.rint(pts, out=pts)
         pts += self._margin
@@ -233,11 +237,14 @@ class SceneVoxels:
         return self._wide[(pts @ self._strides).astype(np.int64)]
 
     def _through(self, own: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """(n,) bool: segment a[i] -> b[i] meets the object (a sample labelled `own`). A first pass over
-        every fourth sample finds most crossings; only the other segments are sampled in full."""
-        hit = (self._labels_along(a, b, every=4) == own).any(1)
-        rest = ~hit
-        hit[rest] = (self._labels_along(a[rest], b[rest]) == own).any(1)
+        """(n,) bool: segment a[i] -> b[i] meets the object (a sample labelled `own`). The objects are solid,
+        so the middle sample alone finds most crossings (87% of the segments a real-grid decoding asks
+        about), every fourth sample most of the rest; only the others are sampled in full."""
+        a, b = np.broadcast_arrays(a, b)
+        hit = self._labels_along(a, b, middle=True)[:, 0] == own
+        for every in (4, 1):
+            rest = np.flatnonzero(~hit)
+            hit[rest] = (self._labels_along(a[rest], b[rest], every=every) == own).any(1)
         return hit
 
     def _clear(self, own: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -351,14 +358,24 @@ class SceneVoxels:
         if own is None:
             return np.zeros((0, 3), np.int64)
         left, right = np.asarray(left, np.int64), np.asarray(right, np.int64)
-        mid = (left + right) / 2
-        r = FINGER_LENGTH / self.voxel_size + rounding
-        lo = np.maximum(np.floor(mid - r), 0).astype(np.int64)
-        hi = np.minimum(np.ceil(mid + r), np.asarray(self.dims) - 1).astype(np.int64)
-        if np.any(lo > hi):
-            return np.zeros((0, 3), np.int64)
-        box = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)], indexing="ij"), -1).reshape(-1, 3)
-        return box[self._base_ok(own, left, right, box, rounding)]
+        twice_mid = left + right
+        bases = twice_mid // 2 + shell_offsets(tuple(twice_mid % 2), FINGER_LENGTH / self.voxel_size, rounding)
+        bases = bases[self._inside(bases)]
+        return bases[self._base_ok(own, left, right, bases, rounding)]
+
+
+@functools.lru_cache(maxsize=64)
+def shell_offsets(odd: tuple[int, ...], radius: float, rounding: float) -> np.ndarray:
+    """(n, 3) integer offsets o, in lexicographic order, of the cells floor(mid) + o whose centres lie within
+    `rounding` of `radius` from mid = floor(mid) + odd / 2 (odd: which of the midpoint's coordinates are
+    halves): the only cells where a base may lie, a twentieth of the box around that sphere on the real grid."""
+    r = int(np.ceil(radius + rounding)) + 1
+    axis = np.arange(-r, r + 1)
+    o = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    reach = np.linalg.norm(o - np.asarray(odd) / 2, axis=1)
+    o = o[np.abs(reach - radius) <= rounding + 1e-9]  # a margin: SceneVoxels._base_ok decides exactly
+    o.flags.writeable = False
+    return o
 
 
 def valid_grasps(predicted: Sequence[Grasp], scene: Sequence[tuple[int, np.ndarray]], dims: Sequence[int],

@@ -17,7 +17,7 @@ from conftest import REPO, launch, run_ok
 from graspGPT.data.dataset import AugmentConfig, TrainingSamples, val_batches
 from graspGPT.data.grammar import read_output
 from graspGPT.data.storage import DatasetWriter, TokenStore
-from graspGPT.data.synth import generate_scenes
+from graspGPT.data.synth import FINGER_LENGTH, generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.decoding import (BASE_ROUNDING, Decoded, GenerateError, accepts, grasp_list, join_grasps, prompt_state,
                                task_prompt, truth_of)
@@ -154,8 +154,9 @@ def _scene_voxels(voxel_size: float, seed: int):
 
 
 def test_the_sparse_first_pass_decides_segments_as_the_full_sampling_does():
-    """SceneVoxels._through samples every fourth point first and the rest only where that found nothing:
-    the same answer as sampling every point, for segments crossing, grazing and missing the objects."""
+    """SceneVoxels._through samples each segment's middle first, then every fourth point, and the rest only
+    where those found nothing: the same answer as sampling every point, for segments crossing, grazing and
+    missing the objects."""
     scene, voxels = _scene_voxels(0.0075, seed=3)
     rng = np.random.default_rng(0)
     for own, (_, cells) in enumerate(scene, start=1):
@@ -166,6 +167,32 @@ def test_the_sparse_first_pass_decides_segments_as_the_full_sampling_does():
         assert np.array_equal(voxels._through(own, a, b), full)
         sparse = voxels._labels_along(a, b, every=4)
         assert sparse.shape[1] < voxels._labels_along(a, b).shape[1]
+        middle = voxels._labels_along(a, b, middle=True)[:, 0] == own
+        assert middle.shape == (400,) and 0 < middle.sum() < full.sum()  # one of the samples, deciding some
+
+
+@pytest.mark.parametrize("voxel", [0.0075, 0.03])
+def test_base_cells_come_from_the_shell_as_from_the_whole_box(voxel):
+    """SceneVoxels.base_cells tests only the cells of the shell where a base may lie (shell_offsets): the same
+    cells, in the same order, as testing every cell of the box around it, at both roundings."""
+    scene, voxels = _scene_voxels(voxel, seed=5)
+    rng = np.random.default_rng(0)
+    found = 0
+    for own, (tag, _) in enumerate(scene, start=1):
+        fingers = voxels.left_cells(tag)
+        for left in fingers[rng.integers(len(fingers), size=6)]:
+            for right in voxels.right_cells(tag, left)[:4]:
+                for rounding in (ROUNDING, ROUNDING / 2):
+                    r = FINGER_LENGTH / voxel + rounding
+                    lo = np.maximum(np.floor((left + right) / 2 - r), 0).astype(int)
+                    hi = np.minimum(np.ceil((left + right) / 2 + r), np.asarray(voxels.dims) - 1).astype(int)
+                    box = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)], indexing="ij"),
+                                   -1).reshape(-1, 3)
+                    want = box[voxels._base_ok(own, left, right, box, rounding)]
+                    got = voxels.base_cells(tag, left, right, rounding)
+                    assert np.array_equal(got, want)
+                    found += len(got) > 0
+    assert found > 20
 
 
 def test_the_boxes_around_fingers_find_other_objects_as_a_search_of_their_cells_does():
@@ -708,6 +735,27 @@ def test_grasp_misses_counts_true_grasps_as_hits_and_moved_ones_as_misses():
     assert hits["second_off"]["0"] == 1.0
     off = misses.shares(misses.miss_counts(moved, truth, vocab)["all"])
     assert off["first"] == 1.0 and off["pair"] < 0.5 and off["whole"] <= off["pair"]
+
+
+def test_grounding_benchmark_replays_true_grasps_with_repeats(monkeypatch, capsys):
+    """bench/bench_grounding.py: the draws are the scene's own grasps, `distinct` of them new, the rest repeats
+    of those; a run prints its milliseconds per grasp and per kind of call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_grounding", REPO / "bench" / "bench_grounding.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ws = Workspace(voxel_size=0.03)
+    vocab = Vocab.for_workspace(ws)
+    truth = truth_of(next(iter(generate_scenes(1, 2, ws, max_grasps_per_object=8))), vocab)
+    draws = bench.grasp_draws(truth, np.random.default_rng(0), 20, 0.25)
+    true = {(g.tag, tuple(g.cells)) for g in truth.grasps}
+    keys = [(tag, tuple(c)) for tag, c in draws]
+    assert len(draws) == 20 and set(keys) <= true and len(set(keys)) == 5 and len(set(keys[:5])) == 5
+    monkeypatch.setattr("sys.argv", ["bench_grounding.py", "--voxel_size", "0.03", "--scenes", "1", "--grasps", "8"])
+    bench.main()
+    line = json.loads(capsys.readouterr().out)
+    assert line["ms_per_grasp"] > 0 and set(line["ms"]) == {"build", "first", "second", "base"}
 
 
 def test_paired_comparison_of_two_evaluations(tmp_path):
