@@ -226,9 +226,10 @@ class SceneVoxels:
         if middle:
             k = ((steps - 1) // 2)[:, None]
         else:
-            k = np.arange(0, int(steps.max()), every)[None, :]
+            k = np.arange(0, int(steps.max()), every)
             if every > 1:
-                k = np.append(k, int(steps.max()) - 1)[None, :]
+                k = np.append(k, int(steps.max()) - 1)
+            k = k[None, :]
         t = np.minimum(k / (steps[:, None] - 1), 1.0)
         pts = a[:, None, :] + t[..., None] * d[:, None, :]
         np.rint(pts, out=pts)

@@ -229,8 +229,8 @@ def build_data(cfg: Config, store: TokenStore, ds: ResolvedDeepSpeed, ranks: Ran
     else:
         schedule = BatchSchedule(samples.lengths, batch.micro_batch_size, batch.grad_accum, ranks.world, seed)
     loader = BatchLoader(samples, schedule, ranks.rank, start_step, pin_memory=ranks.on_gpu)
-    val_samples = TrainingSamples(store, val_idx, d.max_sequence_length, AugmentConfig.validation(d.train_grasps_per_object),
-                                  seed,
+    val_augment = AugmentConfig.validation(d.train_grasps_per_object)
+    val_samples = TrainingSamples(store, val_idx, d.max_sequence_length, val_augment, seed,
                                   overlong=d.overlong, loss_on=d.loss_on)
     val = val_batches(val_samples.lengths, batch.micro_batch_size, ranks.world, ranks.rank,
                       limit=cfg.trainer.eval_iters * batch.micro_batch_size * ranks.world)

@@ -22,7 +22,8 @@ from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.decoding import (BASE_ROUNDING, Decoded, GenerateError, accepts, grasp_list, join_grasps, prompt_state,
                                task_prompt, truth_of)
 from graspGPT.evaluation import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, checkpoint_metrics, evaluate_scene,
-                                 evaluate_scenes, grasp_scenes, grasp_slots, prefix_precision, summarize, teacher_forced_grasps, validation_loss)
+                                 evaluate_scenes, grasp_scenes, grasp_slots, prefix_precision, summarize,
+                                 teacher_forced_grasps, validation_loss)
 from graspGPT.grasp_metrics import (ROUNDING, GraspScore, SceneVoxels, correct_grasps, random_grasps, score_grasps,
                                     segmentation_counts, untagged, valid_grasps, voxel_iou)
 from graspGPT.model import GraspGPT, GraspGPTConfig
@@ -566,7 +567,8 @@ def test_quality_configs_keep_a_ground_truth_dense_enough_for_the_bar():
     for cfg in cfgs.values():
         assert cfg.dataset.max_grasps_per_object >= 100 and cfg.dataset.synthetic_voxel_size == 0.0075
         # the recipe (docs/QUALITY_LAB.md): random order, loss on every token, 8 of the truth's 100 a sample
-        assert (cfg.dataset.grasp_order, cfg.dataset.loss_on, cfg.dataset.train_grasps_per_object) == ("random", "all", 8)
+        d = cfg.dataset
+        assert (d.grasp_order, d.loss_on, d.train_grasps_per_object) == ("random", "all", 8)
 
 
 def test_the_lab_is_the_quickstart_with_more_validation_scenes():

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from graspGPT.model import (AXIS_KEYS, axis_waves, IGNORE_INDEX, MODEL_PRESETS, GraspGPT, LinearCrossEntropy, GraspGPTConfig,
-                            ModelConfigError, ModelInputError, SharedPrefixCache, chunked_cross_entropy, default_kv_heads, fold_axes)
+                            ModelConfigError, ModelInputError, SharedPrefixCache, chunked_cross_entropy,
+                            default_kv_heads, fold_axes)
 
 V = 500
 
