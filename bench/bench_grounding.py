@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    if args.scenes < 1 or args.grasps < 1 or not 0 < args.distinct <= 1:
+        ap.error(f"need --scenes >= 1, --grasps >= 1 and 0 < --distinct <= 1; got {args.scenes}, {args.grasps}, "
+                 f"{args.distinct}")
     ws = Workspace(voxel_size=args.voxel_size)
     vocab = Vocab.for_workspace(ws)
     rng = np.random.default_rng(args.seed)

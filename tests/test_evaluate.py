@@ -758,6 +758,10 @@ def test_grounding_benchmark_replays_true_grasps_with_repeats(monkeypatch, capsy
     bench.main()
     line = json.loads(capsys.readouterr().out)
     assert line["ms_per_grasp"] > 0 and set(line["ms"]) == {"build", "first", "second", "base"}
+    monkeypatch.setattr("sys.argv", ["bench_grounding.py", "--scenes", "0"])
+    with pytest.raises(SystemExit) as bad:
+        bench.main()
+    assert bad.value.code == 2 and "--scenes >= 1" in capsys.readouterr().err
 
 
 def test_paired_comparison_of_two_evaluations(tmp_path):
