@@ -24,7 +24,6 @@ from .data.grammar import (GRASP_BLOCK, GRASP_TAG, Block, GrammarError, GrammarS
 from .data.storage import TokenStore
 from .data.vocab import Vocab
 from .grasp_metrics import ROUNDING, SceneVoxels
-from .model import SharedPrefixCache
 
 
 class GenerateError(ValueError):
@@ -138,6 +137,14 @@ def join_grasps(decoded: Decoded, per_sequence: int, vocab: Vocab) -> Decoded:
         sequences.append(np.array(ids + [vocab.end], dtype=np.int64))
     return Decoded(decoded.prompt, sequences, np.ones(len(sequences), dtype=bool), decoded.forwards, decoded.seconds,
                    decoded.new_tokens)
+
+
+def _widen(model, cache, samples: int):
+    """A cache with each row of `cache` repeated `samples` times (rows of one prompt stay together)."""
+    wide = model.new_kv_cache(cache.batch_size * samples, cache.max_len)
+    wide.k.copy_(cache.k.repeat_interleave(samples, dim=1))
+    wide.v.copy_(cache.v.repeat_interleave(samples, dim=1))
+    return wide
 
 
 def _row_uniforms(seed: int, rows: int, steps: int, device) -> torch.Tensor:
@@ -273,12 +280,11 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
                 cell_temperature: float | None = None, independent: int = 0) -> list[Decoded]:
     """`num_samples` continuations of each prompt, all prompts in one batch; one Decoded per prompt.
 
-    The prompts run once, left-padded to the longest with a key mask; their KV cache is kept once per
-    prompt, each sample's own keys after it (model.SharedPrefixCache); each step then feeds only the new
-    tokens, so the cost per token does not grow with the prompt, and a step costs about the same for one
-    row or many. `max_new_tokens` may be one cap per prompt; `constrained` as in `decode`, the same
-    pattern for every prompt; `seeds` one per prompt (default 0, 1, ...); the rows' random draws depend
-    only on their seed and row.
+    The prompts run once, left-padded to the longest with a key mask, and their KV cache is copied
+    into one row per sample; each step then feeds only the new tokens, so the cost per token does not
+    grow with the prompt, and a step costs about the same for one row or many. `max_new_tokens` may
+    be one cap per prompt; `constrained` as in `decode`, the same pattern for every prompt; `seeds`
+    one per prompt (default 0, 1, ...); the rows' random draws depend only on their seed and row.
     Every Decoded reports the batch's forward calls and seconds.
 
     `grounded` (for all rows or, as a list, per row) also holds constrained rows to the object each grasp
@@ -346,18 +352,20 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
     model.eval()
     t0 = time.perf_counter()
     try:
+        max_len = max(T, T + int(cap.max()) - 1)
         batch = np.full((P, T), vocab.end, dtype=np.int64)
-        key_mask = torch.ones(P, T, dtype=torch.bool)
+        key_mask = torch.ones(P, max_len, dtype=torch.bool)
         for r, p in enumerate(prompts):
             batch[r, T - len(p):] = p
             key_mask[r, :T - len(p)] = False
         key_mask = None if min(lengths) == T else key_mask.to(device)  # no padding, no mask
-        prefix = model.new_kv_cache(P, T)
-        logits = model.forward_cached(torch.as_tensor(batch, device=device), prefix, 0, last_only=True,
+        cache = model.new_kv_cache(P, max_len)
+        logits = model.forward_cached(torch.as_tensor(batch, device=device), cache, 0, last_only=True,
                                       key_mask=key_mask)[:, -1]
-        # The prompts' keys stay once per prompt; each sample's own tokens go after them (the last is never fed)
-        cache = SharedPrefixCache(prefix, T, K, max(1, int(cap.max()) - 1), key_mask)
-        logits = logits.repeat_interleave(K, dim=0) if K > 1 else logits
+        if K > 1:  # one cache row per sample
+            cache = _widen(model, cache, K)
+            logits = logits.repeat_interleave(K, dim=0)
+            key_mask = None if key_mask is None else key_mask.repeat_interleave(K, dim=0)
         rows: list[list[int]] = [[] for _ in range(B)]
         ended = np.zeros(B, dtype=bool)
         done = cap == 0  # wrote `end` or reached its cap
@@ -388,7 +396,8 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
                 break
             forwards += 1
             if active:
-                logits = model.forward_cached(tok[:, None], cache, T + steps - 1, last_only=True)[:, -1]
+                logits = model.forward_cached(tok[:, None], cache, T + steps - 1, last_only=True,
+                                              key_mask=key_mask)[:, -1]
             else:  # lock-step filler: this rank is done, another is not
                 dummy = dummy or model.new_kv_cache(1, 1)
                 model.forward_cached(end[:1, None], dummy, 0, last_only=True)

@@ -38,8 +38,8 @@ DECODINGS = ("", "grammar_", "free_")
 #   fingers  the two fingers on the object only
 #   none     nothing: the grammar alone
 GROUNDINGS = ("gripper", "fingers", "none")
-# Independent grasp sampling decodes this many grasps (rows) of each decoding at once, at most: each step's
-# sampling holds a (rows, V) float64 table (600 MB for the 512 rows of two decodings on the real grid).
+# Independent grasp sampling decodes this many grasps (rows) of each decoding at once, at most: the KV cache
+# holds the prompt once per row.
 INDEPENDENT_GRASPS_PER_BATCH = 256
 ROW_COUNTS = ("sequences", "valid", "predicted", "correct", "objects", "covered", "any_tag_correct", "feasible")
 BASELINE_COUNTS = ("predicted", "correct", "objects", "covered", "any_tag_correct", "feasible")

@@ -232,54 +232,6 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-class SharedPrefixCache:
-    """The cache of decoding `samples` continuations of each of P prompts: the prompts' keys and values once per
-    prompt (`prefix`, a KVCache of P rows holding `prefix_len` positions) and each sample's own after them (B = P *
-    samples rows, up to `own_len` positions each; rows of one prompt together). Attention reads a prompt's keys
-    once for all its samples: a copy per sample would cost `samples` times the prompts' cache in memory, and as
-    much memory traffic at every step (gpt2, 256 samples of a 3,600-token real-grid prompt: 66 GB).
-    `prefix_mask` (P, prefix_len) bool: False at each prompt's left padding."""
-
-    def __init__(self, prefix: KVCache, prefix_len: int, samples: int, own_len: int,
-                 prefix_mask: torch.Tensor | None = None):
-        L, P, Hkv, _, hd = prefix.k.shape
-        self.prefix_k, self.prefix_v = prefix.k[:, :, :, :prefix_len], prefix.v[:, :, :, :prefix_len]
-        self.k = prefix.k.new_zeros((L, P * samples, Hkv, own_len, hd))
-        self.v = torch.zeros_like(self.k)
-        self.prefix_len, self.samples, self.prefix_mask = prefix_len, samples, prefix_mask
-        self.batch_size, self.max_len = P * samples, prefix_len + own_len
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Attention (B, H, T, hd) of queries q at positions start_pos.. (after the prefix) over the prompt and
-        the sample's own keys up to each query; stores k and v (B, Hkv, T, hd). In fp32, as one softmax over
-        both parts (the prompt's scores with the K samples' queries batched against its keys)."""
-        B, H, T, hd = q.shape
-        P, K, at = B // self.samples, self.samples, start_pos - self.prefix_len
-        self.k[layer, :, :, at: at + T], self.v[layer, :, :, at: at + T] = k, v
-        rep = H // k.size(1)
-        kp, vp, ko, vo = (x.repeat_interleave(rep, dim=1).float() if rep > 1 else x.float() for x in
-                          (self.prefix_k[layer], self.prefix_v[layer], self.k[layer, :, :, :at + T],
-                           self.v[layer, :, :, :at + T]))
-        qf = q.float() * hd ** -0.5
-        scores_p = qf.view(P, K, H, T, hd).transpose(1, 2).reshape(P, H, K * T, hd) @ kp.transpose(-1, -2)
-        if self.prefix_mask is not None:
-            scores_p.masked_fill_(~self.prefix_mask[:, None, None, :], float("-inf"))
-        scores_o = qf @ ko.transpose(-1, -2)  # (B, H, T, at + T)
-        if T > 1:  # the own part is causal
-            q_pos, k_pos = torch.arange(at, at + T, device=q.device)[:, None], torch.arange(at + T, device=q.device)
-            scores_o.masked_fill_(k_pos > q_pos, float("-inf"))
-        scores_p = scores_p.view(P, H, K, T, -1).transpose(1, 2).reshape(B, H, T, -1)
-        top = torch.maximum(scores_p.amax(-1, keepdim=True), scores_o.amax(-1, keepdim=True))
-        w_p, w_o = (scores_p - top).exp(), (scores_o - top).exp()
-        total = w_p.sum(-1, keepdim=True) + w_o.sum(-1, keepdim=True)
-        out_p = w_p.view(P, K, H, T, -1).transpose(1, 2).reshape(P, H, K * T, -1) @ vp
-        out = out_p.view(P, H, K, T, hd).transpose(1, 2).reshape(B, H, T, hd) + w_o @ vo
-        return (out / total).to(q.dtype)
-
-
-Cache = KVCache | SharedPrefixCache
-
-
 def _varlen_causal():
     """torch's variable-length flash attention, made causal, or None where this torch has none."""
     try:
@@ -386,7 +338,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=True)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, cache: Cache | None = None, start_pos: int = 0,
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
                 key_mask: torch.Tensor | None = None, samples: SampleMask | None = None):
         B, T, C = x.shape
         # kept in (B, T, heads, hd) memory and seen as (B, heads, T, hd): the layout the fused attention
@@ -398,8 +350,6 @@ class Attention(nn.Module):
         if samples is not None:
             return self.o_proj(samples.attend(q, k, v).reshape(B, T, C))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if isinstance(cache, SharedPrefixCache):
-            return self.o_proj(cache.attend(self.layer, q, k, v, start_pos).transpose(1, 2).reshape(B, T, C))
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)
         mask, causal = None, True
@@ -448,7 +398,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache: Cache | None = None, start_pos: int = 0,
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
                 key_mask: torch.Tensor | None = None, samples: SampleMask | None = None):
         # One compiled region per block: its norms, RoPE, SwiGLU and residual adds fuse into a few
         # kernels, and the whole block costs one Python call instead of dozens of kernel launches.
@@ -457,7 +407,7 @@ class Block(nn.Module):
             return compiled_block_body(self, x, cos, sin, None, 0, None, samples)
         return self.body(x, cos, sin, cache, start_pos, key_mask, samples)
 
-    def body(self, x, cos, sin, cache: Cache | None = None, start_pos: int = 0,
+    def body(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
              key_mask: torch.Tensor | None = None, samples: SampleMask | None = None):
         x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, key_mask, samples))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
@@ -664,7 +614,7 @@ class GraspGPT(nn.Module):
         if isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
-    def _hidden(self, input_ids: torch.Tensor, table: torch.Tensor, cache: Cache | None = None,
+    def _hidden(self, input_ids: torch.Tensor, table: torch.Tensor, cache: KVCache | None = None,
                 start_pos: int = 0, key_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         if input_ids.dim() != 2:
@@ -703,7 +653,7 @@ class GraspGPT(nn.Module):
             raise ModelInputError(f"packed rows have no attention dropout, but dropout={self.cfg.dropout}; "
                                   f"set dropout 0 or train on unpacked batches")
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 start_pos: int = 0, last_only: bool = False, key_mask: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, num_targets: int | None = None):
         """Logits (B, T, V) in the compute dtype, or with targets (loss_sum fp32, num_targets long).
