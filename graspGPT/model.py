@@ -362,10 +362,17 @@ class Attention(nn.Module):
                 mask = ((k_pos <= q_pos) & key_mask[:, None, :k.size(2)] | (k_pos == q_pos))[:, None]
             elif T > 1:
                 mask = k_pos <= q_pos
+        rep = self.n_head // self.n_kv_head
+        if rep > 1 and T == 1 and cache is not None:
+            # A decoding step: the query heads that share a key head become that head's queries, (B, Hkv,
+            # rep, hd) against the cache as it is; the mask (B, 1, 1, keys) broadcasts over them. Expanding
+            # the cache instead would copy every row's keys and values rep times per layer and step.
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_head, rep, self.head_dim), k, v,
+                                               attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+            return self.o_proj(y.reshape(B, T, C))
         # Expanded k/v rather than enable_gqa=True: SDPA's GQA path runs only on the flash and math kernels,
         # so a shape or dtype flash refuses would drop to the O(T^2)-memory math kernel instead of the
         # memory-efficient one; the expanded copy costs only T*n_embd per tensor.
-        rep = self.n_head // self.n_kv_head
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,

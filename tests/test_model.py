@@ -360,7 +360,7 @@ def test_dropout_only_in_training():
 
 # ---- KV cache --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n_kv_head", [4, 1])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_kv_cache_decoding_matches_full_forward(n_kv_head):
     model = tiny(n_kv_head=n_kv_head).eval()
     ids, _ = batch(B=2, T=20)
