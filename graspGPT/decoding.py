@@ -142,8 +142,9 @@ def join_grasps(decoded: Decoded, per_sequence: int, vocab: Vocab) -> Decoded:
 def _widen(model, cache, samples: int):
     """A cache with each row of `cache` repeated `samples` times (rows of one prompt stay together)."""
     wide = model.new_kv_cache(cache.batch_size * samples, cache.max_len)
-    wide.k.copy_(cache.k.repeat_interleave(samples, dim=1))
-    wide.v.copy_(cache.v.repeat_interleave(samples, dim=1))
+    for narrow, into in ((cache.k, wide.k), (cache.v, wide.v)):  # a broadcast copy: no temporary of the wide size
+        layers, rows, *rest = narrow.shape
+        into.view(layers, rows, samples, *rest).copy_(narrow.unsqueeze(2).expand(layers, rows, samples, *rest))
     return wide
 
 

@@ -17,8 +17,8 @@ from graspGPT.data.grammar import Block, GrammarState, parse, read_output
 from graspGPT.data.storage import DatasetWriter, TokenStore
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.decoding import (GenerateError, _sample_tokens, accepts, allowed_masks, decode, grasp_list, prompt_state,
-                               scene_prompt, task_of, task_prompt, truth_of)
+from graspGPT.decoding import (GenerateError, _sample_tokens, accepts, allowed_masks, decode, decode_many, grasp_list,
+                               prompt_state, scene_prompt, task_of, task_prompt, truth_of)
 from graspGPT.grasp_metrics import valid_grasps
 from graspGPT.model import GraspGPT, GraspGPTConfig
 
@@ -207,6 +207,18 @@ def test_greedy_cached_decoding_equals_full_recomputation(scenes):
             seq.append(t)
             state.advance(t)
     assert seq[len(prompt):] == out.new[0].tolist()
+
+
+def test_prompts_batched_together_decode_as_each_alone(scenes):
+    """Prompts of different lengths in one batch, several samples each: every row continues its own prompt
+    (left padding, the key mask and the prompt's cache copied into its rows), as that prompt decoded alone."""
+    model = tiny_model().eval()
+    prompts = [task_prompt(scenes[i], VOCAB, task_of(truth_of(scenes[i], VOCAB))) for i in (0, 1, 2)]
+    assert len({len(p) for p in prompts}) == 3
+    together = decode_many(model, prompts, VOCAB, num_samples=2, max_new_tokens=20, temperature=0.0)
+    for prompt, out in zip(prompts, together):
+        alone = decode(model, prompt, VOCAB, num_samples=1, max_new_tokens=20, temperature=0.0)
+        assert [n.tolist() for n in out.new] == [alone.new[0].tolist()] * 2
 
 
 def test_sampling_is_seeded_and_top_k_one_is_greedy(scenes):
