@@ -3,11 +3,14 @@ grasp may go, as decoding asks it (the first finger, the second given the first,
 
     python bench/bench_grounding.py --scenes 4 --grasps 128            # real grid (0.0075 m), ~1 min on 2 cores
     python bench/bench_grounding.py --scenes 4 --grasps 128 --profile  # and the functions that take longest
+    python bench/bench_grounding.py --scenes 4 --grasps 128 --one_by_one   # each row asked alone (before 2026-12-02)
 
 Built-in scenes (100 grasps per object), each grasp's prefixes taken from the scene's own true grasps, drawn with
 repeats as a trained model's are (`--distinct`: the share of the draws that are new grasps; the cache serves the
 rest). Prints one JSON line: milliseconds per grasp and per call kind. The decoding's own host time is this plus
-the grammar's per-row work; the GPU's is not in it. What it measures runs on any CPU the same way.
+the grammar's per-row work; the GPU's is not in it. What it measures runs on any CPU the same way. The grasps of
+a scene are asked as decoding's independent rows ask them: all first fingers together, then all second fingers,
+then all bases (`Grounding.next_cells_many`), or with --one_by_one a row at a time.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--voxel_size", type=float, default=0.0075)
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--one_by_one", action="store_true", help="ask for each row's cells alone")
     args = ap.parse_args()
     if args.scenes < 1 or args.grasps < 1 or not 0 < args.distinct <= 1:
         ap.error(f"need --scenes >= 1, --grasps >= 1 and 0 < --distinct <= 1; got {args.scenes}, {args.grasps}, "
@@ -55,17 +59,23 @@ def main() -> None:
             t = time.perf_counter()
             g = Grounding(prompt, vocab, args.voxel_size)
             seconds["build"] += time.perf_counter() - t
-            for tag, cells in grasp_draws(truth, rng, args.grasps, args.distinct):
-                for kind, written in (("first", []), ("second", cells[:1]), ("base", cells[:2])):
-                    t = time.perf_counter()
-                    g.next_cells(tag, written)
-                    seconds[kind] += time.perf_counter() - t
+            draws = grasp_draws(truth, rng, args.grasps, args.distinct)
+            for n, kind in enumerate(("first", "second", "base")):
+                asks = [(tag, cells[:n]) for tag, cells in draws]
+                t = time.perf_counter()
+                if args.one_by_one:
+                    for ask in asks:
+                        g.next_cells(*ask)
+                else:
+                    g.next_cells_many(asks)
+                seconds[kind] += time.perf_counter() - t
 
     profiler = cProfile.Profile() if args.profile else None
     if profiler:
         profiler.enable()
     run()
     out = dict(scenes=args.scenes, grasps=args.grasps, distinct=args.distinct, voxel_size=args.voxel_size,
+               asked="one by one" if args.one_by_one else "a step's rows together",
                ms_per_grasp=round(1e3 * sum(seconds.values()) / (args.scenes * args.grasps), 3),
                ms={k: round(1e3 * v / (args.scenes * args.grasps), 3) for k, v in seconds.items()})
     if profiler:

@@ -196,26 +196,47 @@ class Grounding:
 
     def next_cells(self, tag: int, written: Sequence[int]) -> np.ndarray | None:
         """Voxel ids the grasp's next cell may take after its `written` cell ids; None: no constraint."""
-        key = (int(tag), *map(int, written))
-        if key not in self._known:
-            if len(self._known) >= 100_000:
-                self._known.clear()
-            self._known[key] = self._next_cells(tag, written)
-        return self._known[key]
+        return self.next_cells_many([(tag, written)])[0]
 
-    def _next_cells(self, tag: int, written: Sequence[int]) -> np.ndarray | None:
-        if tag == self.vocab.incomplete or tag not in self.voxels.label_of:
-            return None
-        cells = self.vocab.cells_of(np.asarray(written, dtype=np.int64))
-        if len(cells) == 0 or (len(cells) == 1 and not self.gripper):
-            allowed = self.voxels.left_cells(tag)
-        elif len(cells) == 1:
-            allowed = self.voxels.right_cells(tag, cells[0])
-        elif len(cells) == 2 and self.gripper:
-            allowed = self.voxels.base_cells(tag, cells[0], cells[1], BASE_ROUNDING)
-        else:
-            return None
+    def next_cells_many(self, asks: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray | None]:
+        """next_cells of each (tag, written), the new ones computed together (one decoding step's rows)."""
+        keys = [(int(tag), *map(int, written)) for tag, written in asks]
+        new = [k for k in dict.fromkeys(keys) if k not in self._known]
+        if len(self._known) + len(new) > 100_000:
+            self._known.clear()
+            new = list(dict.fromkeys(keys))
+        seconds, bases = [], []
+        for key in new:
+            tag, cells = key[0], self.vocab.cells_of(np.asarray(key[1:], dtype=np.int64))
+            if tag == self.vocab.incomplete or tag not in self.voxels.label_of or len(cells) > 2 or (
+                    len(cells) == 2 and not self.gripper):
+                self._known[key] = None
+            elif len(cells) == 0 or not self.gripper:
+                self._known[key] = self._ids(self.voxels.left_cells(tag))
+            elif len(cells) == 1:
+                seconds.append((key, (tag, cells[0])))
+            else:
+                bases.append((key, (tag, cells[0], cells[1])))
+        for asked, found in ((seconds, self.voxels.right_cells_many([a for _, a in seconds])),
+                             (bases, self.voxels.base_cells_many([a for _, a in bases], BASE_ROUNDING))):
+            for (key, _), allowed in zip(asked, found):
+                self._known[key] = self._ids(allowed)
+        return [self._known[k] for k in keys]
+
+    def _ids(self, allowed: np.ndarray) -> np.ndarray | None:
         return self.vocab.cell_ids(allowed) if len(allowed) else None  # nothing fits: leave it to the model
+
+
+def held_cells(grounding: list[Grounding], rows: list[int], per_prompt: int, tags: list[int],
+               written: list[list[int]], batch: int) -> list[np.ndarray | None]:
+    """Per row of the batch, the voxel ids its grasp's next cell may take (None: not held): `rows` are the
+    rows writing a grasp, asked of their prompt's Grounding together."""
+    cells: list[np.ndarray | None] = [None] * batch
+    for p, g in enumerate(grounding):
+        mine = [b for b in rows if b // per_prompt == p]
+        for b, allowed in zip(mine, g.next_cells_many([(tags[b], written[b]) for b in mine]) if mine else []):
+            cells[b] = allowed
+    return cells
 
 
 def _sample_tokens(logits: torch.Tensor, states: list[GrammarState | None], temperature: float,
@@ -374,9 +395,9 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
         dummy, forwards, steps, active = None, 0, 0, not done.all()
         while True:
             if active:
-                cells = [grounding[b // K].next_cells(grasp_tag[b], grasp_cells[b])
-                         if ground[b % K] and not done[b] and s.mode == GRASP_BLOCK else None
-                         for b, s in enumerate(states)] if any(ground) else None
+                cells = held_cells(grounding, [b for b, s in enumerate(states) if ground[b % K] and not done[b]
+                                               and s.mode == GRASP_BLOCK], K, grasp_tag, grasp_cells, B) \
+                    if any(ground) else None
                 tok = _sample_tokens(logits, states, temperature, top_k, uniforms[:, steps], cells, cell_temperature,
                                      vocab.voxel_base)
                 tok = torch.where(torch.as_tensor(done, device=device), end, tok)  # finished rows repeat `end`

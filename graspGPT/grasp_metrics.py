@@ -237,22 +237,23 @@ class SceneVoxels:
         np.clip(pts, 0, self._wide_max, out=pts)
         return self._wide[(pts @ self._strides).astype(np.int64)]
 
-    def _through(self, own: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """(n,) bool: segment a[i] -> b[i] meets the object (a sample labelled `own`). The objects are solid,
-        so the middle sample alone finds most crossings (87% of the segments a real-grid decoding asks
+    def _through(self, own: int | np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(n,) bool: segment a[i] -> b[i] meets the object (a sample labelled `own`, or own[i]). The objects are
+        solid, so the middle sample alone finds most crossings (87% of the segments a real-grid decoding asks
         about), every fourth sample most of the rest; only the others are sampled in full."""
         a, b = np.broadcast_arrays(a, b)
+        own = np.broadcast_to(np.asarray(own), (len(a),))
         hit = self._labels_along(a, b, middle=True)[:, 0] == own
         for every in (4, 1):
             rest = np.flatnonzero(~hit)
-            hit[rest] = (self._labels_along(a[rest], b[rest], every=every) == own).any(1)
+            hit[rest] = (self._labels_along(a[rest], b[rest], every=every) == own[rest, None]).any(1)
         return hit
 
-    def _clear(self, own: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """(n,) bool: segment a[i] -> b[i] meets no other object (every sample free or `own`). One pass:
-        most of these segments are clear, so a sparse first pass would settle few of them."""
+    def _clear(self, own: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(n,) bool: segment a[i] -> b[i] meets no other object than own[i] (every sample free or its own).
+        One pass: most of these segments are clear, so a sparse first pass would settle few of them."""
         labels = self._labels_along(a, b)
-        return ((labels == 0) | (labels == own)).all(1)
+        return ((labels == 0) | (labels == own[:, None])).all(1)
 
     def _fingers_ok(self, own: int, fingers: np.ndarray) -> np.ndarray:
         touching = (self._padded[tuple((fingers[:, None, :] + 1 + NEIGHBOURHOOD).transpose(2, 0, 1))] == own).any(1)
@@ -265,35 +266,48 @@ class SceneVoxels:
         ok[ok] = self._through(own, np.tile(left, (int(ok.sum()), 1)), rights[ok])
         return ok
 
-    def _base_ok(self, own: int, left: np.ndarray, right: np.ndarray, bases: np.ndarray,
+    def _base_ok(self, own: int | np.ndarray, left: np.ndarray, right: np.ndarray, bases: np.ndarray,
                  rounding: float = ROUNDING) -> np.ndarray:
-        left, right = left.astype(np.float64), right.astype(np.float64)
+        """(n,) bool: the gripper's shape and clearance for each candidate base bases[i] of the grasp with
+        fingers left, right ((3,) or (n, 3), one pair per candidate) on object `own` (or own[i])."""
+        left, right = np.broadcast_arrays(left.astype(np.float64), right.astype(np.float64), bases)[:2]
+        own = np.broadcast_to(np.asarray(own), (len(bases),))
         out = bases - (left + right) / 2
         close = right - left
         reach = np.linalg.norm(out, axis=1)
         # The gripper's shape, up to the rounding of its points to cells: `rounding` bounds how far that moves
         # the base from the fingers' midpoint (and the closing direction), so a dot product of two vectors each
-        # off by at most `rounding` is off by at most rounding * (both lengths) + rounding^2.
+        # off by at most `rounding` is off by at most rounding * (both lengths) + rounding^2. (Cells and
+        # midpoints are whole or half voxels: these sums are exact, whatever their order.)
         ok = ((np.abs(reach - FINGER_LENGTH / self.voxel_size) <= rounding)
-              & (np.abs(out @ close) <= rounding * (reach + np.linalg.norm(close)) + rounding ** 2)
+              & (np.abs((out * close).sum(1)) <= rounding * (reach + np.linalg.norm(close, axis=1)) + rounding ** 2)
               & (self.grid[tuple(bases.T)] == 0))
-        out = out[ok]
+        out, left, right, own = out[ok], left[ok], right[ok], own[ok]
         # The contacts and the fingers' ends, per candidate. Only where another object lies in the box around
         # them can the fingers or the palm hit it: each point is sampled within that box (rounding to a cell
         # moves it half a voxel).
-        corners = np.stack(np.broadcast_arrays(left, right, left + out, right + out))
+        corners = np.stack([left, right, left + out, right + out])
         near = np.flatnonzero(self._others_in(own, corners.min(0) - 1, corners.max(0) + 1))
-        corners = corners[:, near]
+        corners, own = corners[:, near], own[near]
         clear = np.ones(len(near), dtype=bool)
         for a, b in ((0, 2), (1, 3), (2, 3)):  # each finger swept to the base's level, then the palm
-            clear[clear] = self._clear(own, corners[a][clear], corners[b][clear])
+            clear[clear] = self._clear(own[clear], corners[a][clear], corners[b][clear])
         ok[np.flatnonzero(ok)[near[~clear]]] = False
         return ok
 
-    def _others_in(self, own: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """(n,) bool: whether a cell of another object lies in the box [lo[i], hi[i]] (cell coordinates, the
-        bounds rounded outwards; the grid's outside holds nothing). Counted in a summed-volume table of the
-        other objects' cells, built once per object: eight lookups a box."""
+    def _others_in(self, own: int | np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """(n,) bool: whether a cell of an object other than `own` (or own[i]) lies in the box [lo[i], hi[i]]
+        (cell coordinates, the bounds rounded outwards; the grid's outside holds nothing)."""
+        own = np.broadcast_to(np.asarray(own), (len(lo),))
+        found = np.zeros(len(lo), dtype=bool)
+        for label in np.unique(own).tolist():
+            mine = own == label
+            found[mine] = self._others_in_box(label, lo[mine], hi[mine])
+        return found
+
+    def _others_in_box(self, own: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """_others_in for one object: counted in a summed-volume table of the other objects' cells, built once
+        per object, eight lookups a box."""
         if own not in self._others:
             # table[i, j, k]: cells in [0,i)x[0,j)x[0,k); int32 holds any grid's count and sums faster than int64
             table = np.zeros(tuple(d + 1 for d in self.dims), np.int32)
@@ -341,13 +355,25 @@ class SceneVoxels:
     def right_cells(self, tag: int, left: np.ndarray) -> np.ndarray:
         """Where the second finger may be, given the first: a finger cell within the gripper's opening
         whose closing segment passes through the object."""
-        fingers = self.left_cells(tag)
-        if len(fingers) == 0:
-            return fingers
-        left = np.asarray(left, dtype=np.int64)
-        near = fingers[np.linalg.norm(fingers - left, axis=1) * self.voxel_size
-                       <= GRIPPER_MAX_OPENING + ROUNDING * self.voxel_size]
-        return near[self._closing_ok(self.label_of[int(tag)], left, near)]
+        return self.right_cells_many([(tag, left)])[0]
+
+    def right_cells_many(self, asks: Sequence[tuple[int, np.ndarray]]) -> list[np.ndarray]:
+        """right_cells of each (tag, left finger), all candidates tested in one pass (decoding asks for many
+        rows at once; one call per row would spend most of its time in numpy's per-call overhead)."""
+        reach = GRIPPER_MAX_OPENING + ROUNDING * self.voxel_size
+        parts, owns = [], []
+        for tag, left in asks:
+            fingers = self.left_cells(tag)
+            left = np.asarray(left, dtype=np.int64)
+            parts.append((left, fingers[np.linalg.norm(fingers - left, axis=1) * self.voxel_size <= reach]))
+            owns.append(self.label_of.get(int(tag), 0))
+        counts = [len(near) for _, near in parts]
+        if not sum(counts):
+            return [near for _, near in parts]
+        near = np.concatenate([n for _, n in parts])
+        lefts = np.repeat(np.stack([left for left, _ in parts]), counts, axis=0)
+        ok = self._through(np.repeat(owns, counts), lefts, near)
+        return [n[k] for n, k in zip(np.split(near, np.cumsum(counts)[:-1]), np.split(ok, np.cumsum(counts)[:-1]))]
 
     def base_cells(self, tag: int, left: np.ndarray, right: np.ndarray, rounding: float = ROUNDING) -> np.ndarray:
         """Where the base may be, given both fingers: FINGER_LENGTH behind their midpoint, along an
@@ -355,14 +381,28 @@ class SceneVoxels:
         `rounding` (voxels): how far the rounding of the points to cells may bend that shape; the default is
         its worst case, which valid_grasps allows (every valid base); less keeps to the snugger shell where
         nearly all true grasps lie."""
-        own = self.label_of.get(int(tag))
-        if own is None:
-            return np.zeros((0, 3), np.int64)
-        left, right = np.asarray(left, np.int64), np.asarray(right, np.int64)
-        twice_mid = left + right
-        bases = twice_mid // 2 + shell_offsets(tuple(twice_mid % 2), FINGER_LENGTH / self.voxel_size, rounding)
-        bases = bases[self._inside(bases)]
-        return bases[self._base_ok(own, left, right, bases, rounding)]
+        return self.base_cells_many([(tag, left, right)], rounding)[0]
+
+    def base_cells_many(self, asks: Sequence[tuple[int, np.ndarray, np.ndarray]],
+                        rounding: float = ROUNDING) -> list[np.ndarray]:
+        """base_cells of each (tag, left finger, right finger), all candidates tested in one pass."""
+        parts = []
+        for tag, left, right in asks:
+            own = self.label_of.get(int(tag))
+            left, right = np.asarray(left, np.int64), np.asarray(right, np.int64)
+            twice_mid = left + right
+            bases = twice_mid // 2 + shell_offsets(tuple(twice_mid % 2), FINGER_LENGTH / self.voxel_size, rounding)
+            bases = bases[self._inside(bases)] if own is not None else np.zeros((0, 3), np.int64)
+            parts.append((own or 0, left, right, bases))
+        counts = [len(p[3]) for p in parts]
+        if not sum(counts):
+            return [p[3] for p in parts]
+        bases = np.concatenate([p[3] for p in parts])
+        pick = np.repeat(np.arange(len(parts)), counts)
+        own, lefts, rights = (np.array([p[k] for p in parts])[pick] for k in range(3))
+        ok = self._base_ok(own, lefts, rights, bases, rounding)
+        cuts = np.cumsum(counts)[:-1]
+        return [b[k] for b, k in zip(np.split(bases, cuts), np.split(ok, cuts))]
 
 
 @functools.lru_cache(maxsize=64)

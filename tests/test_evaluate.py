@@ -17,10 +17,10 @@ from conftest import REPO, launch, run_ok
 from graspGPT.data.dataset import AugmentConfig, TrainingSamples, val_batches
 from graspGPT.data.grammar import read_output
 from graspGPT.data.storage import DatasetWriter, TokenStore
-from graspGPT.data.synth import FINGER_LENGTH, generate_scenes
+from graspGPT.data.synth import FINGER_LENGTH, GRIPPER_MAX_OPENING, generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
-from graspGPT.decoding import (BASE_ROUNDING, Decoded, GenerateError, accepts, grasp_list, join_grasps, prompt_state,
-                               task_prompt, truth_of)
+from graspGPT.decoding import (BASE_ROUNDING, Decoded, GenerateError, Grounding, accepts, grasp_list, join_grasps,
+                               prompt_state, task_prompt, truth_of)
 from graspGPT.evaluation import (COUNT_KEYS, GRASP_SLOTS, TrainingEvaluator, checkpoint_metrics, evaluate_scene,
                                  evaluate_scenes, grasp_scenes, grasp_slots, prefix_precision, summarize,
                                  teacher_forced_grasps, validation_loss)
@@ -194,6 +194,47 @@ def test_base_cells_come_from_the_shell_as_from_the_whole_box(voxel):
                     assert np.array_equal(got, want)
                     found += len(got) > 0
     assert found > 20
+
+
+@pytest.mark.parametrize("voxel", [0.0075, 0.015, 0.03])
+def test_cells_asked_together_are_the_cells_asked_one_by_one(voxel):
+    """Decoding asks for a step's rows together (right_cells_many, base_cells_many, Grounding.next_cells_many):
+    the same cells, in the same order, as asking row by row; the second finger's as its definition says
+    (within the opening, the closing segment sampled in full meeting the object)."""
+    ws = Workspace(voxel_size=voxel)
+    vocab = Vocab.for_workspace(ws)
+    ids = next(iter(generate_scenes(1, seed=5, workspace=ws)))
+    prompt = task_prompt(ids, vocab, "grasp")
+    scene, voxels = _scene_voxels(voxel, seed=5)
+    rng = np.random.default_rng(1)
+    seconds, bases = [], []
+    for tag, _ in scene:
+        fingers = voxels.left_cells(tag)
+        for left in fingers[rng.integers(len(fingers), size=8)]:
+            seconds.append((tag, left))
+            rights = voxels.right_cells(tag, left)
+            bases += [(tag, left, right) for right in rights[rng.integers(len(rights), size=min(3, len(rights)))]]
+    seconds.append((999, seconds[0][1]))  # a tag the scene does not hold: nothing
+    together = voxels.right_cells_many(seconds)
+    for (tag, left), got in zip(seconds, together):
+        assert np.array_equal(got, voxels.right_cells(tag, left))
+        fingers, own = voxels.left_cells(tag), voxels.label_of.get(tag)
+        near = fingers[np.linalg.norm(fingers - left, axis=1) * voxel <= GRIPPER_MAX_OPENING + ROUNDING * voxel]
+        assert np.array_equal(got, near[(voxels._labels_along(left, near) == own).any(1)] if own else near)
+    assert sum(len(g) > 0 for g in together) >= len(seconds) - 1
+    for rounding in (ROUNDING, BASE_ROUNDING):
+        together = voxels.base_cells_many(bases, rounding)
+        assert [g.tolist() for g in together] == [voxels.base_cells(*b, rounding).tolist() for b in bases]
+        assert sum(len(g) > 0 for g in together) > len(bases) // 2
+    asks = [(tag, vocab.cell_ids(np.array(cells).reshape(-1, 3)).tolist())
+            for tag, left, right in bases for cells in ([], [left], [left, right])]
+    asks += asks[:5] + [(vocab.incomplete, []), (999, [])]
+    many = Grounding(prompt, vocab, voxel).next_cells_many(asks)
+    one = Grounding(prompt, vocab, voxel)
+    for ask, got in zip(asks, many):
+        want = one.next_cells(*ask)
+        assert (got is None and want is None) or np.array_equal(got, want)
+    assert many[-1] is None and many[-2] is None and sum(g is not None for g in many) > len(asks) // 2
 
 
 def test_the_boxes_around_fingers_find_other_objects_as_a_search_of_their_cells_does():
@@ -758,6 +799,10 @@ def test_grounding_benchmark_replays_true_grasps_with_repeats(monkeypatch, capsy
     bench.main()
     line = json.loads(capsys.readouterr().out)
     assert line["ms_per_grasp"] > 0 and set(line["ms"]) == {"build", "first", "second", "base"}
+    assert line["asked"] == "a step's rows together"
+    monkeypatch.setattr("sys.argv", sys.argv + ["--one_by_one"])
+    bench.main()
+    assert json.loads(capsys.readouterr().out)["asked"] == "one by one"
     monkeypatch.setattr("sys.argv", ["bench_grounding.py", "--scenes", "0"])
     with pytest.raises(SystemExit) as bad:
         bench.main()
