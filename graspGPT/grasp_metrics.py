@@ -358,8 +358,8 @@ class SceneVoxels:
         return self.right_cells_many([(tag, left)])[0]
 
     def right_cells_many(self, asks: Sequence[tuple[int, np.ndarray]]) -> list[np.ndarray]:
-        """right_cells of each (tag, left finger), all candidates tested in one pass (decoding asks for many
-        rows at once; one call per row would spend most of its time in numpy's per-call overhead)."""
+        """right_cells of each (tag, left finger), all candidates tested in one pass (decoding asks for a step's
+        rows at once)."""
         reach = GRIPPER_MAX_OPENING + ROUNDING * self.voxel_size
         parts, owns = [], []
         for tag, left in asks:
