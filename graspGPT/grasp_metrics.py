@@ -260,10 +260,14 @@ class SceneVoxels:
         label = self.grid[tuple(fingers.T)]
         return touching & ((label == 0) | (label == own))
 
-    def _closing_ok(self, own: int, left: np.ndarray, rights: np.ndarray) -> np.ndarray:
+    def _closing_ok(self, own: int | np.ndarray, left: np.ndarray, rights: np.ndarray) -> np.ndarray:
+        """(n,) bool: the fingers left ((3,) or (n, 3)) and rights[i] within the gripper's opening, and the closing
+        segment between them through object `own` (or own[i])."""
+        left = np.broadcast_to(left, rights.shape)
+        own = np.broadcast_to(np.asarray(own), (len(rights),))
         opening = np.linalg.norm(rights - left, axis=1) * self.voxel_size
         ok = opening <= GRIPPER_MAX_OPENING + ROUNDING * self.voxel_size
-        ok[ok] = self._through(own, np.tile(left, (int(ok.sum()), 1)), rights[ok])
+        ok[ok] = self._through(own[ok], left[ok], rights[ok])
         return ok
 
     def _base_ok(self, own: int | np.ndarray, left: np.ndarray, right: np.ndarray, bases: np.ndarray,
@@ -360,20 +364,14 @@ class SceneVoxels:
     def right_cells_many(self, asks: Sequence[tuple[int, np.ndarray]]) -> list[np.ndarray]:
         """right_cells of each (tag, left finger), all candidates tested in one pass (decoding asks for a step's
         rows at once)."""
-        reach = GRIPPER_MAX_OPENING + ROUNDING * self.voxel_size
-        parts, owns = [], []
-        for tag, left in asks:
-            fingers = self.left_cells(tag)
-            left = np.asarray(left, dtype=np.int64)
-            parts.append((left, fingers[np.linalg.norm(fingers - left, axis=1) * self.voxel_size <= reach]))
-            owns.append(self.label_of.get(int(tag), 0))
-        counts = [len(near) for _, near in parts]
+        fingers = [self.left_cells(tag) for tag, _ in asks]
+        counts = [len(f) for f in fingers]
         if not sum(counts):
-            return [near for _, near in parts]
-        near = np.concatenate([n for _, n in parts])
-        lefts = np.repeat(np.stack([left for left, _ in parts]), counts, axis=0)
-        ok = self._through(np.repeat(owns, counts), lefts, near)
-        return [n[k] for n, k in zip(np.split(near, np.cumsum(counts)[:-1]), np.split(ok, np.cumsum(counts)[:-1]))]
+            return fingers
+        lefts = np.repeat(np.array([left for _, left in asks], dtype=np.int64).reshape(-1, 3), counts, axis=0)
+        owns = np.repeat([self.label_of.get(int(tag), 0) for tag, _ in asks], counts)
+        rights = np.concatenate(fingers)
+        return _per_ask(rights, self._closing_ok(owns, lefts, rights), counts)
 
     def base_cells(self, tag: int, left: np.ndarray, right: np.ndarray, rounding: float = ROUNDING) -> np.ndarray:
         """Where the base may be, given both fingers: FINGER_LENGTH behind their midpoint, along an
@@ -400,9 +398,13 @@ class SceneVoxels:
         bases = np.concatenate([p[3] for p in parts])
         pick = np.repeat(np.arange(len(parts)), counts)
         own, lefts, rights = (np.array([p[k] for p in parts])[pick] for k in range(3))
-        ok = self._base_ok(own, lefts, rights, bases, rounding)
-        cuts = np.cumsum(counts)[:-1]
-        return [b[k] for b, k in zip(np.split(bases, cuts), np.split(ok, cuts))]
+        return _per_ask(bases, self._base_ok(own, lefts, rights, bases, rounding), counts)
+
+
+def _per_ask(candidates: np.ndarray, ok: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]:
+    """The candidates that passed, split back into each ask's own (`counts` candidates an ask, in order)."""
+    cuts = np.cumsum(counts)[:-1]
+    return [c[k] for c, k in zip(np.split(candidates, cuts), np.split(ok, cuts))]
 
 
 @functools.lru_cache(maxsize=64)
