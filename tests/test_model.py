@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from graspGPT.model import (AXIS_KEYS, axis_waves, IGNORE_INDEX, MODEL_PRESETS, GraspGPT, LinearCrossEntropy, GraspGPTConfig,
-                            ModelConfigError, ModelInputError, chunked_cross_entropy,
-                            default_kv_heads, fold_axes)
+                            ModelConfigError, ModelInputError, chunked_cross_entropy, default_kv_heads, fold_axes)
 
 V = 500
 
@@ -380,16 +379,6 @@ def test_kv_cache_decoding_matches_full_forward(n_kv_head):
         model.forward_cached(ids[:, :13], cache, 20)
 
 
-def left_padded(prompts: list[torch.Tensor], T: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids (P, T), key_mask (P, keys)): the prompts left-padded to T, the mask False at the padding."""
-    ids = torch.zeros(len(prompts), T, dtype=torch.long)
-    key_mask = torch.ones(len(prompts), keys, dtype=torch.bool)
-    for r, p in enumerate(prompts):
-        ids[r, T - len(p):] = p
-        key_mask[r, :T - len(p)] = False
-    return ids, key_mask
-
-
 def test_left_padded_prompts_decode_as_each_would_alone():
     """Prompts of lengths 9, 4 and 12, left-padded into one batch with a key mask: the last-position logits
     of the prompt and of every later step equal what each prompt gives on its own (RoPE is relative)."""
@@ -398,7 +387,11 @@ def test_left_padded_prompts_decode_as_each_would_alone():
     prompts = [torch.randint(0, V, (n,), generator=g) for n in (9, 4, 12)]
     follow = torch.randint(0, V, (3, 6), generator=g)  # the tokens fed after the prompt, per row
     T, L = 12, 20
-    ids, key_mask = left_padded(prompts, T, L)
+    ids = torch.zeros(3, T, dtype=torch.long)
+    key_mask = torch.ones(3, L, dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        ids[r, T - len(p):] = p
+        key_mask[r, :T - len(p)] = False
     cache = model.new_kv_cache(3, L)
     got = [model.forward_cached(ids, cache, 0, last_only=True, key_mask=key_mask)]
     for t in range(follow.size(1)):
