@@ -17,7 +17,8 @@ Implementations (--impl, comma-separated):
              plain embedding table, as the baseline has), +cce / +cce_filtered (the loss by the
              cut-cross-entropy package, exact / with its gradient filter; GPU only, its wheel in .whl),
              +sync (as before 2026-12-02: batches in pageable memory and the loss finding its targets
-             on the GPU, each a host-device synchronization); switches combine (fast+cudnn+ckpt)
+             on the GPU, each a host-device synchronization), +fa4 (flash-attn-4's kernels for whole
+             and packed rows; its wheels in .whl); switches combine (fast+cudnn+ckpt)
 Both run in the trainer's engine and step (graspGPT/engine.py: build_engine, train_step), its DeepSpeed
 config resolved from a training config (graspGPT/ds_config.py): deepspeed_config.json with the ZeRO stage
 asked, bf16 where the GPU has it, gradient clipping 2.0, and torch's fused AdamW (constant lr 2e-4,
@@ -64,7 +65,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PEAK_FLOPS = 989e12
 MFU_DEF = "tokens/s/GPU x (6N + 12*L*d*T) / 989e12 (H100 SXM dense bf16)"
 VOXEL = 0.0075  # the built-in data set's default; V = 147,219
-DEFAULTS = dict(compile=gm.COMPILE, attention=list(gm.ATTENTION_BACKENDS), loss=gm.chunked_cross_entropy)
+DEFAULTS = dict(compile=gm.COMPILE, attention=list(gm.ATTENTION_BACKENDS), loss=gm.chunked_cross_entropy,
+                flash=gm.ATTENTION)
 CUDNN_FIRST = [torch.nn.attention.SDPBackend.CUDNN_ATTENTION] + DEFAULTS["attention"]
 
 
@@ -143,12 +145,13 @@ def build_model(impl: str, mcfg: gm.GraspGPTConfig, device: torch.device, seed: 
 def apply_switches(impl: str) -> tuple[str, set[str]]:
     """("baseline"|"fast", switches), setting model.py's measuring switches for this case."""
     base, *switches = impl.split("+")
-    unknown = set(switches) - {"cudnn", "eager", "ckpt", "plain", "cce", "cce_filtered", "sync"}
+    unknown = set(switches) - {"cudnn", "eager", "ckpt", "plain", "cce", "cce_filtered", "sync", "fa4"}
     if base not in ("baseline", "fast") or unknown or (base == "baseline" and switches):
         raise SystemExit(f"error: unknown implementation {impl!r}; use baseline, fast, or "
-                         f"fast+cudnn/+eager/+ckpt/+plain/+cce/+cce_filtered/+sync")
+                         f"fast+cudnn/+eager/+ckpt/+plain/+cce/+cce_filtered/+sync/+fa4")
     gm.COMPILE = DEFAULTS["compile"] and "eager" not in switches
     gm.ATTENTION_BACKENDS = CUDNN_FIRST if "cudnn" in switches else DEFAULTS["attention"]
+    gm.ATTENTION = "fa4" if "fa4" in switches else DEFAULTS["flash"]
     cce = {"cce": None, "cce_filtered": "high"}
     loss = [s for s in switches if s in cce]
     gm.chunked_cross_entropy = cut_cross_entropy_loss(cce[loss[0]]) if loss else DEFAULTS["loss"]

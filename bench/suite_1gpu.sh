@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The single-GPU figures of docs/BENCHMARKS.md in one go (about 6 minutes on one H100).
-#   OUT=results bash bench/suite_1gpu.sh [parts...]      parts: final curves diag packing packing2 (default: final curves)
+#   OUT=results bash bench/suite_1gpu.sh [parts...]      parts: final curves diag packing packing2 fa4 (default: final curves)
 # final:  every fixed-length case beside the baseline in one process, then the real trainer
 #         against the harness on the built-in data set
 # curves: 300-step loss curves, fast vs baseline
@@ -11,6 +11,10 @@
 #         tokens a step), varlen flash attention; each run's step-40 line goes to $OUT/packing.txt
 # packing2: the packed run with flex attention instead, and with 8 rows a step (varlen)
 #         (each packing part takes about 5 minutes; two parts so that each fits a 10-minute call)
+# fa4:    flash-attn-4 (GRASPGPT_ATTENTION=fa4; the package must import) against the default kernels: the
+#         kernels alone (bench_attention.py), its GPU tests, the harness at gpt2 T 8192 (4 rows x accumulation
+#         8, and 1 x 1), then the real command with the gpt2 recipe (configs/quality_gpt2.json, 60 steps),
+#         default and fa4 alternating three times (about 14 minutes, the first kernel compilations included)
 . "$(dirname "$0")/suite_env.sh"
 parts=${*:-final curves}
 log="$OUT/log.txt"
@@ -54,7 +58,26 @@ for part in $parts; do
     packing2)
       GRASPGPT_PACKED_ATTENTION=flex trainer packed_flex --config bench/trainer_packed.json
       GRASPGPT_PACKED_ATTENTION=varlen trainer packed_varlen_8rows --config bench/trainer_packed.json --batch_size 8 ;;
-    *) echo "unknown part $part (final, curves, diag, packing, packing2)"; exit 2 ;;
+    fa4)
+      python3 -c "import flash_attn.cute" || { echo "part fa4: flash-attn-4 does not import (see the guide)"; exit 2; }
+      run python3 bench/bench_attention.py
+      grep -a '^{"model"' "$log" > "$OUT/attention.jsonl"
+      run python3 -m pytest -q tests/test_packing.py -k fa4
+      grep -a -E "passed|failed" "$log" | tail -n 1
+      run python3 bench/bench_train.py --out "$OUT/bench.jsonl" --warmup 2 --steps 4 --micro-batch 4 \
+        --case fast/gpt2/8192/1/8 --case fast+fa4/gpt2/8192/1/8
+      run $B --case fast/gpt2/8192/1 --case fast+fa4/gpt2/8192/1
+      for round in 1 2 3; do
+        for attention in auto fa4; do
+          dir=/tmp/graspgpt-fa4/$attention$round; rm -rf "$dir"
+          GRASPGPT_ATTENTION=$attention run bash run_deepspeed_training.sh 1 --config configs/quality_gpt2.json \
+            --no_wandb --max_iters 60 --save_every 1000 --output_dir "$dir"
+          grep -a -h -E 'step (40|60)/60' "$dir/training_rank_0.log" | sed "s/.*INFO /$attention$round: /" \
+            | tee -a "$OUT/packing.txt"
+          rm -rf "$dir"  # its final checkpoint
+        done
+      done ;;
+    *) echo "unknown part $part (final, curves, diag, packing, packing2, fa4)"; exit 2 ;;
   esac
 done
 [ -f "$OUT/curves.jsonl" ] && grep -h summary "$OUT/curves.jsonl"

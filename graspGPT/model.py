@@ -5,7 +5,8 @@ checkpoint loads there (with ``to_hf_config()``) without renaming.
 
 Speed on GPUs comes from three places, none of which changes the math: the output layer and
 loss are fused (``LinearCrossEntropy``: no full logits, no recompute, aligned matmuls); attention
-runs a fused kernel chosen for varying sequence lengths (``ATTENTION_BACKENDS``); and
+runs a fused kernel chosen for varying sequence lengths (``ATTENTION_BACKENDS``; optionally
+flash-attn-4's, ``ATTENTION``); and
 ``torch.compile`` turns each transformer block and the softmax of the loss into a few fused
 kernels, which also cuts the per-step Python work that otherwise leaves the GPU idle. On the CPU
 the very same Python code runs eagerly. ``GRASPGPT_COMPILE=0`` turns compilation off.
@@ -46,6 +47,12 @@ ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 # a document mask on a GPU, else SDPA with an explicit block-diagonal mask (the CPU path tests run).
 PACKED_ATTENTION = os.environ.get("GRASPGPT_PACKED_ATTENTION", "auto")
 PACKED_KINDS = ("varlen", "flex", "sdpa")
+# Attention of training and scoring (whole rows and packed rows; not decoding's cached steps): "auto",
+# the kernels above, or "fa4", the optional flash-attn-4 package's (Hopper and Blackwell GPUs, bf16/fp16,
+# no attention dropout). fa4 wins where the GPU is the bottleneck (1.9x the attention, 1.18x a gpt2 step
+# of 4 x 8,192 tokens) and loses where the host is (0.78x at one row of 8,192): docs/BENCHMARKS.md.
+ATTENTION = os.environ.get("GRASPGPT_ATTENTION", "auto")
+ATTENTION_KINDS = ("auto", "fa4")
 
 # model_type -> (n_layer, n_head, n_embd)
 MODEL_PRESETS: dict[str, tuple[int, int, int]] = {
@@ -246,8 +253,55 @@ def _varlen_causal():
 varlen_causal = _varlen_causal()
 
 
+@functools.cache
+def flash_attn_4():
+    """flash-attn-4's (dense, variable-length) attention functions, or None where it is not installed."""
+    try:
+        from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_func, flash_attn_varlen_func
+
+
+def fa4_asked(device: torch.device, dtype: torch.dtype, dropout: float = 0.0) -> bool:
+    """Whether GRASPGPT_ATTENTION asks for flash-attn-4; a clear error where it cannot run here."""
+    if ATTENTION not in ATTENTION_KINDS:
+        raise ModelConfigError(f"GRASPGPT_ATTENTION={ATTENTION!r}; use one of {', '.join(ATTENTION_KINDS)}")
+    if ATTENTION == "auto":
+        return False
+    if flash_attn_4() is None:
+        raise ModelConfigError("GRASPGPT_ATTENTION=fa4 needs the flash-attn-4 package: pip install "
+                               "flash-attn-4 (see the guide), or unset GRASPGPT_ATTENTION")
+    if (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)
+            or torch.cuda.get_device_capability(device)[0] not in (9, 10)):
+        raise ModelConfigError(f"GRASPGPT_ATTENTION=fa4 runs on Hopper or Blackwell GPUs in bf16/fp16 (here: "
+                               f"{device.type}, {dtype}); unset GRASPGPT_ATTENTION")
+    if dropout:
+        raise ModelConfigError(f"GRASPGPT_ATTENTION=fa4 has no attention dropout, but dropout={dropout}; set "
+                               f"model.dropout to 0 or unset GRASPGPT_ATTENTION")
+    return True
+
+
+# Its kernels are not torch operators: a compiled block runs them between the graphs before and after.
+@torch.compiler.disable
+def fa4_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+               max_seqlen: int = 0) -> torch.Tensor:
+    """flash-attn-4 causal attention of q (B, T, H, hd) over k, v (B, T, Hkv, hd), grouped-query heads
+    read as they are; with cu_seqlens, the batch is one sequence of B*T positions cut there."""
+    dense, varlen = flash_attn_4()
+    if cu_seqlens is None:
+        return dense(q, k, v, causal=True)[0]
+    B, T, H, D = q.shape
+    y = varlen(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu_seqlens_q=cu_seqlens,
+               cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen, causal=True)[0]
+    return y.view(B, T, H, D)
+
+
 def packed_attention_kind(device: torch.device, dtype: torch.dtype) -> str:
-    """The kernel for packed rows on this device and dtype (PACKED_ATTENTION, or the auto choice)."""
+    """The kernel for packed rows on this device and dtype (fa4 if asked, PACKED_ATTENTION, or the auto
+    choice)."""
+    if fa4_asked(device, dtype):
+        return "fa4"
     kind = PACKED_ATTENTION
     if kind == "auto":
         if device.type != "cuda":
@@ -270,8 +324,9 @@ class SampleMask:
     (``cu_seqlens``) directly, flex a block mask, SDPA a dense (B, 1, T, T) boolean mask.
     """
 
-    kind: str  # one of PACKED_KINDS
-    cu_seqlens: torch.Tensor  # (n + 1,) int32: where each sample starts in the flattened (B*T) batch, then B*T
+    kind: str  # one of PACKED_KINDS, or "fa4"
+    cu_seqlens: torch.Tensor | None  # (n + 1,) int32: where each sample starts in the flattened (B*T) batch,
+    # then B*T; None: one sample a row (fa4 only)
     max_seqlen: int  # bound on a sample's length: the row length
     block_mask: Any = None  # flex's BlockMask
     dense: torch.Tensor | None = None  # SDPA's mask, True where a query may see a key
@@ -280,6 +335,8 @@ class SampleMask:
         """Attention of q (B, T, H, hd) over k, v (B, T, Hkv, hd); returns (B, T, H, hd)."""
         B, T, H, D = q.shape
         rep = H // k.size(2)
+        if self.kind == "fa4":
+            return fa4_causal(q, k, v, self.cu_seqlens, self.max_seqlen)
         if self.kind == "varlen":  # the whole batch as one sequence of B*T positions cut at cu_seqlens
             if rep > 1:
                 k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
@@ -638,6 +695,9 @@ class GraspGPT(nn.Module):
                 raise ModelInputError(f"positions {start_pos}..{start_pos + T - 1} exceed block_size="
                                       f"{self.cfg.block_size}; shorten the sequence or raise block_size")
             positions = torch.arange(start_pos, start_pos + T, device=input_ids.device)
+            if (cache is None and key_mask is None and start_pos == 0 and T > 1
+                    and fa4_asked(table.device, table.dtype, self.cfg.dropout if self.training else 0.0)):
+                samples = SampleMask("fa4", None, T)  # one sample a row
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         x = self.drop(F.embedding(input_ids, table))
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()

@@ -49,7 +49,7 @@ from graspGPT.ds_config import (DeepSpeedConfigError, ResolvedDeepSpeed, load_de
                                 resolve_deepspeed_config, save_resolved)
 from graspGPT.engine import build_engine, build_model, model_config, train_step
 from graspGPT.evaluation import TrainingEvaluator, validation_loss
-from graspGPT.model import ModelConfigError
+from graspGPT.model import ModelConfigError, fa4_asked
 from graspGPT.observe import NonFiniteError, StepReport, Throughput, Wandb, oom_message, rank_logger
 from graspGPT.runlock import OutputLock, OutputLockError
 
@@ -72,14 +72,18 @@ class StopRequest:
         self.signal = signum
 
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
     t = cfg.trainer
     ranks = setup(cfg.system)  # the process group (every group with the run's timeout); this rank's device
     checkpoint.seed_everything(cfg.system.seed)  # the same initial weights on every rank
 
     # Everything that can refuse the run is checked before the output directory changes at all.
-    store = open_data(cfg, ranks)
     ds = resolve_deepspeed(cfg, ranks)
+    fa4_asked(ranks.device, PRECISIONS[ds.precision], cfg.model.dropout)  # GRASPGPT_ATTENTION, before the data
+    store = open_data(cfg, ranks)
     # what a checkpoint of this run is (artifact.py), and what one it resumes from must fit
     record = artifact.ModelRecord(model_config(cfg, store.vocab), store.vocab, store.workspace, store.grasp_cells)
     state = checkpoint.run_state(cfg, ranks.world, ds, record, store)

@@ -272,3 +272,112 @@ def test_gpu_kernels_match_the_sdpa_path(kind, packed_attention):
     for name in ref:
         scale = ref[name].float().abs().max().item() + 1e-6
         assert (got[name].float() - ref[name].float()).abs().max().item() <= 0.05 * scale, name
+
+
+# -- flash-attn-4 (GRASPGPT_ATTENTION=fa4) ------------------------------------------------------
+
+def sdpa_causal(q, k, v):
+    """Causal attention of one sequence, (T, H, hd) queries over (T, Hkv, hd) keys: query head h reads
+    key head h // (H / Hkv), flash attention's grouping."""
+    rep = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    y = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                                         is_causal=True)
+    return y.transpose(0, 1)
+
+
+def fake_flash_attn_4(calls: list):
+    """flash-attn-4's two functions with its interface (layouts, keyword names, (out, lse) returned),
+    computed by SDPA on the CPU; each call is logged with its shapes: what the model passed."""
+    def dense(q, k, v, causal=False):
+        assert causal and q.dim() == 4
+        calls.append(("dense", tuple(q.shape), tuple(k.shape)))
+        return torch.stack([sdpa_causal(q[b], k[b], v[b]) for b in range(q.size(0))]), None
+
+    def varlen(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, causal=False):
+        assert causal and q.dim() == 3 and cu_seqlens_q is cu_seqlens_k and cu_seqlens_q.dtype == torch.int32
+        assert cu_seqlens_q[-1] == q.size(0) and max_seqlen_q == max_seqlen_k >= int(cu_seqlens_q.diff().max())
+        calls.append(("varlen", tuple(q.shape), tuple(k.shape)))
+        cu = cu_seqlens_q.tolist()
+        return torch.cat([sdpa_causal(q[a:b], k[a:b], v[a:b]) for a, b in zip(cu[:-1], cu[1:])]), None
+
+    return dense, varlen
+
+
+def test_fa4_attention_is_what_the_sdpa_path_computes(monkeypatch):
+    """With GRASPGPT_ATTENTION=fa4, whole rows and packed rows go to flash-attn-4's functions in their
+    layouts (grouped key heads unexpanded, a packed batch as one cut sequence), and the loss and every
+    gradient are the SDPA path's (fp32, CPU; the real kernels' own test is below, on a GPU)."""
+    calls = []
+    monkeypatch.setattr(gm, "flash_attn_4", lambda: fake_flash_attn_4(calls))
+    monkeypatch.setattr(gm, "fa4_asked", lambda *a: gm.ATTENTION == "fa4")  # its device check wants a GPU
+    samples = TrainingSamples(make_store(12, seed=5), np.arange(12), ROW, NOAUG, seed=3)
+    (rows,) = PackedSchedule(samples.lengths, ROW, 4, 1, 1, 0).micro_batches(0, 0)
+    packed = packed_batch(samples, rows, 0, ROW)
+    whole = samples.batch(np.arange(3), 0)
+    for kind, b, kwargs in [("varlen", packed, {"cu_seqlens": packed.cu_seqlens}), ("dense", whole, {})]:
+        results = []
+        for attention in ("auto", "fa4"):
+            monkeypatch.setattr(gm, "ATTENTION", attention)
+            model = tiny_model().train()
+            loss, _ = model(b.input_ids, b.targets, **kwargs)
+            loss.backward()
+            results.append((loss.item(), grads(model)))
+        (ref_loss, ref), (loss, got) = results
+        assert loss == pytest.approx(ref_loss, rel=1e-5), kind
+        for name in ref:
+            torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
+        B, T = b.input_ids.shape
+        q_shape = (B * T, 4, 8) if kind == "varlen" else (B, T, 4, 8)
+        assert len(calls) == 2 and set(calls) == {(kind, q_shape, q_shape[:-2] + (2, 8))}, calls  # 2 layers
+        calls.clear()
+
+
+def test_fa4_refuses_clearly_where_it_cannot_run(monkeypatch):
+    x = torch.zeros(1, 8, dtype=torch.long)
+    monkeypatch.setattr(gm, "ATTENTION", "flash")
+    with pytest.raises(gm.ModelConfigError, match="GRASPGPT_ATTENTION='flash'; use one of auto, fa4"):
+        tiny_model()(x)
+    monkeypatch.setattr(gm, "ATTENTION", "fa4")
+    monkeypatch.setattr(gm, "flash_attn_4", lambda: None)
+    with pytest.raises(gm.ModelConfigError, match="needs the flash-attn-4 package: pip install flash-attn-4"):
+        tiny_model()(x)
+    monkeypatch.setattr(gm, "flash_attn_4", lambda: fake_flash_attn_4([]))
+    with pytest.raises(gm.ModelConfigError, match=r"Hopper or Blackwell GPUs in bf16/fp16 \(here: cpu, torch.float32\)"):
+        tiny_model()(x, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert gm.fa4_asked(torch.device("cuda"), torch.bfloat16)
+    with pytest.raises(gm.ModelConfigError, match="no attention dropout, but dropout=0.1"):
+        gm.fa4_asked(torch.device("cuda"), torch.bfloat16, 0.1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(gm.ModelConfigError, match="Hopper or Blackwell"):
+        gm.fa4_asked(torch.device("cuda"), torch.bfloat16)
+    # decoding's cached steps never ask for it: a prompt and a step run on the CPU with the switch set
+    model = tiny_model().eval()
+    cache = gm.KVCache(model.cfg, 1, 16)
+    with torch.no_grad():
+        model(x[:, :4], cache=cache, start_pos=0)
+        model(x[:, 4:5], cache=cache, start_pos=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or gm.flash_attn_4() is None
+                    or torch.cuda.get_device_capability()[0] not in (9, 10),
+                    reason="needs flash-attn-4 and a Hopper or Blackwell GPU")
+@pytest.mark.parametrize("packed", [True, False])
+def test_fa4_kernels_match_the_default_kernels(packed, monkeypatch):
+    """bf16, compiled blocks, the real flash-attn-4: loss and gradients within bf16 noise of the default."""
+    samples = TrainingSamples(make_store(12, seed=5), np.arange(12), ROW, NOAUG, seed=3)
+    (rows,) = PackedSchedule(samples.lengths, ROW, 4, 1, 1, 0).micro_batches(0, 0)
+    b = (packed_batch(samples, rows, 0, ROW) if packed else samples.batch(np.arange(3), 0)).to("cuda")
+    results = []
+    for attention in ("auto", "fa4"):
+        monkeypatch.setattr(gm, "ATTENTION", attention)
+        model = tiny_model(n_embd=64).cuda().to(torch.bfloat16).train()
+        loss, _ = model(b.input_ids, b.targets, cu_seqlens=b.cu_seqlens if packed else None)
+        loss.backward()
+        results.append((loss.float().item(), grads(model)))
+    (ref_loss, ref), (loss, got) = results
+    assert loss == pytest.approx(ref_loss, rel=1e-2)
+    for name in ref:
+        scale = ref[name].float().abs().max().item() + 1e-6
+        assert (got[name].float() - ref[name].float()).abs().max().item() <= 0.05 * scale, name

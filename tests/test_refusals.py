@@ -123,3 +123,14 @@ def test_a_busy_rendezvous_port_is_named(tmp_path, cache_dir, cfg):
         run = Ranks(1, ["--config", cfg, "--output_dir", tmp_path / "out"], cache_dir, tmp_path / "logs", port=port)
         assert_refused(run, f"port {port} on 127.0.0.1 is already in use", "--master_port")
     assert not (tmp_path / "out").exists()
+
+
+def test_flash_attention_4_asked_where_it_is_missing_is_refused_first(tmp_path, cache_dir, cfg):
+    """GRASPGPT_ATTENTION=fa4 without the package (no CPU has it) stops the run before its data is read
+    (an empty data directory would be the next refusal) and before the output directory exists."""
+    empty, out = tmp_path / "empty", tmp_path / "out"
+    empty.mkdir()
+    run = Ranks(2, ["--config", cfg, "--output_dir", out, "--data_path", empty], cache_dir, tmp_path / "logs",
+                hooks={"GRASPGPT_ATTENTION": "fa4"})
+    assert_refused(run, "GRASPGPT_ATTENTION=fa4 needs the flash-attn-4 package", "unset GRASPGPT_ATTENTION")
+    assert not out.exists()
