@@ -22,7 +22,7 @@ import functools
 import inspect
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,12 +254,12 @@ varlen_causal = _varlen_causal()
 
 
 @functools.cache
-def flash_attn_4():
-    """flash-attn-4's (dense, variable-length) attention functions, or None where it is not installed."""
+def flash_attn_4() -> tuple[Callable, Callable] | Exception:
+    """flash-attn-4's (dense, variable-length) attention functions, or why they do not import."""
     try:
         from flash_attn.cute import flash_attn_func, flash_attn_varlen_func
-    except ImportError:
-        return None
+    except Exception as exc:  # not installed, or installed without the CUDA libraries its kernels need
+        return exc
     return flash_attn_func, flash_attn_varlen_func
 
 
@@ -269,9 +269,9 @@ def fa4_asked(device: torch.device, dtype: torch.dtype, dropout: float = 0.0) ->
         raise ModelConfigError(f"GRASPGPT_ATTENTION={ATTENTION!r}; use one of {', '.join(ATTENTION_KINDS)}")
     if ATTENTION == "auto":
         return False
-    if flash_attn_4() is None:
-        raise ModelConfigError("GRASPGPT_ATTENTION=fa4 needs the flash-attn-4 package: pip install "
-                               "flash-attn-4 (see the guide), or unset GRASPGPT_ATTENTION")
+    if isinstance(flash_attn_4(), Exception):
+        raise ModelConfigError(f"GRASPGPT_ATTENTION=fa4 needs the flash-attn-4 package ({flash_attn_4()}): pip "
+                               f"install flash-attn-4 (see the guide), or unset GRASPGPT_ATTENTION")
     if (device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16)
             or torch.cuda.get_device_capability(device)[0] not in (9, 10)):
         raise ModelConfigError(f"GRASPGPT_ATTENTION=fa4 runs on Hopper or Blackwell GPUs in bf16/fp16 (here: "

@@ -339,8 +339,9 @@ def test_fa4_refuses_clearly_where_it_cannot_run(monkeypatch):
     with pytest.raises(gm.ModelConfigError, match="GRASPGPT_ATTENTION='flash'; use one of auto, fa4"):
         tiny_model()(x)
     monkeypatch.setattr(gm, "ATTENTION", "fa4")
-    monkeypatch.setattr(gm, "flash_attn_4", lambda: None)
-    with pytest.raises(gm.ModelConfigError, match="needs the flash-attn-4 package: pip install flash-attn-4"):
+    monkeypatch.setattr(gm, "flash_attn_4", lambda: ImportError("libcuda.so.1: cannot open shared object file"))
+    with pytest.raises(gm.ModelConfigError, match=r"needs the flash-attn-4 package \(libcuda.so.1: cannot open "
+                                                  r"shared object file\): pip install flash-attn-4"):
         tiny_model()(x)
     monkeypatch.setattr(gm, "flash_attn_4", lambda: fake_flash_attn_4([]))
     with pytest.raises(gm.ModelConfigError, match=r"Hopper or Blackwell GPUs in bf16/fp16 \(here: cpu, torch.float32\)"):
@@ -360,7 +361,7 @@ def test_fa4_refuses_clearly_where_it_cannot_run(monkeypatch):
         model(x[:, 4:5], cache=cache, start_pos=4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or gm.flash_attn_4() is None
+@pytest.mark.skipif(not torch.cuda.is_available() or isinstance(gm.flash_attn_4(), Exception)
                     or torch.cuda.get_device_capability()[0] not in (9, 10),
                     reason="needs flash-attn-4 and a Hopper or Blackwell GPU")
 @pytest.mark.parametrize("packed", [True, False])

@@ -132,5 +132,6 @@ def test_flash_attention_4_asked_where_it_is_missing_is_refused_first(tmp_path, 
     empty.mkdir()
     run = Ranks(2, ["--config", cfg, "--output_dir", out, "--data_path", empty], cache_dir, tmp_path / "logs",
                 hooks={"GRASPGPT_ATTENTION": "fa4"})
-    assert_refused(run, "GRASPGPT_ATTENTION=fa4 needs the flash-attn-4 package", "unset GRASPGPT_ATTENTION")
+    assert_refused(run, "GRASPGPT_ATTENTION=fa4 needs the flash-attn-4 package (No module named 'flash_attn')",
+                   "unset GRASPGPT_ATTENTION")
     assert not out.exists()
