@@ -179,6 +179,8 @@ def start_log(out: Path, cfg: Config, ranks: Ranks, store: TokenStore, ds: Resol
              f"V={store.vocab.size}")
     for note in ds.notes:
         log.info(f"note: {note}")
+    if fa4_asked(ranks.device, PRECISIONS[ds.precision], cfg.model.dropout):  # an environment switch: said here
+        log.info("attention: flash-attn-4's kernels (GRASPGPT_ATTENTION=fa4)")
     if outdated_warning(ds):
         log.warning(outdated_warning(ds))
     if ranks.rank == 0:
