@@ -11,7 +11,8 @@ grasps are as costly to constrain as a trained one's). A warm-up call runs first
 Prints one JSON line per case: new tokens per second, milliseconds per decoding step, and the
 latency of one grounded row of one scene (batch 1). With --grasps N, also one scene's N grounded grasps
 written one after another in one row (the sequence) against N rows of one grasp each (independent
-sampling, `graspGPT.decoding.join_grasps`): seconds of each and the ratio.
+sampling, `graspGPT.decoding.join_grasps`): seconds of each and the ratio. With --evaluation, --profile lists
+the host functions that take longest and --device_profile the device's busy time against the wall time.
 """
 from __future__ import annotations
 
@@ -115,6 +116,27 @@ def evaluation_case(model, scenes, vocab, voxel_size: float, grasps: int, cell_t
     return out
 
 
+def device_profile(run, top: int = 12) -> dict:
+    """`run()` under torch.profiler: the wall seconds, the seconds the device computed (the sum of its
+    operations' own device time; on the CPU, of their own CPU time), and the heaviest operations. Busy far
+    below wall: the host sets the pace."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
+        t0 = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = p.key_averages()
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    busy = sum(own(e) for e in events) / 1e6
+    heaviest = sorted(events, key=own, reverse=True)[:top]
+    return {"wall_s": round(wall, 3), "device_busy_s": round(busy, 3), "busy_fraction": round(busy / wall, 3),
+            "device": "cuda" if cuda else "cpu (own CPU time of torch operations)",
+            "heaviest": [[e.key[:80], round(own(e) / 1e6, 4), e.count] for e in heaviest]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt-mini,gpt2", help="model presets, comma-separated")
@@ -129,6 +151,9 @@ def main() -> int:
                          "a scene (grounded and grammar-only rows), at --cell_temperature")
     ap.add_argument("--cell_temperature", type=float, default=0.3)
     ap.add_argument("--profile", action="store_true", help="with --evaluation: the host functions that take longest")
+    ap.add_argument("--device_profile", action="store_true",
+                    help="with --evaluation: run it once more under torch.profiler; the device's busy time against "
+                         "the wall time, and the heaviest device operations")
     args = ap.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,6 +178,9 @@ def main() -> int:
             dec._sample_tokens = sample_as_written  # the evaluation lets rows end
             grasps["evaluation"] = evaluation_case(model, scenes, vocab, args.voxel_size, args.evaluation,
                                                    args.cell_temperature, args.profile)
+            if args.device_profile:
+                grasps["device_profile"] = device_profile(lambda: evaluation_case(
+                    model, scenes, vocab, args.voxel_size, args.evaluation, args.cell_temperature, False))
             dec._sample_tokens = no_end(vocab)
         print(json.dumps({"label": args.label, "model": name, "device": torch.cuda.get_device_name() if device == "cuda"
                           else "cpu", "scenes": args.scenes, "max_new": args.max_new, "batch": batch,
