@@ -82,7 +82,8 @@ def train(cfg: Config, stop: StopRequest, cleanup: contextlib.ExitStack) -> int:
 
     # Everything that can refuse the run is checked before the output directory changes at all.
     ds = resolve_deepspeed(cfg, ranks)
-    fa4_asked(ranks.device, PRECISIONS[ds.precision], cfg.model.dropout)  # GRASPGPT_ATTENTION, before the data
+    if fa4_asked(ranks.device, PRECISIONS[ds.precision], cfg.model.dropout):  # refused here, before the data
+        ds.notes.append("attention: flash-attn-4's kernels (GRASPGPT_ATTENTION=fa4)")  # not in the saved config
     store = open_data(cfg, ranks)
     # what a checkpoint of this run is (artifact.py), and what one it resumes from must fit
     record = artifact.ModelRecord(model_config(cfg, store.vocab), store.vocab, store.workspace, store.grasp_cells)
@@ -179,8 +180,6 @@ def start_log(out: Path, cfg: Config, ranks: Ranks, store: TokenStore, ds: Resol
              f"V={store.vocab.size}")
     for note in ds.notes:
         log.info(f"note: {note}")
-    if fa4_asked(ranks.device, PRECISIONS[ds.precision], cfg.model.dropout):  # an environment switch: said here
-        log.info("attention: flash-attn-4's kernels (GRASPGPT_ATTENTION=fa4)")
     if outdated_warning(ds):
         log.warning(outdated_warning(ds))
     if ranks.rank == 0:
