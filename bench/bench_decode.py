@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import graspGPT.decoding as dec
+import graspGPT.evaluation
 from graspGPT.data.synth import generate_scenes
 from graspGPT.data.vocab import Vocab, Workspace
 from graspGPT.model import GraspGPT, GraspGPTConfig
@@ -79,6 +80,12 @@ def grasp_latency(model, prompt, vocab, voxel_size: float, n: int) -> dict:
             "speedup": round(sequence / independent, 1)}
 
 
+# What decode_many spends its time on: its own step loop aside, these are where the host's time goes.
+DECODE_PARTS = ("decode_many", "held_cells", "_sample_tokens", "allowed_masks", "forward_cached", "attend",
+                "advance", "_row_uniforms", "prompt_state", "<method 'tolist' of 'torch._C.TensorBase' objects>",
+                "_score")
+
+
 def evaluation_case(model, scenes, vocab, voxel_size: float, grasps: int, cell_temperature: float,
                     profile: bool) -> dict:
     """The quality evaluation's decoding and scoring (evaluation.evaluate_batch, as evaluate_scenes batches it:
@@ -113,13 +120,17 @@ def evaluation_case(model, scenes, vocab, voxel_size: float, grasps: int, cell_t
         top = sorted(stats.items(), key=lambda kv: -kv[1][2])[:15]
         out["host_top"] = [[f"{Path(f).name}:{line}:{name}", calls, round(own, 3), round(cum, 3)]
                            for (f, line, name), (calls, _, own, cum, _) in top]
+        # decoding's parts, cumulative (a part that waits for the device counts the wait as its own)
+        out["decode_parts"] = {name: round(sum(cum for (_, _, n), (_, _, _, cum, _) in stats.items() if n == name), 3)
+                               for name in DECODE_PARTS}
     return out
 
 
 def device_profile(run, top: int = 12) -> dict:
     """`run()` under torch.profiler: the wall seconds, the seconds the device computed (the sum of its
-    operations' own device time; on the CPU, of their own CPU time), and the heaviest operations. Busy far
-    below wall: the host sets the pace."""
+    operations' own device time; on the CPU, of their own CPU time), the heaviest operations, and the
+    operations that take the most host time (a wait for the device shows as its synchronizing call). Busy
+    far below wall: the host sets the pace."""
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as p:
@@ -129,12 +140,16 @@ def device_profile(run, top: int = 12) -> dict:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     events = p.key_averages()
+    # An operator's own device time is its kernels' time again: the device's events alone add up to its busy time.
+    work = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU] if cuda else list(events)
     own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    busy = sum(own(e) for e in events) / 1e6
-    heaviest = sorted(events, key=own, reverse=True)[:top]
+    busy = sum(own(e) for e in work) / 1e6
+    heaviest = sorted(work, key=own, reverse=True)[:top]
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     return {"wall_s": round(wall, 3), "device_busy_s": round(busy, 3), "busy_fraction": round(busy / wall, 3),
             "device": "cuda" if cuda else "cpu (own CPU time of torch operations)",
-            "heaviest": [[e.key[:80], round(own(e) / 1e6, 4), e.count] for e in heaviest]}
+            "heaviest": [[e.key[:80], round(own(e) / 1e6, 4), e.count] for e in heaviest],
+            "host_heaviest": [[e.key[:80], round(e.self_cpu_time_total / 1e6, 4), e.count] for e in host]}
 
 
 def main() -> int:
@@ -150,11 +165,16 @@ def main() -> int:
                     help="also decode and score the --scenes as the quality evaluation does, N independent grasps "
                          "a scene (grounded and grammar-only rows), at --cell_temperature")
     ap.add_argument("--cell_temperature", type=float, default=0.3)
+    ap.add_argument("--grasps_per_batch", type=int, default=0,
+                    help="with --evaluation: decode this many grasps of each decoding at once (default: the "
+                         "evaluation's INDEPENDENT_GRASPS_PER_BATCH)")
     ap.add_argument("--profile", action="store_true", help="with --evaluation: the host functions that take longest")
     ap.add_argument("--device_profile", action="store_true",
                     help="with --evaluation: run it once more under torch.profiler; the device's busy time against "
                          "the wall time, and the heaviest device operations")
     args = ap.parse_args()
+    if args.grasps_per_batch:
+        graspGPT.evaluation.INDEPENDENT_GRASPS_PER_BATCH = args.grasps_per_batch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ws = Workspace(voxel_size=args.voxel_size)
@@ -183,7 +203,8 @@ def main() -> int:
                     model, scenes, vocab, args.voxel_size, args.evaluation, args.cell_temperature, False))
             dec._sample_tokens = no_end(vocab)
         print(json.dumps({"label": args.label, "model": name, "device": torch.cuda.get_device_name() if device == "cuda"
-                          else "cpu", "scenes": args.scenes, "max_new": args.max_new, "batch": batch,
+                          else "cpu", "scenes": args.scenes, "max_new": args.max_new,
+                          "grasps_per_batch": graspGPT.evaluation.INDEPENDENT_GRASPS_PER_BATCH, "batch": batch,
                           "batch1_grounded": one, **grasps}), flush=True)
     return 0
 
