@@ -227,8 +227,10 @@ class KVCache:
         if not 0 < max_len <= cfg.block_size:
             raise ModelInputError(f"KV cache max_len={max_len} must be in 1..block_size={cfg.block_size}; lower it")
         shape = (cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # Not zeroed: a position is written before it is read (update returns the written positions only),
+        # and zeroing the evaluation's caches (tens of GB) costs as long as a decoding step.
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.batch_size, self.max_len = batch_size, max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,6 +513,11 @@ def padded_rows(weight: torch.Tensor, multiple: int = 128) -> torch.Tensor:
     return F.pad(weight, (0, 0, 0, pad)) if pad else weight
 
 
+def output_logits(h: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """h @ table.T (the tied output layer), through the aligned matmul of the padded table (padded_rows)."""
+    return F.linear(h, padded_rows(table))[..., :table.size(0)]
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Sum over rows of CE(h @ weight.T, targets), with the gradients computed chunk by chunk in the forward.
 
@@ -743,7 +750,7 @@ class GraspGPT(nn.Module):
         table = self.output_weight()  # built once per call: the input lookup and the tied output layer share it
         h = self._hidden(input_ids, table, cache, start_pos, key_mask, cu_seqlens)
         if targets is None:
-            return F.linear(h[:, -1:] if last_only else h, table)
+            return output_logits(h[:, -1:] if last_only else h, table)
         if targets.shape != input_ids.shape:
             raise ModelInputError(f"targets shape {tuple(targets.shape)} != input_ids shape "
                                   f"{tuple(input_ids.shape)}; pass one target per input position")
@@ -756,7 +763,7 @@ class GraspGPT(nn.Module):
         table = self.output_weight()
         h = self._hidden(input_ids, table)[0, positions]
         for lo in range(0, len(positions), chunk):
-            yield F.linear(h[lo: lo + chunk], table).float()
+            yield output_logits(h[lo: lo + chunk], table).float()
 
     def output_weight(self) -> torch.Tensor:
         """The (V, C) embedding table, axis terms included: the input embedding and (tied) the output layer."""
