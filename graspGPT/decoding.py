@@ -24,6 +24,7 @@ from .data.grammar import (GRASP_BLOCK, GRASP_TAG, Block, GrammarError, GrammarS
 from .data.storage import TokenStore
 from .data.vocab import Vocab
 from .grasp_metrics import ROUNDING, SceneVoxels
+from .model import SharedPrefixCache
 
 
 class GenerateError(ValueError):
@@ -137,15 +138,6 @@ def join_grasps(decoded: Decoded, per_sequence: int, vocab: Vocab) -> Decoded:
         sequences.append(np.array(ids + [vocab.end], dtype=np.int64))
     return Decoded(decoded.prompt, sequences, np.ones(len(sequences), dtype=bool), decoded.forwards, decoded.seconds,
                    decoded.new_tokens)
-
-
-def _widen(model, cache, samples: int):
-    """A cache with each row of `cache` repeated `samples` times (rows of one prompt stay together)."""
-    wide = model.new_kv_cache(cache.batch_size * samples, cache.max_len)
-    for narrow, into in ((cache.k, wide.k), (cache.v, wide.v)):  # a broadcast copy: no temporary of the wide size
-        layers, rows, *rest = narrow.shape
-        into.view(layers, rows, samples, *rest).copy_(narrow.unsqueeze(2).expand(layers, rows, samples, *rest))
-    return wide
 
 
 def _row_uniforms(seed: int, rows: int, steps: int, device) -> torch.Tensor:
@@ -302,10 +294,10 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
                 cell_temperature: float | None = None, independent: int = 0) -> list[Decoded]:
     """`num_samples` continuations of each prompt, all prompts in one batch; one Decoded per prompt.
 
-    The prompts run once, left-padded to the longest with a key mask, and their KV cache is copied
-    into one row per sample; each step then feeds only the new tokens, so the cost per token does not
-    grow with the prompt, and a step costs about the same for one row or many. `max_new_tokens` may
-    be one cap per prompt; `constrained` as in `decode`, the same pattern for every prompt; `seeds`
+    The prompts run once, left-padded to the longest with a key mask; their KV cache is kept once per
+    prompt, each sample's own keys after it (model.SharedPrefixCache); each step then feeds only the new
+    tokens, so the cost per token does not grow with the prompt, and a step costs about the same for one
+    row or many. `max_new_tokens` may be one cap per prompt; `constrained` as in `decode`, the same pattern for every prompt; `seeds`
     one per prompt (default 0, 1, ...); the rows' random draws depend only on their seed and row.
     Every Decoded reports the batch's forward calls and seconds.
 
@@ -374,7 +366,8 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
     model.eval()
     t0 = time.perf_counter()
     try:
-        max_len = max(T, T + int(cap.max()) - 1)
+        own_len = max(0, int(cap.max()) - 1)  # the last new token is never fed back
+        max_len = T if K > 1 else T + own_len
         batch = np.full((P, T), vocab.end, dtype=np.int64)
         key_mask = torch.ones(P, max_len, dtype=torch.bool)
         for r, p in enumerate(prompts):
@@ -384,10 +377,9 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
         cache = model.new_kv_cache(P, max_len)
         logits = model.forward_cached(torch.as_tensor(batch, device=device), cache, 0, last_only=True,
                                       key_mask=key_mask)[:, -1]
-        if K > 1:  # one cache row per sample
-            cache = _widen(model, cache, K)
+        if K > 1:  # the prompts' keys stay once per prompt, each sample's own go after them
+            cache, key_mask = SharedPrefixCache(cache, T, K, own_len, key_mask), None
             logits = logits.repeat_interleave(K, dim=0)
-            key_mask = None if key_mask is None else key_mask.repeat_interleave(K, dim=0)
         rows: list[list[int]] = [[] for _ in range(B)]
         ended = np.zeros(B, dtype=bool)
         done = cap == 0  # wrote `end` or reached its cap

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from graspGPT.model import (AXIS_KEYS, axis_waves, IGNORE_INDEX, MODEL_PRESETS, GraspGPT, LinearCrossEntropy, GraspGPTConfig,
-                            ModelConfigError, ModelInputError, chunked_cross_entropy, default_kv_heads, fold_axes)
+                            ModelConfigError, ModelInputError, SharedPrefixCache, chunked_cross_entropy, default_kv_heads, fold_axes)
 
 V = 500
 
@@ -402,6 +402,37 @@ def test_left_padded_prompts_decode_as_each_would_alone():
         with torch.no_grad():
             alone = model(torch.cat([p, follow[r]])[None])[0, len(p) - 1:]
         torch.testing.assert_close(got[r], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n_kv_head, lengths", [(4, (9, 4, 12)), (2, (9, 4, 12)), (1, (9, 4, 12)), (2, (7,))])
+def test_samples_of_left_padded_prompts_share_the_prompts_cache(n_kv_head, lengths):
+    """SharedPrefixCache: 3 samples of each prompt (left-padded with a key mask where lengths differ) read
+    the prompt's keys once; every sample's logits, for a chunk of 2 tokens and then token by token, equal what
+    its own sequence gives alone."""
+    model = tiny(voxel_grid=GRID, n_kv_head=n_kv_head).eval()
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, V, (n,), generator=g) for n in lengths]
+    P, K, T, new = len(prompts), 3, max(lengths), 6
+    follow = torch.randint(0, V, (P * K, new), generator=g)  # each sample's own tokens
+    ids = torch.zeros(P, T, dtype=torch.long)
+    key_mask = torch.ones(P, T, dtype=torch.bool)
+    for r, p in enumerate(prompts):
+        ids[r, T - len(p):] = p
+        key_mask[r, :T - len(p)] = False
+    key_mask = None if key_mask.all() else key_mask
+    prefix = model.new_kv_cache(P, T)
+    model.forward_cached(ids, prefix, 0, last_only=True, key_mask=key_mask)
+    cache = SharedPrefixCache(prefix, T, K, new, key_mask)
+    got = [model.forward_cached(follow[:, :2], cache, T)]
+    for t in range(2, new):
+        got.append(model.forward_cached(follow[:, t:t + 1], cache, T + t))
+    got = torch.cat(got, 1)
+    for b in range(P * K):
+        p = prompts[b // K]
+        with torch.no_grad():
+            alone = model(torch.cat([p, follow[b]])[None])[0, len(p):]
+        torch.testing.assert_close(got[b], alone, atol=1e-5, rtol=0)
+    assert cache.k.shape[1] == P * K and prefix.k.shape[1] == P  # the prompts' keys once, not once per sample
 
 
 # ---- optimizer groups ------------------------------------------------------------------------------
