@@ -38,9 +38,12 @@ DECODINGS = ("", "grammar_", "free_")
 #   fingers  the two fingers on the object only
 #   none     nothing: the grammar alone
 GROUNDINGS = ("gripper", "fingers", "none")
-# Independent grasp sampling decodes this many grasps (rows) of each decoding at once, at most: the KV cache
-# holds the prompt once per row.
-INDEPENDENT_GRASPS_PER_BATCH = 256
+# Independent grasp sampling decodes this many grasps (rows) of each decoding at once, at most: the evaluation's
+# 8 scenes of 128 grasps in one batch, 2,048 rows with the grammar-only ones. The prompts' keys are held once
+# (model.SharedPrefixCache), so what grows with the rows is the step's (rows, V) logits and masks: ~1.2 GB a
+# float copy on the real grid (V = 147,219). On one H200, 1,024 against 256 decoded 1.3x the tokens a second:
+# docs/BENCHMARKS.md, "Decoding".
+INDEPENDENT_GRASPS_PER_BATCH = 1024
 ROW_COUNTS = ("sequences", "valid", "predicted", "correct", "objects", "covered", "any_tag_correct", "feasible")
 BASELINE_COUNTS = ("predicted", "correct", "objects", "covered", "any_tag_correct", "feasible")
 # Sums kept per scene and added over scenes and ranks; every metric is a ratio of two of them.
