@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The single-GPU figures of docs/BENCHMARKS.md in one go (about 6 minutes on one H100).
-#   OUT=results bash bench/suite_1gpu.sh [parts...]      parts: final curves diag packing packing2 fa4 (default: final curves)
+#   OUT=results bash bench/suite_1gpu.sh [parts...]      parts: final curves diag packing packing2 fa4 decode
+#                                                         (default: final curves)
 # final:  every fixed-length case beside the baseline in one process, then the real trainer
 #         against the harness on the built-in data set
 # curves: 300-step loss curves, fast vs baseline
@@ -15,6 +16,11 @@
 #         kernels alone (bench_attention.py), its GPU tests, the harness at gpt2 T 8192 (4 rows x accumulation
 #         8, and 1 x 1), then the real command with the gpt2 recipe (configs/quality_gpt2.json, 60 steps),
 #         default and fa4 alternating three times (about 14 minutes, the first kernel compilations included)
+# decode: grasp decoding (bench_decode.py, untrained gpt-mini and gpt2 on built-in real-grid scenes): the
+#         quality evaluation's decoding of 8 scenes x 128 independent grasps (decoded tokens/s), one scene's
+#         128 grasps at batch 1, one grounded row's ms a token; three rounds, then one profiled (host
+#         functions, device busy time); $OUT/decode.jsonl (about 3 minutes). Against older code: run the same
+#         bench_decode.py line with a copy of its graspGPT/ first on PYTHONPATH (docs/BENCHMARKS.md, "Decoding")
 . "$(dirname "$0")/suite_env.sh"
 parts=${*:-final curves}
 log="$OUT/log.txt"
@@ -77,7 +83,12 @@ for part in $parts; do
           rm -rf "$dir"  # its final checkpoint
         done
       done ;;
-    *) echo "unknown part $part (final, curves, diag, packing, packing2, fa4)"; exit 2 ;;
+    decode)
+      D="python3 bench/bench_decode.py --model gpt-mini,gpt2 --scenes 8 --max_new 16 --evaluation 128"
+      for round in 1 2 3; do run $D --grasps 128 --label round$round; done
+      run $D --label profiled --profile --device_profile
+      grep -a '^{"label"' "$log" > "$OUT/decode.jsonl" ;;
+    *) echo "unknown part $part (final, curves, diag, packing, packing2, fa4, decode)"; exit 2 ;;
   esac
 done
 [ -f "$OUT/curves.jsonl" ] && grep -h summary "$OUT/curves.jsonl"
