@@ -247,57 +247,44 @@ class SharedPrefixCache:
     samples rows of up to `own_len` positions; the rows of one prompt together). A copy of the prompt per
     sample would cost `samples` times the prompts' cache in memory, and as much memory traffic every step
     (gpt2, 256 samples of a 3,600-token real-grid prompt: 66 GB). `prefix_mask` (P, prefix_len) bool: False
-    at a prompt's left padding."""
+    at a prompt's left padding.
+
+    Held in fp32, as attention reads them, and laid out (P, key heads, samples, ...): a prompt's samples side
+    by side under each key head, so that their queries stack against the prompt's keys without a copy."""
 
     def __init__(self, prefix: KVCache, prefix_len: int, samples: int, own_len: int,
                  prefix_mask: torch.Tensor | None = None):
         L, P, Hkv, _, hd = prefix.k.shape
-        self.prefix_k, self.prefix_v = prefix.k[:, :, :, :prefix_len], prefix.v[:, :, :, :prefix_len]
-        self.k = prefix.k.new_empty((L, P * samples, Hkv, own_len, hd))  # written before read, as in KVCache
+        self.prefix_k, self.prefix_v = (x[:, :, :, :prefix_len].float() for x in (prefix.k, prefix.v))
+        self.k = prefix.k.new_empty((L, P, Hkv, samples, own_len, hd), dtype=torch.float32)  # written before read
         self.v = torch.empty_like(self.k)
-        self.prefixes, self.samples, self.prefix_len, self.prefix_mask = P, samples, prefix_len, prefix_mask
+        self.padding = None if prefix_mask is None else ~prefix_mask[:, None, None, None, :]
+        self.prefixes, self.samples, self.prefix_len = P, samples, prefix_len
         self.batch_size, self.max_len = P * samples, prefix_len + own_len
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Attention (B, H, T, hd) of queries q at positions start_pos.. (all after the prompt) over the prompt's
-        keys and the row's own up to each query; stores k and v (B, Hkv, T, hd) first. In fp32: each part's
-        softmax apart, joined by their maxima and sums (the exact softmax over both). The prompt's part is one
-        matmul per prompt and key head, all its samples' queries (and the query heads sharing that key head)
-        stacked against the keys held once."""
+        keys and the row's own up to each query; stores k and v (B, Hkv, T, hd) first. One fp32 softmax over
+        both parts; the prompt's part is one matmul per prompt and key head, the queries of all its samples
+        (and of the query heads sharing that key head) stacked against the keys held once."""
         B, H, T, hd = q.shape
-        P, K, Hkv = self.prefixes, self.samples, k.size(1)
-        rep, at = H // Hkv, start_pos - self.prefix_len
-        self.k[layer, :, :, at: at + T], self.v[layer, :, :, at: at + T] = k, v
-        q = q.float() * hd ** -0.5
-        # the prompt's part: (P, Hkv, K * rep * T, hd) queries against (P, Hkv, prefix_len, hd) keys
-        scores = q.reshape(P, K, Hkv, rep * T, hd).transpose(1, 2).reshape(P, Hkv, K * rep * T, hd) \
-            @ self.prefix_k[layer].float().transpose(-1, -2)
-        if self.prefix_mask is not None:
-            scores.masked_fill_(~self.prefix_mask[:, None, None, :], float("-inf"))
-        top_p, sum_p, out_p = _softmax_parts(scores, self.prefix_v[layer])
-
-        def per_row(x):  # (P, Hkv, K * rep * T, n) -> (B, Hkv, rep * T, n)
-            return x.view(P, Hkv, K, rep * T, -1).transpose(1, 2).reshape(B, Hkv, rep * T, -1)
-
-        # the row's own part: (B, Hkv, rep * T, hd) against its (B, Hkv, at + T, hd), causal among its T
-        scores = q.reshape(B, Hkv, rep * T, hd) @ self.k[layer, :, :, :at + T].float().transpose(-1, -2)
-        if T > 1:
-            q_pos = (at + torch.arange(rep * T, device=q.device) % T)[:, None]
-            scores.masked_fill_(torch.arange(at + T, device=q.device) > q_pos, float("-inf"))
-        top_o, sum_o, out_o = _softmax_parts(scores, self.v[layer, :, :, :at + T])
-        top_p, sum_p, out_p = per_row(top_p), per_row(sum_p), per_row(out_p)
-        top = torch.maximum(top_p, top_o)
-        w_p, w_o = (top_p - top).exp(), (top_o - top).exp()
-        out = (out_p * w_p + out_o * w_o) / (sum_p * w_p + sum_o * w_o)
-        return out.reshape(B, H, T, hd).to(k.dtype)
-
-
-def _softmax_parts(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A softmax's pieces over one part of the keys: the scores' maximum, the sum of exp(score - maximum),
-    and those weights times v (fp32, not yet divided by the sum)."""
-    top = scores.amax(-1, keepdim=True)
-    weights = (scores - top).exp_()
-    return top, weights.sum(-1, keepdim=True), weights @ v.float()
+        P, K, Hkv, Tp = self.prefixes, self.samples, k.size(1), self.prefix_len
+        rep, at = H // Hkv, start_pos - Tp
+        self.k[layer, :, :, :, at: at + T] = k.view(P, K, Hkv, T, hd).transpose(1, 2)
+        self.v[layer, :, :, :, at: at + T] = v.view(P, K, Hkv, T, hd).transpose(1, 2)
+        q = (q.float() * hd ** -0.5).reshape(P, K, Hkv, rep * T, hd).transpose(1, 2).contiguous()
+        own_k, own_v = self.k[layer, :, :, :, :at + T], self.v[layer, :, :, :, :at + T]
+        scores = torch.cat([(q.view(P, Hkv, K * rep * T, hd) @ self.prefix_k[layer].mT).view(P, Hkv, K, rep * T, Tp),
+                            q @ own_k.mT], dim=-1)  # (P, Hkv, K, rep * T, Tp + at + T)
+        if self.padding is not None:
+            scores[..., :Tp].masked_fill_(self.padding, float("-inf"))
+        if T > 1:  # the own part is causal: query i (position at + i % T) sees own keys up to its position
+            q_pos = at + torch.arange(rep * T, device=q.device) % T
+            scores[..., Tp:].masked_fill_(torch.arange(at + T, device=q.device) > q_pos[:, None], float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        out = (weights[..., :Tp].reshape(P, Hkv, K * rep * T, Tp) @ self.prefix_v[layer]).view(P, Hkv, K, rep * T, hd)
+        out = out + weights[..., Tp:] @ own_v
+        return out.transpose(1, 2).reshape(B, H, T, hd).to(k.dtype)
 
 
 Cache = KVCache | SharedPrefixCache
