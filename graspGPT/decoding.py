@@ -297,8 +297,9 @@ def decode_many(model, prompts: Sequence[np.ndarray], vocab: Vocab, num_samples:
     The prompts run once, left-padded to the longest with a key mask; their KV cache is kept once per
     prompt, each sample's own keys after it (model.SharedPrefixCache); each step then feeds only the new
     tokens, so the cost per token does not grow with the prompt, and a step costs about the same for one
-    row or many. `max_new_tokens` may be one cap per prompt; `constrained` as in `decode`, the same pattern for every prompt; `seeds`
-    one per prompt (default 0, 1, ...); the rows' random draws depend only on their seed and row.
+    row or many. `max_new_tokens` may be one cap per prompt; `constrained` as in `decode`, the same
+    pattern for every prompt; `seeds` one per prompt (default 0, 1, ...); the rows' random draws depend
+    only on their seed and row.
     Every Decoded reports the batch's forward calls and seconds.
 
     `grounded` (for all rows or, as a list, per row) also holds constrained rows to the object each grasp

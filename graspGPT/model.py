@@ -798,6 +798,12 @@ class GraspGPT(nn.Module):
             if B != cache.batch_size or start_pos + T > cache.max_len:
                 raise ModelInputError(f"batch {B}, positions up to {start_pos + T} do not fit a cache of batch "
                                       f"{cache.batch_size}, max_len {cache.max_len}; make a larger cache")
+            if isinstance(cache, SharedPrefixCache) and (start_pos < cache.prefix_len or key_mask is not None):
+                raise ModelInputError(f"a SharedPrefixCache takes the positions after its prompts "
+                                      f"({cache.prefix_len}..) and their padding from its prefix_mask, got "
+                                      f"start_pos {start_pos}"
+                                      f"{' and a key_mask' if key_mask is not None else ''}; feed the prompts "
+                                      f"through a KVCache first")
         table = self.output_weight()  # built once per call: the input lookup and the tied output layer share it
         h = self._hidden(input_ids, table, cache, start_pos, key_mask, cu_seqlens)
         if targets is None:

@@ -432,6 +432,8 @@ def test_samples_of_left_padded_prompts_share_the_prompts_cache(n_kv_head, lengt
         with torch.no_grad():
             alone = model(torch.cat([p, follow[b]])[None])[0, len(p):]
         torch.testing.assert_close(got[b], alone, atol=1e-5, rtol=0)
+    with pytest.raises(ModelInputError, match="after its prompts"):
+        model.forward_cached(follow[:, :1], cache, T - 1)
     # the prompts' keys once, not once per sample; each sample's own (P, key heads, K, positions, head dim)
     assert cache.prefix_k.shape[1] == P and cache.k.shape[1:4] == (P, n_kv_head, K)
 
