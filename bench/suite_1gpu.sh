@@ -19,7 +19,8 @@
 # decode: grasp decoding (bench_decode.py, untrained gpt-mini and gpt2 on built-in real-grid scenes): the
 #         quality evaluation's decoding of 8 scenes x 128 independent grasps (decoded tokens/s), one scene's
 #         128 grasps at batch 1, one grounded row's ms a token; three rounds, then one profiled (host
-#         functions, device busy time); $OUT/decode.jsonl (about 3 minutes). Against older code: run the same
+#         functions, device busy time); then the shared prompt cache's logits against a cache row per
+#         sequence (check_decode_cache.py); $OUT/decode.jsonl (about 3 minutes). Against older code: run the same
 #         bench_decode.py line with a copy of its graspGPT/ first on PYTHONPATH (docs/BENCHMARKS.md, "Decoding")
 . "$(dirname "$0")/suite_env.sh"
 parts=${*:-final curves}
@@ -87,7 +88,8 @@ for part in $parts; do
       D="python3 bench/bench_decode.py --model gpt-mini,gpt2 --scenes 8 --max_new 16 --evaluation 128"
       for round in 1 2 3; do run $D --grasps 128 --label round$round; done
       run $D --label profiled --profile --device_profile
-      grep -a '^{"label"' "$log" > "$OUT/decode.jsonl" ;;
+      run python3 bench/check_decode_cache.py --model gpt2 --prompt 3600 --samples 8 --steps 4
+      grep -a -E '^\{"(label|check)"' "$log" > "$OUT/decode.jsonl" ;;
     *) echo "unknown part $part (final, curves, diag, packing, packing2, fa4, decode)"; exit 2 ;;
   esac
 done
