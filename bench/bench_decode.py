@@ -155,7 +155,7 @@ def device_profile(run, top: int = 12) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt-mini,gpt2", help="model presets, comma-separated")
-    ap.add_argument("--scenes", type=int, default=8, help="scenes per batch (the evaluation's default: 8)")
+    ap.add_argument("--scenes", type=int, default=8, help="scenes per batch (the evaluation decodes up to 16 together)")
     ap.add_argument("--max_new", type=int, default=512, help="tokens each row writes")
     ap.add_argument("--voxel_size", type=float, default=0.0075)
     ap.add_argument("--grasps", type=int, default=0,

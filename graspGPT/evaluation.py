@@ -38,8 +38,8 @@ DECODINGS = ("", "grammar_", "free_")
 #   fingers  the two fingers on the object only
 #   none     nothing: the grammar alone
 GROUNDINGS = ("gripper", "fingers", "none")
-# Independent grasp sampling decodes this many grasps (rows) of each decoding at once, at most: the evaluation's
-# 8 scenes of 128 grasps in one batch, 2,048 rows with the grammar-only ones. The prompts' keys are held once
+# Independent grasp sampling decodes this many grasps (rows) of each decoding at once, at most: the quality
+# evaluation's 8 scenes of 128 grasps in one batch, 2,048 rows with the grammar-only ones. The prompts' keys are held once
 # (model.SharedPrefixCache), so what grows with the rows is the step's (rows, V) logits and masks: ~1.2 GB a
 # float copy on the real grid (V = 147,219). On one H200, 1,024 against 256 decoded 1.3x the tokens a second:
 # docs/BENCHMARKS.md, "Decoding".
@@ -342,14 +342,15 @@ def grasp_scenes(store, scenes: np.ndarray) -> np.ndarray:
 
 
 def evaluate_scenes(model, store, scenes: np.ndarray, seed: int = 0, rounds: int | None = None,
-                    sync: Callable[[bool], bool] | None = None, scenes_per_batch: int = 8,
+                    sync: Callable[[bool], bool] | None = None, scenes_per_batch: int = 16,
                     per_scene: list | None = None, **options) -> tuple[dict[str, float], tuple | None]:
     """Summed counts over `scenes` and (index, grasps, truth, counts) of the first, for a picture;
     `per_scene`, if given, receives each scene's (index, counts, grasps): its own counts and the grasp
     blocks of its first constrained sequence.
 
-    Up to `scenes_per_batch` scenes decode together (a decoding step costs about the same for one row
-    as for many); scene i samples with seed + i wherever it is batched. With `sync` (ZeRO-3),
+    Up to `scenes_per_batch` scenes decode together (a step's cost grows far slower than its rows: one
+    sequence a row on one H200, 16 scenes decoded 1.6-1.8x the tokens a second of 8, docs/BENCHMARKS.md);
+    16 is the trainer's default `eval_scenes`, one batch. Scene i samples with seed + i wherever it is batched. With `sync` (ZeRO-3),
     `rounds` >= len(scenes) is the scene count of the busiest rank: a rank with fewer makes up the
     missing batches with one-token dummy decodes, so that every rank makes the same forward calls.
     """
