@@ -322,6 +322,8 @@ def run_case(impl: str, model_type: str, seq: str, zero: int, args, pool: SceneP
     host_ms = {k: round(1000 * v / args.steps, 1) for k, v in host.items()}
     if args.profile and rank == 0 and on_gpu:
         profile(step, impl)
+    if args.host_profile and rank == 0:
+        host_profile(step, impl)
     if args.trace and rank == 0 and on_gpu:
         trace(step, Path(args.trace) / f"trace_{impl}_{model_type}_{seq}_z{zero}.json.gz".replace(":", "-"))
     data.close()
@@ -364,6 +366,26 @@ def profile(step, impl: str, top: int = 25):
     print(json.dumps({"profile": impl, "gpu_ms_per_step": round(total / 2e3, 2),
                       "kernels": [[e.key[:90], round(e.device_time_total / 2e3, 3), e.count // 2] for e in rows]}),
           flush=True)
+
+
+def host_profile(step, impl: str, steps: int = 5, top: int = 30):
+    """Where the host's time goes in `steps` steps (cProfile), as one JSON line: the functions of most own
+    time, and DeepSpeed's and the model's of most time inside them, in ms a step."""
+    import cProfile
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        step()
+    pr.disable()
+    stats = pstats.Stats(pr).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+
+    def rows(key, keep=lambda f: True):
+        picked = sorted(((k, v) for k, v in stats.items() if keep(k[0])), key=lambda kv: kv[1][key], reverse=True)
+        return [[f"{Path(f).name}:{line}({name})", round(1000 * v[key] / steps, 2), v[0] // steps]
+                for (f, line, name), v in picked[:top]]
+    ours = lambda f: "deepspeed" in f or "graspGPT" in f  # noqa: E731
+    print(json.dumps({"host_profile": impl, "own_ms": rows(2), "inside_ms": rows(3, ours)}), flush=True)
 
 
 def trace(step, path: Path):
@@ -439,6 +461,8 @@ def main():
                     help="run these cases instead of the product of the lists above (repeatable)")
     ap.add_argument("--ds", action="append", default=[], metavar="KEY=JSON",
                     help="override a DeepSpeed config entry for every case, e.g. timers.throughput.enabled=false")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="also print where the host's time goes in 5 steps of each case (cProfile)")
     ap.add_argument("--trace", metavar="DIR", help="also write a gzipped Chrome trace of one step of each case")
     ap.add_argument("--out", help="append the JSON lines to this file too")
     args = ap.parse_args()
