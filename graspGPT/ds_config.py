@@ -246,6 +246,16 @@ def _optimizer(ds: dict, device: str, source: str, notes: list[str]) -> None:
                      "(torch.optim.AdamW instead of compiling DeepSpeed's Adam)")
 
 
+def _one_rank(ds: dict, world_size: int, zero_stage: int, notes: list[str]) -> None:
+    """On one rank, ZeRO 1/2's overlap_comm has no communication to overlap, but still synchronizes the GPU at
+    the end of every backward, so the GPU idles while the host launches the next forward: turned off."""
+    zero = ds.get("zero_optimization")
+    if world_size == 1 and zero_stage in (1, 2) and zero.get("overlap_comm") is True:
+        zero["overlap_comm"] = False
+        notes.append("zero_optimization.overlap_comm -> false on one rank (nothing to overlap; it would "
+                     "synchronize the GPU after every backward)")
+
+
 def _old_scheduler(ds: dict, cfg: Config, source: str, resolved: ResolvedDeepSpeed) -> list[str]:
     """An earlier version's "scheduler" section: removed; the problems if it says other than the schedule run."""
     section = _section(ds, "scheduler", source)
@@ -285,6 +295,7 @@ def resolve_deepspeed_config(ds: dict, cfg: Config, world_size: int, device: str
     zero_stage = _zero_stage(ds, cfg.deepspeed.zero_stage, source, notes)
     precision = _precision(ds, device, bf16_supported, source, notes)
     _optimizer(ds, device, source, notes)
+    _one_rank(ds, world_size, zero_stage, notes)
     resolved = ResolvedDeepSpeed(ds, batch, zero_stage, precision, source, notes)
     problems = _fill_derived(ds, cfg, batch, resolved)
     problems += _old_scheduler(ds, cfg, source, resolved)

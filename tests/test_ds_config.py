@@ -212,6 +212,19 @@ def test_zero_stage():
         resolve(ds)
 
 
+def test_overlap_comm_is_off_on_one_rank_only():
+    """One rank has nothing to overlap, and DeepSpeed's overlap synchronizes the GPU after every backward."""
+    one = resolve()
+    assert one.config["zero_optimization"]["overlap_comm"] is False
+    assert any("overlap_comm -> false on one rank" in n for n in one.notes)
+    two = resolve(world_size=2)
+    assert two.config["zero_optimization"]["overlap_comm"] is True
+    assert not any("overlap_comm" in n for n in two.notes)
+    cfg = config_from_dict({"deepspeed": {"zero_stage": 3}})  # stage 3's overlap also prefetches: left alone
+    assert resolve_deepspeed_config(copy.deepcopy(SHIPPED), cfg, 1, "cpu", False).config[
+        "zero_optimization"]["overlap_comm"] is True
+
+
 def test_unfillable_auto():
     ds = copy.deepcopy(SHIPPED)
     ds["zero_optimization"]["reduce_bucket_size"] = "auto"
