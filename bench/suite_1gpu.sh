@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The single-GPU figures of docs/BENCHMARKS.md in one go (about 6 minutes on one H100).
 #   OUT=results bash bench/suite_1gpu.sh [parts...]      parts: final curves diag packing packing2 fa4 decode
+#                                                         accum1
 #                                                         (default: final curves)
 # final:  every fixed-length case beside the baseline in one process, then the real trainer
 #         against the harness on the built-in data set
@@ -16,6 +17,11 @@
 #         kernels alone (bench_attention.py), its GPU tests, the harness at gpt2 T 8192 (4 rows x accumulation
 #         8, and 1 x 1), then the real command with the gpt2 recipe (configs/quality_gpt2.json, 60 steps),
 #         default and fa4 alternating three times (about 14 minutes, the first kernel compilations included)
+# accum1: the harness at gpt2 T 8192 without accumulation (item 2 at accumulation 1): the baseline and ours at 1 and
+#         4 rows a micro-batch, ZeRO 1 and 2, with the one-rank rule (overlap_comm off) and without it (--ds
+#         overlap_comm=true, the behaviour before 2026-12-03), two rounds; accumulation 8 beside; where the host's
+#         time goes (--host-profile); the fused q/k/v and gate/up prototype (bench/fused_proto.py);
+#         $OUT/accum1.jsonl (about 4 minutes)
 # decode: grasp decoding (bench_decode.py, untrained gpt-mini and gpt2 on built-in real-grid scenes): the
 #         quality evaluation's decoding of 8 scenes x 128 independent grasps (decoded tokens/s), one scene's
 #         128 grasps at batch 1, one grounded row's ms a token; three rounds, then one profiled (host
@@ -84,6 +90,18 @@ for part in $parts; do
           rm -rf "$dir"  # its final checkpoint
         done
       done ;;
+    accum1)
+      A="python3 bench/bench_train.py --out $OUT/accum1.jsonl --warmup 3 --steps 10"
+      ON="--ds zero_optimization.overlap_comm=true"
+      for round in 1 2; do
+        run $A --micro-batch 1 --case baseline/gpt2/8192/1/1 --case fast/gpt2/8192/1/1 --case fast/gpt2/8192/2/1
+        run $A --micro-batch 1 --case fast/gpt2/8192/1/1 --case fast/gpt2/8192/2/1 $ON
+      done
+      run $A --micro-batch 4 --case baseline/gpt2/8192/1/1 --case fast/gpt2/8192/1/1 --case fast/gpt2/8192/1/8
+      run $A --micro-batch 4 --case fast/gpt2/8192/1/1 --case fast/gpt2/8192/1/8 $ON
+      run $A --micro-batch 1 --case fast/gpt2/8192/1/1 --host-profile
+      run python3 bench/fused_proto.py --out "$OUT/accum1_fused.jsonl" --warmup 3 --steps 10 --micro-batch 1 \
+        --case fast/gpt2/8192/1/1 ;;
     decode)
       D="python3 bench/bench_decode.py --model gpt-mini,gpt2 --scenes 8 --max_new 16 --evaluation 128"
       for round in 1 2 3; do run $D --grasps 128 --label round$round; done
