@@ -30,7 +30,8 @@ batching and prefetching loader (lengths vary, padding is real).
 
 Figures: tokens/s per GPU counts real target tokens only. MFU = tokens/s per GPU x (6N + 12*L*d*T)
 / 989e12 (H100 SXM dense bf16 peak), T the length of each row. Peak memory is the largest
-torch.cuda.max_memory_allocated of all ranks. data_wait_frac is the host time spent obtaining
+torch.cuda.max_memory_allocated of all ranks (on CPU ranks: the largest peak resident set of a rank's process,
+everything since it started, so compare cases run in separate processes). data_wait_frac is the host time spent obtaining
 batches over the timed span; padding_frac is 1 - real targets / batch positions.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ import itertools
 import json
 import os
 import re
+import resource
 import socket
 import time
 from pathlib import Path
@@ -330,7 +332,9 @@ def run_case(impl: str, model_type: str, seq: str, zero: int, args, pool: SceneP
 
     last_loss = losses[-1].clone()
     dist.all_reduce(last_loss)  # each rank holds its share of the global mean
-    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if on_gpu else 0.0], device=device)
+    # on CPU ranks the process's peak resident memory (since it started: one case a process to compare cases)
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if on_gpu else
+                         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     sums = torch.tensor([totals["targets"], totals["positions"], totals["flops"]], dtype=torch.float64, device=device)
     dist.all_reduce(sums)  # every rank's real tokens; rates are then per GPU
