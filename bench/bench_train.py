@@ -324,6 +324,8 @@ def run_case(impl: str, model_type: str, seq: str, zero: int, args, pool: SceneP
     host_ms = {k: round(1000 * v / args.steps, 1) for k, v in host.items()}
     if args.profile and rank == 0 and on_gpu:
         profile(step, impl)
+    if args.live_tensors and rank == 0:
+        live_tensors(impl)
     if args.host_profile and rank == 0:
         host_profile(step, impl)
     if args.trace and rank == 0 and on_gpu:
@@ -370,6 +372,22 @@ def profile(step, impl: str, top: int = 25):
     print(json.dumps({"profile": impl, "gpu_ms_per_step": round(total / 2e3, 2),
                       "kernels": [[e.key[:90], round(e.device_time_total / 2e3, 3), e.count // 2] for e in rows]}),
           flush=True)
+
+
+def live_tensors(impl: str, top: int = 8):
+    """The tensors alive on this rank now (a gc walk, each storage counted once; what the allocator keeps beside
+    them is not in it), as one JSON line: their total and the largest, in MiB."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and not obj.is_meta:
+            st = obj.untyped_storage()
+            if st.data_ptr() and st.data_ptr() not in storages:
+                storages[st.data_ptr()] = (st.nbytes(), list(obj.shape), str(obj.dtype).removeprefix("torch."))
+    largest = sorted(storages.values(), key=lambda s: s[0], reverse=True)[:top]
+    print(json.dumps({"live_tensors": impl, "gib": round(sum(s[0] for s in storages.values()) / 2**30, 2),
+                      "storages": len(storages),
+                      "largest_mib": [[round(n / 2**20), shape, dtype] for n, shape, dtype in largest]}), flush=True)
 
 
 def host_profile(step, impl: str, steps: int = 5, top: int = 30):
@@ -465,6 +483,8 @@ def main():
                     help="run these cases instead of the product of the lists above (repeatable)")
     ap.add_argument("--ds", action="append", default=[], metavar="KEY=JSON",
                     help="override a DeepSpeed config entry for every case, e.g. timers.throughput.enabled=false")
+    ap.add_argument("--live-tensors", action="store_true",
+                    help="also print the tensors alive on rank 0 after the timed steps (total, largest)")
     ap.add_argument("--host-profile", action="store_true",
                     help="also print where the host's time goes in 5 steps of each case (cProfile)")
     ap.add_argument("--trace", metavar="DIR", help="also write a gzipped Chrome trace of one step of each case")
