@@ -31,8 +31,8 @@ batching and prefetching loader (lengths vary, padding is real).
 Figures: tokens/s per GPU counts real target tokens only. MFU = tokens/s per GPU x (6N + 12*L*d*T)
 / 989e12 (H100 SXM dense bf16 peak), T the length of each row. Peak memory is the largest
 torch.cuda.max_memory_allocated of all ranks (on CPU ranks: the largest peak resident set of a rank's process,
-everything since it started, so compare cases run in separate processes). data_wait_frac is the host time spent obtaining
-batches over the timed span; padding_frac is 1 - real targets / batch positions.
+everything since it started, so compare cases run in separate processes). data_wait_frac is the host time spent
+obtaining batches over the timed span; padding_frac is 1 - real targets / batch positions.
 """
 from __future__ import annotations
 

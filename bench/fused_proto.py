@@ -23,6 +23,8 @@ class FusedAttention(gm.Attention):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, cache=None, start_pos=0, key_mask=None, samples=None):
+        if cache is not None or start_pos or key_mask is not None:
+            raise NotImplementedError("fused_proto measures training steps only; decoding needs the model's Attention")
         B, T, C = x.shape
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         q, k, v = self.qkv_proj(x).view(B, T, -1, self.head_dim).split(
